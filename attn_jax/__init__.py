@@ -1,0 +1,5 @@
+"""attn_jax: attention mechanisms as pure functions, fast kernels, layers and models."""
+
+from attn_jax import ops
+
+__all__ = ["ops"]

@@ -1,0 +1,191 @@
+"""`dot_product_attention`: softmax attention with every mask the layers need.
+
+Implementations: "xla" (`attention_xla`, everywhere), "cudnn" (through
+`jax.nn.dot_product_attention`, NVIDIA GPUs), and the Pallas flash-attention kernels of
+`pallas_kernels.flash_attention` ("pallas_mosaic_gpu", "pallas_triton", "pallas_tpu").
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attn_jax.ops import dispatch
+from attn_jax.ops.attention_mask import AttentionMask
+from attn_jax.ops.attention_xla import attention_xla
+
+
+def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
+                          local_window_size=None, q_segment_ids=None, kv_segment_ids=None,
+                          logits_soft_cap=None, sinks=None, return_residuals=False,
+                          implementation=None):
+  """Scaled dot-product (softmax) attention, `softmax(q kᵀ · scale) v`.
+
+  Args:
+    query: `[batch, q_seq, q_heads, head_dim]`.
+    key: `[batch, kv_seq, kv_heads, head_dim]`; `q_heads` must be a multiple of `kv_heads`
+      (GQA/MQA): query head h reads key/value head `h // (q_heads // kv_heads)`.
+    value: `[batch, kv_seq, kv_heads, v_dim]`. query, key and value share one float dtype.
+    scale: logit scale; None means `head_dim ** -0.5`.
+    is_causal: query i sees keys up to its own position. Positions align at the end, so
+      with `q_seq < kv_seq` (decoding against a cache) query i sits at `i + kv_seq - q_seq`.
+    local_window_size: None (unlimited), an int w (= (w, w)), or `(left, right)`: query at
+      position p sees keys in `[p - left, p + right]`; either bound may be None.
+    q_segment_ids, kv_segment_ids: `[batch, q_seq]`, `[batch, kv_seq]` integers, given
+      together; a query sees only keys with the same id (packed sequences).
+    logits_soft_cap: c > 0 turns logits into `c · tanh(logits / c)` (after scaling).
+    sinks: `[q_heads]` learned sink logits: an extra softmax column with no value.
+    return_residuals: also return the log-sum-exp of the (capped, scaled) logits,
+      `[batch, q_heads, q_seq]` float32, sink included.
+    implementation: None picks the fastest that serves the call; or one of "xla",
+      "cudnn", "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu".
+
+  Returns:
+    `[batch, q_seq, q_heads, v_dim]` in the query's dtype (and the log-sum-exp with
+    `return_residuals`). A query that sees no key gets zeros (and log-sum-exp -inf, or the
+    sink's logit when sinks are given).
+
+  Raises:
+    ValueError: on malformed arguments, naming the argument and what was expected.
+    NotImplementedError: when the named implementation cannot serve the call.
+  """
+  query, key, value = (jnp.asarray(x) for x in (query, key, value))
+  _check_qkv(query, key, value)
+  batch, q_len, q_heads, head_dim = query.shape
+  kv_len = key.shape[1]
+  left, right = _window(local_window_size)
+  mask = AttentionMask(q_len=q_len, kv_len=kv_len, is_causal=bool(is_causal),
+                       left=left, right=right)
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together; got only "
+                     + ("q_segment_ids." if kv_segment_ids is None else "kv_segment_ids."))
+  if q_segment_ids is not None:
+    q_segment_ids = _segment_ids("q_segment_ids", q_segment_ids, (batch, q_len))
+    kv_segment_ids = _segment_ids("kv_segment_ids", kv_segment_ids, (batch, kv_len))
+  if logits_soft_cap is not None:
+    logits_soft_cap = float(logits_soft_cap)
+    if not logits_soft_cap > 0:
+      raise ValueError(f"logits_soft_cap must be > 0 or None; got {logits_soft_cap}.")
+  if sinks is not None:
+    sinks = jnp.asarray(sinks)
+    if sinks.shape != (q_heads,):
+      raise ValueError(f"sinks must have shape [q_heads] = ({q_heads},); got {sinks.shape}.")
+  scale = head_dim ** -0.5 if scale is None else float(scale)
+
+  kwargs = dict(mask=mask, scale=scale, logits_soft_cap=logits_soft_cap,
+                return_residuals=bool(return_residuals))
+  return dispatch.dispatch("dot_product_attention", _TABLE, _auto_order(), implementation,
+                           query, key, value, q_segment_ids, kv_segment_ids, sinks, **kwargs)
+
+
+def _check_qkv(query, key, value):
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if x.ndim != 4:
+      raise ValueError(f"{name} must be [batch, seq, heads, dim] (rank 4); got shape "
+                       f"{x.shape}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be floating point; got {x.dtype}.")
+  if not query.dtype == key.dtype == value.dtype:
+    raise ValueError(f"query, key and value must share one dtype; got {query.dtype}, "
+                     f"{key.dtype}, {value.dtype}.")
+  if key.shape[:3] != value.shape[:3]:
+    raise ValueError(f"key and value must agree in [batch, kv_seq, kv_heads]; got key "
+                     f"{key.shape} and value {value.shape}.")
+  if query.shape[0] != key.shape[0]:
+    raise ValueError(f"query and key must have the same batch; got query {query.shape} "
+                     f"and key {key.shape}.")
+  if query.shape[3] != key.shape[3]:
+    raise ValueError(f"query and key must have the same head_dim; got query {query.shape} "
+                     f"and key {key.shape}.")
+  if query.shape[2] % key.shape[2]:
+    raise ValueError(f"query heads ({query.shape[2]}) must be a multiple of key/value "
+                     f"heads ({key.shape[2]}); got query {query.shape}, key {key.shape}.")
+
+
+def _window(local_window_size):
+  if local_window_size is None:
+    return None, None
+  if isinstance(local_window_size, (int, np.integer)):
+    left = right = int(local_window_size)
+  else:
+    try:
+      left, right = local_window_size
+    except (TypeError, ValueError):
+      raise ValueError("local_window_size must be None, an int, or (left, right); got "
+                       f"{local_window_size!r}.") from None
+  for side, w in (("left", left), ("right", right)):
+    if w is not None and (not isinstance(w, (int, np.integer)) or w < 0):
+      raise ValueError(f"local_window_size {side} bound must be a non-negative int or "
+                       f"None; got {local_window_size!r}.")
+  return (None if left is None else int(left)), (None if right is None else int(right))
+
+
+def _segment_ids(name, ids, shape):
+  ids = jnp.asarray(ids)
+  if ids.shape != shape:
+    raise ValueError(f"{name} must have shape {shape} (batch, seq); got {ids.shape}.")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"{name} must be integers; got {ids.dtype}.")
+  return ids.astype(jnp.int32)
+
+
+def _cudnn(query, key, value, q_segment_ids, kv_segment_ids, sinks, *, mask, scale,
+           logits_soft_cap, return_residuals):
+  """cuDNN flash attention through `jax.nn.dot_product_attention`."""
+  if dispatch.platform() != "gpu":
+    raise NotImplementedError(f"cudnn needs an NVIDIA GPU; the backend is "
+                              f"{dispatch.platform()!r}.")
+  unsupported = [
+      ("q_segment_ids", q_segment_ids is not None),
+      ("sinks", sinks is not None),
+      ("logits_soft_cap", logits_soft_cap is not None),
+      ("return_residuals (cuDNN returns the log-sum-exp in the input dtype)",
+       return_residuals),
+      ("dtype float32 (cuDNN takes bfloat16/float16)",
+       query.dtype not in (jnp.bfloat16, jnp.float16)),
+      ("value head_dim different from query head_dim", value.shape[-1] != query.shape[-1]),
+      ("q_seq != kv_seq with a causal or windowed mask (cuDNN aligns them at the start)",
+       mask.q_len != mask.kv_len and (mask.is_causal or mask.left is not None
+                                      or mask.right is not None)),
+  ]
+  causal = mask.effective_right == 0
+  unsupported += [
+      ("a right window bound > 0", not causal and mask.right is not None),
+      ("a left window without a causal mask", mask.left is not None and not causal),
+  ]
+  for what, bad in unsupported:
+    if bad:
+      raise NotImplementedError(f"cudnn does not support {what}.")
+  window = None if mask.left is None else (mask.left, 0)
+  return jax.nn.dot_product_attention(
+      query, key, value, scale=scale, is_causal=causal,
+      local_window_size=window, implementation="cudnn")
+
+
+def _pallas(name):
+  def run(query, key, value, q_segment_ids, kv_segment_ids, sinks, *, mask, scale,
+          logits_soft_cap, return_residuals):
+    interpret = dispatch.require_pallas_platform(name)
+    module = _kernel_module(name)
+    return module.flash_attention(
+        query, key, value, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        sinks=sinks, scale=scale, is_causal=mask.is_causal, window=(mask.left, mask.right),
+        logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
+        interpret=interpret)
+  return run
+
+
+def _kernel_module(name):
+  import importlib
+  return importlib.import_module(f"pallas_kernels.flash_attention.{name}")
+
+
+_TABLE = {
+    "xla": attention_xla,
+    "cudnn": _cudnn,
+}
+
+
+def _auto_order():
+  return {"gpu": ("cudnn", "xla"), "tpu": ("xla",)}.get(dispatch.platform(), ("xla",))

@@ -1,0 +1,95 @@
+"""Choosing an implementation for an op: platform, interpret mode, fall-through.
+
+Every op keeps an ordered table of implementations, fastest first. Each entry is a
+function that either computes the op or raises `NotImplementedError` naming what rules it
+out (an argument, a shape, the platform). `implementation=None` walks the table and takes
+the first entry that serves the call; an explicit name runs that entry alone, so its
+`NotImplementedError` reaches the user.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu")
+
+# Which Pallas backend can run natively on which platform.
+_NATIVE_PLATFORM = {
+    "pallas_mosaic_gpu": "gpu",
+    "pallas_triton": "gpu",
+    "pallas_tpu": "tpu",
+}
+
+
+def interpret_mode() -> bool:
+  """True when `ATTN_JAX_INTERPRET=1`: every Pallas kernel runs in interpret mode."""
+  return os.environ.get("ATTN_JAX_INTERPRET", "0").lower() in ("1", "true", "yes")
+
+
+def platform() -> str:
+  """The default backend's platform: 'cpu', 'gpu' or 'tpu'."""
+  name = jax.default_backend()
+  return "gpu" if name in ("gpu", "cuda", "rocm") else name
+
+
+def is_hopper() -> bool:
+  """True on an NVIDIA GPU of compute capability 9.x (H100, H200)."""
+  if platform() != "gpu":
+    return False
+  capability = getattr(jax.devices()[0], "compute_capability", "")
+  return str(capability).startswith("9")
+
+
+def require_pallas_platform(name: str) -> bool:
+  """Checks that Pallas backend `name` can run here; returns whether to interpret.
+
+  Raises:
+    NotImplementedError: the platform cannot run the backend and interpret mode is off.
+  """
+  if interpret_mode():
+    return True
+  native = _NATIVE_PLATFORM[name]
+  if platform() != native:
+    raise NotImplementedError(
+        f"implementation={name!r} runs on {native.upper()}, but the default backend is "
+        f"{platform()!r}; set ATTN_JAX_INTERPRET=1 to run it in Pallas interpret mode.")
+  if name == "pallas_mosaic_gpu" and not is_hopper():
+    raise NotImplementedError(
+        f"implementation={name!r} needs a Hopper GPU (compute capability 9.x); "
+        f"found {jax.devices()[0].device_kind!r}. Use 'pallas_triton'.")
+  return False
+
+
+def dispatch(op_name: str, table: dict[str, Callable[..., Any]], order: Sequence[str],
+             implementation: str | None, *args, **kwargs):
+  """Runs `implementation` from `table`, or the first in `order` that serves the call.
+
+  Args:
+    op_name: the op's name, for messages.
+    table: implementation name -> function(*args, **kwargs).
+    order: names to try, fastest first, when `implementation` is None.
+    implementation: None, or one of the keys of `table`.
+  """
+  if implementation is not None:
+    if implementation not in table:
+      known = sorted(table)
+      if implementation in IMPLEMENTATIONS:
+        raise NotImplementedError(
+            f"{op_name}: implementation={implementation!r} is not available for this op; "
+            f"available: {known}.")
+      raise ValueError(
+          f"{op_name}: implementation={implementation!r} is unknown; expected None or one "
+          f"of {known}.")
+    return table[implementation](*args, **kwargs)
+  reasons = []
+  for name in order:
+    try:
+      return table[name](*args, **kwargs)
+    except NotImplementedError as e:
+      reasons.append(f"{name}: {e}")
+  raise NotImplementedError(f"{op_name}: no implementation serves this call:\n  "
+                            + "\n  ".join(reasons))

@@ -1,0 +1,242 @@
+"""`linear_attention` and `linear_attention_step`: linear attention with decays and gates.
+
+One recurrence covers the family (Katharopoulos et al. 2020; Lightning Attention-2,
+Qin et al. 2024; RetNet, Sun et al. 2023; GLA, Yang et al. 2024; Mamba-2 SSD, Dao & Gu
+2024; HGRN2, Qin et al. 2024):
+
+  S_t = a_t ⊙ S_{t-1} + k_t v_tᵀ,   o_t = scale · S_tᵀ q_t,   a_t = exp(log_decay).
+
+Implementations: "xla" (`linear_attention_xla`, the chunked form, everywhere) and the
+Pallas kernels of `pallas_kernels.linear_attention` as they land.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attn_jax.ops import dispatch
+from attn_jax.ops.linear_attention_xla import chunked_linear_attention
+
+NORMALIZE_EPS = 1e-6
+
+
+def linear_attention(query, key, value, *, log_decay=None, scale=None, is_causal=True,
+                     normalize=False, initial_state=None, return_final_state=False,
+                     segment_ids=None, chunk_size=64, implementation=None):
+  """Linear attention over a sequence, by the recurrence above.
+
+  Args:
+    query, key: `[batch, seq, heads, key_dim]` (feature maps already applied).
+    value: `[batch, seq, value_heads, value_dim]`; value_heads is a multiple of heads
+      (Mamba-2/GQA style: query/key head h serves value heads
+      `h * r ... (h + 1) * r - 1`, r = value_heads // heads). Outputs have value_heads.
+    log_decay: None (no decay); `[value_heads]` fixed per-head decay (Lightning,
+      TransNormer, RetNet); `[batch, seq, value_heads]` per-token scalar gate (simple GLA,
+      Mamba-2); or `[batch, seq, value_heads, key_dim]` per-token gate over keys (GLA,
+      HGRN2). Values must be ≤ 0 (a_t ≤ 1) and finite.
+    scale: None means `key_dim ** -0.5`.
+    is_causal: False gives global (non-causal) linear attention: every token reads the
+      state of its whole segment; no decay is allowed then.
+    normalize: divide by `scale · qᵀ z_t + eps`, z_t the same recurrence over keys
+      (Katharopoulos-style; use positive feature maps). The state then carries z as an
+      extra last value column: `[batch, value_heads, key_dim, value_dim + 1]`.
+    initial_state: `[batch, value_heads, key_dim, value_dim(+1)]` float32, the state
+      before the first token; it reaches the first segment only.
+    return_final_state: also return the state after the last token (float32).
+    segment_ids: `[batch, seq]` integers; the state restarts from zero where the id
+      changes from one token to the next (packed sequences).
+    chunk_size: tokens per chunk of the chunked form.
+    implementation: None picks the fastest that serves the call; or "xla",
+      "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu".
+
+  Returns:
+    `[batch, seq, value_heads, value_dim]` in the query's dtype, and the final state
+    with `return_final_state`.
+  """
+  query, key, value = (jnp.asarray(x) for x in (query, key, value))
+  _check_qkv(query, key, value)
+  batch, seq, heads, key_dim = key.shape
+  value_heads, value_dim = value.shape[2:]
+  state_dim = value_dim + int(bool(normalize))
+  if log_decay is not None:
+    log_decay = _check_log_decay(log_decay, batch, seq, value_heads, key_dim, token_axis=True)
+    if not is_causal:
+      raise ValueError("log_decay must be None when is_causal=False: a decay orders the "
+                       "tokens, so non-causal linear attention has none.")
+  if initial_state is not None:
+    initial_state = _check_state("initial_state", initial_state,
+                                 (batch, value_heads, key_dim, state_dim), normalize)
+  if segment_ids is not None:
+    segment_ids = jnp.asarray(segment_ids)
+    if segment_ids.shape != (batch, seq) or not jnp.issubdtype(segment_ids.dtype,
+                                                                jnp.integer):
+      raise ValueError(f"segment_ids must be integers of shape (batch, seq) = "
+                       f"{(batch, seq)}; got {segment_ids.dtype} {segment_ids.shape}.")
+  if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
+  scale = key_dim ** -0.5 if scale is None else float(scale)
+
+  if normalize:
+    ones = jnp.ones(value.shape[:-1] + (1,), value.dtype)
+    value = jnp.concatenate([value, ones], axis=-1)
+  if initial_state is None:
+    initial_state = jnp.zeros((batch, value_heads, key_dim, state_dim), jnp.float32)
+  resets = _resets(segment_ids, batch, seq)
+  kwargs = dict(scale=scale, chunk_size=int(chunk_size))
+  if is_causal:
+    out, final = dispatch.dispatch(
+        "linear_attention", _TABLE, _auto_order(), implementation,
+        query, key, value, log_decay, initial_state, resets, **kwargs)
+  else:
+    out, final = _non_causal(query, key, value, initial_state, resets, segment_ids,
+                             implementation, kwargs)
+  if normalize:
+    out = out[..., :value_dim] / (out[..., value_dim:] + NORMALIZE_EPS)
+  out = out.astype(query.dtype)
+  return (out, final) if return_final_state else out
+
+
+def linear_attention_step(state, query, key, value, *, log_decay=None, scale=None):
+  """One token of linear attention: the decoding form of `linear_attention`.
+
+  Args:
+    state: `[batch, value_heads, key_dim, value_dim]` float32.
+    query, key: `[batch, heads, key_dim]`; value: `[batch, value_heads, value_dim]`.
+    log_decay: None, `[value_heads]`, `[batch, value_heads]` or
+      `[batch, value_heads, key_dim]`, ≤ 0.
+    scale: None means `key_dim ** -0.5`.
+
+  Returns:
+    `(out [batch, value_heads, value_dim] in the query's dtype, new_state float32)`.
+  """
+  query, key, value = (jnp.asarray(x) for x in (query, key, value))
+  _check_qkv(query[:, None], key[:, None], value[:, None], rank=3)
+  batch, heads, key_dim = key.shape
+  value_heads, value_dim = value.shape[1:]
+  state = _check_state("state", state, (batch, value_heads, key_dim, value_dim), False)
+  scale = key_dim ** -0.5 if scale is None else float(scale)
+  q, k = (_expand_heads(x.astype(jnp.float32), value_heads // heads, axis=1)
+          for x in (query, key))
+  new_state = state
+  if log_decay is not None:
+    log_decay = _check_log_decay(log_decay, batch, 1, value_heads, key_dim, token_axis=False)
+    decay = jnp.exp(log_decay.astype(jnp.float32))
+    decay = decay[..., None] if decay.ndim < 3 else decay  # [.., heads, 1|key_dim]
+    new_state = decay[..., None] * new_state
+  new_state = new_state + k[..., None] * value.astype(jnp.float32)[..., None, :]
+  out = scale * jnp.einsum("bhkv,bhk->bhv", new_state, q)
+  return out.astype(query.dtype), new_state
+
+
+def _xla(query, key, value, log_decay, initial_state, resets, *, scale, chunk_size):
+  """Chunked linear attention in XLA; decays of every form become per-token gates."""
+  batch, seq = key.shape[:2]
+  value_heads = value.shape[2]
+  q, k = (_expand_heads(x, value_heads // key.shape[2], axis=2) for x in (query, key))
+  if log_decay is None:
+    log_decay = jnp.zeros((batch, seq, value_heads), jnp.float32)
+  elif log_decay.ndim == 1:
+    log_decay = jnp.broadcast_to(log_decay, (batch, seq, value_heads))
+  return chunked_linear_attention(q, k, value, log_decay=log_decay.astype(jnp.float32),
+                                  scale=scale, initial_state=initial_state, resets=resets,
+                                  chunk_size=chunk_size)
+
+
+def _non_causal(query, key, value, initial_state, resets, segment_ids, implementation,
+                kwargs):
+  """Global linear attention: o_i = scale · qᵢᵀ (state of i's whole segment).
+
+  Without segments it is one sum. With segments it is a causal pass plus a causal pass
+  over the reversed sequence, less the token's own term counted twice.
+  """
+  if segment_ids is None:
+    q, k = (_expand_heads(x.astype(jnp.float32), value.shape[2] // key.shape[2], axis=2)
+            for x in (query, key))
+    final = initial_state + jnp.einsum("bthk,bthv->bhkv", k, value.astype(jnp.float32))
+    return kwargs["scale"] * jnp.einsum("bthk,bhkv->bthv", q, final), final
+  run = lambda *a: dispatch.dispatch("linear_attention", _TABLE, _auto_order(),
+                                     implementation, *a, **kwargs)
+  forward, final = run(query, key, value, None, initial_state, resets)
+  flip = lambda x: jnp.flip(x, axis=1)
+  backward_resets = flip(_resets(flip(segment_ids), *segment_ids.shape))
+  backward, _ = run(flip(query), flip(key), flip(value), None,
+                    jnp.zeros_like(initial_state), flip(backward_resets))
+  q, k = (_expand_heads(x.astype(jnp.float32), value.shape[2] // key.shape[2], axis=2)
+          for x in (query, key))
+  own = kwargs["scale"] * jnp.sum(q * k, -1, keepdims=True) * value.astype(jnp.float32)
+  return forward + flip(backward) - own, final
+
+
+def _resets(segment_ids, batch, seq):
+  """`[batch, seq]` bool: True where a new segment starts (never at token 0)."""
+  if segment_ids is None:
+    return jnp.zeros((batch, seq), bool)
+  change = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.concatenate([jnp.zeros((batch, 1), bool), change], axis=1)
+
+
+def _expand_heads(x, repeats, axis):
+  return x if repeats == 1 else jnp.repeat(x, repeats, axis=axis)
+
+
+def _check_qkv(query, key, value, rank=4):
+  names = (("query", query), ("key", key), ("value", value))
+  layout = "[batch, seq, heads, dim]" if rank == 4 else "[batch, heads, dim]"
+  for name, x in names:
+    if x.ndim != 4:
+      raise ValueError(f"{name} must be {layout} (rank {rank}); got shape "
+                       f"{x.shape if rank == 4 else x.shape[:1] + x.shape[2:]}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be floating point; got {x.dtype}.")
+  if not query.dtype == key.dtype == value.dtype:
+    raise ValueError(f"query, key and value must share one dtype; got {query.dtype}, "
+                     f"{key.dtype}, {value.dtype}.")
+  if query.shape != key.shape:
+    raise ValueError(f"query and key must have the same shape; got {query.shape} and "
+                     f"{key.shape}.")
+  if value.shape[:2] != key.shape[:2] or value.shape[2] % key.shape[2]:
+    raise ValueError(f"value must be [batch, seq, value_heads, value_dim] with the key's "
+                     f"batch and seq and value_heads a multiple of the key heads "
+                     f"({key.shape[2]}); got key {key.shape} and value {value.shape}.")
+
+
+def _check_log_decay(log_decay, batch, seq, heads, key_dim, token_axis):
+  log_decay = jnp.asarray(log_decay)
+  if token_axis:
+    forms = {(heads,): "fixed per head", (batch, seq, heads): "per-token scalar gate",
+             (batch, seq, heads, key_dim): "per-token vector gate"}
+  else:
+    forms = {(heads,): "fixed per head", (batch, heads): "per-token scalar gate",
+             (batch, heads, key_dim): "per-token vector gate"}
+  if log_decay.shape not in forms:
+    expected = ", ".join(f"{s} ({name})" for s, name in forms.items())
+    raise ValueError(f"log_decay has shape {log_decay.shape}, which fits no decay form; "
+                     f"expected one of {expected}.")
+  if not jnp.issubdtype(log_decay.dtype, jnp.floating):
+    raise ValueError(f"log_decay must be floating point; got {log_decay.dtype}.")
+  try:
+    concrete = np.asarray(log_decay)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return log_decay
+  if np.any(concrete > 0) or not np.all(np.isfinite(concrete)):
+    raise ValueError(f"log_decay must be finite and ≤ 0 (decay a = exp(log_decay) ≤ 1); "
+                     f"got max {np.nanmax(concrete)}, min {np.nanmin(concrete)}.")
+  return log_decay
+
+
+def _check_state(name, state, shape, normalize):
+  state = jnp.asarray(state)
+  if state.shape != shape:
+    extra = " (normalize=True adds the normaliser column)" if normalize else ""
+    raise ValueError(f"{name} must have shape [batch, value_heads, key_dim, value_dim] = "
+                     f"{shape}{extra}; got {state.shape}.")
+  return state.astype(jnp.float32)
+
+
+_TABLE = {"xla": _xla}
+
+
+def _auto_order():
+  return ("xla",)
