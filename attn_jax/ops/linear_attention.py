@@ -12,6 +12,8 @@ Pallas kernels of `pallas_kernels.linear_attention` as they land.
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,8 +237,20 @@ def _check_state(name, state, shape, normalize):
   return state.astype(jnp.float32)
 
 
-_TABLE = {"xla": _xla}
+def _pallas(name):
+  """The chunked Pallas kernel `pallas_kernels.linear_attention.<name>`."""
+  def run(query, key, value, log_decay, initial_state, resets, *, scale, chunk_size):
+    interpret = dispatch.require_pallas_platform(name)
+    module = importlib.import_module(f"pallas_kernels.linear_attention.{name}")
+    return module.linear_attention(query, key, value, log_decay, initial_state, resets,
+                                   scale=scale, chunk_size=chunk_size, interpret=interpret)
+  return run
+
+
+_TABLE = {"xla": _xla, "pallas_triton": _pallas("pallas_triton"),
+          "pallas_tpu": _pallas("pallas_tpu")}
 
 
 def _auto_order():
-  return ("xla",)
+  return {"gpu": ("pallas_triton", "xla"),
+          "tpu": ("pallas_tpu", "xla")}.get(dispatch.platform(), ("xla",))

@@ -1,0 +1,623 @@
+"""Chunked causal linear attention with decays and gates: Pallas kernels, Triton lowering.
+
+The recurrence (per value head; Katharopoulos et al. 2020, Lightning Attention-2, RetNet,
+GLA, Mamba-2 SSD):
+
+  S_t = a_t ⊙ S_{t-1} + k_t v_tᵀ,   o_t = scale · S_tᵀ q_t,   a_t = exp(g_t), g_t ≤ 0,
+
+with S zeroed before every token where `resets` is set. g is a scalar per token (fixed per
+head and "no decay" are broadcast to this form by the wrapper) or a vector over the key
+dimension (GLA). The sequence is cut into chunks of C tokens; b_i is the cumulative log
+decay inside a chunk (b_i = Σ_{j≤i} g_j, falling, ≤ 0) and h_n the state entering chunk n:
+
+  o_i     = scale · [ Σ_{j≤i} (q_i ⊙ e^{b_i − b_j})ᵀ k_j v_j + (q_i ⊙ e^{b_i})ᵀ h_n ]
+  h_{n+1} = e^{b_C} ⊙ h_n + Σ_j (k_j ⊙ e^{b_C − b_j}) v_jᵀ
+
+Every exponent is ≤ 0, so nothing overflows however strong the decay. For a vector gate
+the pairwise decay e^{b_i − b_j} differs per key column, so it cannot sit outside a
+matmul; the chunk's rows are split into sub-blocks of 16 (as in fla's GLA kernels): pairs
+in different sub-blocks go through a reference point r (b just before the later block,
+or at the end of the earlier one), `(q_i e^{b_i − r}) · (k_j e^{r − b_j})`, both factors
+≤ 1; pairs inside one sub-block use the exact [16, K] decay, one key row at a time.
+
+Resets are masks, never decays (log 0 would poison the factorisations): `rel`, the number
+of resets so far inside the chunk, tells a token's run. Token i reads the incoming state
+only while rel_i = 0; key j feeds the outgoing state only if it is in the chunk's last
+run; the state passes a chunk only if the chunk has no reset; pairs (i, j) interact only
+within one run.
+
+Kernels (the classic three-pass design of flash-linear-attention `ops/common/chunk_h.py`
+and `ops/gla/chunk.py`, written anew):
+
+  1. `_state_kernel`: one program per (batch, head, sequence piece, key block, value
+     block) walks the chunks in order (fori_loop), storing each chunk's incoming state
+     h_n (f32) and the piece's end state. Run in reverse over q and dO it is also the
+     backward state pass: dh_n, the gradient with respect to the state leaving chunk n.
+  2. `_output_kernel`: one program per (batch, head, chunk, row block, value block):
+     intra-chunk masked quadratic form plus q·h_n.
+  3. `_gradient_kernel`: one program per (batch, head, chunk, row block) gives dq, dk, dv
+     of its rows from h_n and dh_n, and the per-token parts of the decay gradient.
+
+Sequence pieces: when batch × heads × state blocks is too small to fill the GPU, the
+state passes split the sequence into P pieces that run in parallel. The end state of a
+piece is affine in its start state, S_end = M ⊙ S_start + E, with M = e^{Σ g} over the
+piece (zero if the piece holds a reset). A first launch gives every E from a zero start,
+a scan over P in XLA chains the starts, and a second launch from the true starts writes
+the h_n. The same holds in reverse for the state gradient.
+
+Decay gradient: each pair (query i, key j < i; the initial state is a key before the
+sequence, the final state a query after it) carries e^{B_i − B_j}, B the cumulative log
+decay of the sequence, so its share P_ij of the loss moves dL/dg_t for every j < t ≤ i
+in their run; a reset token's own decay multiplies a zeroed state and gets 0. The
+gradient kernel gives per token q ⊙ dq − k ⊙ dk over the pairs inside the chunk and with
+the state entering it, and k ⊙ dk over the pairs with the state leaving it, both without
+the pair (i, i), which cancels exactly. XLA sums them inside each chunk and adds the
+pairs that span the whole chunk, e^{b_C} Σ_v dh_{n+1} ⊙ h_n. No sum runs past a chunk,
+so rounding does not grow with the sequence: the textbook q ⊙ dq − k ⊙ dk summed over
+the whole sequence lost 2e-3 of a fixed-decay gradient at −2.3 per token and T = 77;
+this form loses 5e-5.
+
+Precision: inputs are read in their dtype, the dot operands are cast to it (bf16/f16
+tensor-core matmuls; f32 inputs use IEEE f32 dots, not TF32), and everything accumulates
+in f32; states are f32. The backward recomputes h_n rather than keeping it.
+
+Limits: key_dim, value_dim, chunk_size and block sizes must be powers of two (Triton
+tensor shapes), and at least 16 when compiled (tl.dot); interpret mode takes smaller ones.
+"No decay" runs as a zero scalar gate (no cheaper special case). The output and gradient
+kernels hold whole key rows (and, for gradients, the whole [K, V] state) per program.
+
+The naive reference is `attn_jax.ops.linear_attention_reference` (kernels do not import
+attn_jax); the tests compare with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+SUBCHUNK = 16  # rows per exact-decay block for the vector gate
+MIN_DOT = 16  # tl.dot needs every dimension ≥ 16
+TARGET_PROGRAMS = 256  # about two state-pass programs per SM of an H100 (132 SMs)
+MIN_PIECE_CHUNKS = 4  # shorter pieces cost more in the second launch than they save
+
+# (max(key_dim, value_dim) up to, bytes per input element) →
+#   (block_k, block_v, num_warps, num_stages). Not measured yet: fla's common choices.
+_TUNING = {
+    (64, 2): (64, 64, 4, 2),
+    (128, 2): (64, 64, 4, 2),
+    (64, 4): (32, 64, 4, 2),
+    (128, 4): (32, 64, 4, 2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiles and launch settings of the kernels.
+
+  Attributes:
+    block_k: key rows of the state per program in the state passes.
+    block_v: value columns of the state per program in the state passes, and of the
+      output per program in the output kernel.
+    num_warps, num_stages: Triton launch settings for every kernel.
+    pieces: sequence pieces the state passes run in parallel; None picks enough to give
+      about `TARGET_PROGRAMS` programs, each piece at least `MIN_PIECE_CHUNKS` chunks.
+  """
+  block_k: int
+  block_v: int
+  num_warps: int = 4
+  num_stages: int = 2
+  pieces: int | None = None
+
+  @classmethod
+  def get_default(cls, key_dim: int, value_dim: int, dtype) -> BlockSizes:
+    width = 64 if max(key_dim, value_dim) <= 64 else 128
+    nbytes = 4 if jnp.dtype(dtype).itemsize >= 4 else 2
+    block_k, block_v, warps, stages = _TUNING[(width, nbytes)]
+    return cls(min(block_k, key_dim), min(block_v, value_dim), warps, stages)
+
+
+def _dot(a, b, dims, dtype):
+  """a·b ("nn"), a·bᵀ ("nt") or aᵀ·b ("tn") with operands in `dtype`, f32 accumulation."""
+  contract = {"nn": ((1,), (0,)), "nt": ((1,), (1,)), "tn": ((0,), (0,))}[dims]
+  precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  return lax.dot_general(a.astype(dtype), b.astype(dtype), (contract, ((), ())),
+                         precision=precision, preferred_element_type=jnp.float32)
+
+
+def _gate(b_ref, rows):
+  """Cumulative log decay of `rows` as `[n, K]` (vector gate) or `[n, 1]` (scalar)."""
+  return b_ref[rows, :] if len(b_ref.shape) == 2 else b_ref[rows][:, None]
+
+
+def _iota(shape, axis):
+  return lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _state_kernel(x_ref, y_ref, b_ref, rel_ref, start_ref, *out_refs, chunk, chunks,
+                  reverse, scale):
+  """The chunk-state recurrence over one sequence piece, for one state tile.
+
+  Forward (x = k, y = v, chunks in order): stores h_n, then
+    h ← e^{b_C} ⊙ h + Σ_j (k_j ⊙ e^{b_C − b_j}) v_jᵀ   (j in the chunk's last run).
+  Backward (x = q, y = dO, chunks in reverse): stores dh_n (w.r.t. the state leaving
+  chunk n), then dh ← e^{b_C} ⊙ dh + scale Σ_i (q_i ⊙ e^{b_i}) dO_iᵀ (i before any reset).
+  The decay factor is zero when the chunk holds a reset. `out_refs` is (states, end) or
+  (end,) when only the piece's end is wanted.
+  """
+  *states_ref, end_ref = out_refs
+
+  def body(t, s):
+    j = chunks - 1 - t if reverse else t
+    if states_ref:
+      states_ref[0][j] = s
+    rows = pl.ds(j * chunk, chunk)
+    last = pl.ds(j * chunk + chunk - 1, 1)
+    b = _gate(b_ref, rows)  # [C, bk] | [C, 1]
+    b_last = _gate(b_ref, last).reshape(1, -1)  # [1, bk] | [1, 1]
+    rel = rel_ref[rows][:, None]
+    rel_last = rel_ref[j * chunk + chunk - 1]
+    if reverse:
+      weight = jnp.where(rel == 0, scale * jnp.exp(b), 0.0)
+    else:
+      weight = jnp.where(rel == rel_last, jnp.exp(b_last - b), 0.0)
+    decay = jnp.where(rel_last == 0, jnp.exp(b_last), 0.0).reshape(-1, 1)  # rows of h
+    x = x_ref[rows, :]
+    return decay * s + _dot(x * weight, y_ref[rows, :], "tn", x.dtype)
+
+  end_ref[...] = lax.fori_loop(0, chunks, body, start_ref[...])
+
+
+def _scalar_scores(q, b, rel, k, b_all, rel_all):
+  """Σ_k q_ik k_jk e^{b_i − b_j} for j ≤ i in one run; the whole chunk, scalar gate."""
+  mask = (_iota(b.shape[:1] + b_all.shape, 0) >= _iota(b.shape[:1] + b_all.shape, 1))
+  mask &= rel[:, None] == rel_all[None, :]
+  decay = jnp.exp(jnp.where(mask, b - b_all[None, :], -jnp.inf))
+  return _dot(q, k, "nt", q.dtype) * decay, decay
+
+
+def _vector_diag(q, b, rel, k_ref, b_ref, row0, d_scores=None):
+  """The exact diagonal block for a vector gate.
+
+  scores[i, j] = Σ_k q_ik k_jk e^{b_ik − b_jk} for j ≤ i in one run, built one key row j
+  at a time so the [s, K] decay tile never meets a positive exponent. With `d_scores`
+  (dL/dscores) also the block's parts of dq and dk from the pairs j < i.
+  """
+  sub = q.shape[0]
+  rows, cols = _iota((sub, 1), 0), _iota((1, sub), 1)
+  mask = (rows >= cols) & (rel[:, None] == rel[None, :])
+  q = q.astype(jnp.float32)
+  if d_scores is not None:
+    d_scores = jnp.where(mask & (rows > cols), d_scores, 0.0)
+
+  def body(j, carry):
+    scores, dq, dk = carry
+    k_j = k_ref[pl.ds(row0 + j, 1), :].astype(jnp.float32)  # [1, K]
+    decay = jnp.exp(jnp.where(rows >= j, b - b_ref[pl.ds(row0 + j, 1), :], -jnp.inf))
+    scores = jnp.where(cols == j, jnp.sum(q * k_j * decay, axis=1, keepdims=True), scores)
+    if d_scores is not None:
+      d_col = jnp.sum(jnp.where(cols == j, d_scores, 0.0), axis=1, keepdims=True)
+      dq = dq + d_col * k_j * decay
+      dk = jnp.where(rows == j, jnp.sum(d_col * q * decay, axis=0, keepdims=True), dk)
+    return scores, dq, dk
+
+  zeros = jnp.zeros(q.shape, jnp.float32)
+  scores, dq, dk = lax.fori_loop(0, sub, body,
+                                 (jnp.zeros((sub, sub), jnp.float32), zeros, zeros))
+  return jnp.where(mask, scores, 0.0), dq, dk
+
+
+def _earlier(b, k_ref, b_ref, row0):
+  """Vector gate, a row block against the keys before it, through r = b just before it.
+
+  Returns the query factor e^{b_i − r} `[s, K]` and the keys k_j e^{r − b_j} `[C, K]`
+  (zero for j ≥ row0); both factors are ≤ 1 and their product is e^{b_i − b_j}.
+  """
+  r = b_ref[pl.ds(jnp.maximum(row0 - 1, 0), 1), :]
+  earlier = _iota((k_ref.shape[0], 1), 0) < row0
+  return jnp.exp(b - r), k_ref[...] * jnp.exp(jnp.where(earlier, r - b_ref[...], -jnp.inf))
+
+
+def _later(b, q_ref, b_ref, row0, sub):
+  """Vector gate, a row block's keys against the queries after it, through r = b at the
+  block's last row: the key factor e^{r − b_j} `[s, K]` and the queries q_i e^{b_i − r}
+  `[C, K]` (zero for i inside or before the block)."""
+  r = b_ref[pl.ds(row0 + sub - 1, 1), :]
+  later = _iota((q_ref.shape[0], 1), 0) >= row0 + sub
+  return jnp.exp(r - b), q_ref[...] * jnp.exp(jnp.where(later, b_ref[...] - r, -jnp.inf))
+
+
+def _output_kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, h_ref, o_ref, *, scale, sub):
+  """o for one row block of one chunk and one value block: q·h_n plus the intra-chunk part.
+
+  Refs hold the whole chunk (q, k `[C, K]`, v `[C, bv]`, b, rel) and h_n `[K, bv]`; the
+  row block (the whole chunk for a scalar gate) is program 3 of the grid.
+  """
+  row0 = pl.program_id(3) * sub
+  rows = pl.ds(row0, sub)
+  q, b, rel = q_ref[rows, :], _gate(b_ref, rows), rel_ref[rows]
+  dtype = q.dtype
+  # Tokens still in the run that entered the chunk read the carried state.
+  out = _dot(jnp.where(rel[:, None] == 0, q * jnp.exp(b), 0.0), h_ref[...], "nn", dtype)
+  if len(b_ref.shape) == 1:
+    scores, _ = _scalar_scores(q, b, rel, k_ref[...], b_ref[...], rel_ref[...])
+    out += _dot(scores, v_ref[...], "nn", dtype)
+  else:
+    scores, _, _ = _vector_diag(q, b, rel, k_ref, b_ref, row0)
+    out += _dot(scores, v_ref[rows, :], "nn", dtype)
+    if q_ref.shape[0] > sub:
+      q_factor, k_r = _earlier(b, k_ref, b_ref, row0)
+      same_run = rel[:, None] == rel_ref[...][None, :]
+      scores = jnp.where(same_run, _dot(q * q_factor, k_r, "nt", dtype), 0.0)
+      out += _dot(scores, v_ref[...], "nn", dtype)
+  o_ref[...] = (scale * out).astype(o_ref.dtype)
+
+
+def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
+                     dq_ref, dk_ref, dv_ref, db_ref, dkeys_ref, *, scale, sub):
+  """dq, dk, dv and the decay-gradient parts for one row block of one chunk (all but dv:
+  this value head's share).
+
+  h_n is the state entering the chunk, dh_n the gradient w.r.t. the state leaving it.
+  Each pair (query i, key j < i) adds its share P_ij to dL/dB_i and takes it from
+  dL/dB_j. db = q ⊙ dq − k ⊙ dk gets the pairs inside the chunk and those with the
+  state entering it; dkeys = k ⊙ dk gets those with the state leaving it. The pair
+  (i, i) is left out of both: it cancels exactly, and under strong decay it would
+  dominate them and leave only rounding noise.
+  """
+  chunk = q_ref.shape[0]
+  row0 = pl.program_id(3) * sub
+  rows = pl.ds(row0, sub)
+  q, k, v, do = (ref[rows, :] for ref in (q_ref, k_ref, v_ref, do_ref))
+  b, rel = _gate(b_ref, rows), rel_ref[rows]
+  dtype = q.dtype
+  # Inter-chunk: o_i ∋ scale (q_i e^{b_i})ᵀ h_n and h_{n+1} ∋ (k_j e^{b_C − b_j}) v_jᵀ.
+  b_last = _gate(b_ref, pl.ds(chunk - 1, 1)).reshape(1, -1)
+  q_decay = jnp.where(rel[:, None] == 0, jnp.exp(b), 0.0)
+  k_decay = jnp.where(rel[:, None] == rel_ref[chunk - 1], jnp.exp(b_last - b), 0.0)
+  dh = dh_ref[...]
+  dq = scale * q_decay * _dot(do, h_ref[...], "nt", dtype)
+  dk_state = k_decay * _dot(v, dh, "nt", dtype)
+  dk = jnp.zeros_like(dk_state)
+  dv = _dot(k * k_decay, dh, "nn", dtype)
+  # Intra-chunk, the diagonal block: o_i ∋ scale Σ_j scores_ij v_j (pairs j < i here).
+  d_scores = scale * _dot(do, v, "nt", dtype)
+  if len(b_ref.shape) == 1:
+    scores, decay = _scalar_scores(q, b, rel, k, b_ref[...], rel)
+    d_scores = jnp.where(_iota(decay.shape, 0) > _iota(decay.shape, 1), d_scores * decay, 0.)
+    dq += _dot(d_scores, k, "nn", dtype)
+    dk += _dot(d_scores, q, "tn", dtype)
+  else:
+    scores, dq_diag, dk_diag = _vector_diag(q, b, rel, k_ref, b_ref, row0, d_scores)
+    dq += dq_diag
+    dk += dk_diag
+  dv += _dot(scale * scores, do, "tn", dtype)
+  if len(b_ref.shape) == 2 and chunk > sub:
+    rel_all = rel_ref[...]
+    # This block's queries against the earlier keys of the chunk.
+    q_factor, k_r = _earlier(b, k_ref, b_ref, row0)
+    d_scores = scale * _dot(do, v_ref[...], "nt", dtype)
+    d_scores = jnp.where(rel[:, None] == rel_all[None, :], d_scores, 0.0)
+    dq += q_factor * _dot(d_scores, k_r, "nn", dtype)
+    # This block's keys against the later queries.
+    k_factor, q_r = _later(b, q_ref, b_ref, row0, sub)
+    same_run = rel_all[:, None] == rel[None, :]  # [C, s]
+    scores = jnp.where(same_run, scale * _dot(q_r, k * k_factor, "nt", dtype), 0.0)
+    d_scores = jnp.where(same_run, scale * _dot(do_ref[...], v, "nt", dtype), 0.0)
+    dv += _dot(scores, do_ref[...], "tn", dtype)
+    dk += k_factor * _dot(d_scores, q_r, "tn", dtype)
+  q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+  per_token = (lambda x: x) if len(db_ref.shape) == 2 else (lambda x: jnp.sum(x, axis=1))
+  db_ref[...] = per_token(q * dq - k * dk)
+  dkeys_ref[...] = per_token(k * dk_state)
+  own = scale * jnp.sum(do.astype(jnp.float32) * v.astype(jnp.float32), axis=1, keepdims=True)
+  dq_ref[...] = dq + own * k
+  dk_ref[...] = dk + dk_state + own * q
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static configuration of one call (hashable: the custom_vjp's non-diff argument)."""
+  scale: float
+  chunk: int
+  sub: int  # rows per program in the output and gradient kernels
+  pieces: int
+  chunks_per_piece: int
+  block_k: int
+  block_v: int
+  num_warps: int
+  num_stages: int
+  interpret: bool
+
+  @property
+  def chunks(self):
+    return self.pieces * self.chunks_per_piece
+
+  def call(self, kernel, name, **kwargs):
+    params = plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+    return pl.pallas_call(kernel, name=name, interpret=self.interpret,
+                          compiler_params=params, **kwargs)
+
+
+def _state_call(x, y, b, rel, start, plan, *, reverse, write_states):
+  """Launches `_state_kernel`; x `[B, T, Hx, K]` (Hx divides H), y `[B, T, H, V]`,
+  start `[B, H, P, K, V]`. Returns ([h_n `[B, H, N, K, V]`,] ends `[B, H, P, K, V]`)."""
+  batch, _, x_heads, key_dim = x.shape
+  heads, value_dim = y.shape[2:]
+  ratio = heads // x_heads
+  bk, bv, piece = plan.block_k, plan.block_v, plan.chunks_per_piece * plan.chunk
+  if b.ndim == 4:
+    b_spec = pl.BlockSpec((None, piece, None, bk), lambda n, h, p, i, j: (n, p, h, i))
+  else:
+    b_spec = pl.BlockSpec((None, piece, None), lambda n, h, p, i, j: (n, p, h))
+  tile = lambda length: pl.BlockSpec((None, None, length, bk, bv),
+                                     lambda n, h, p, i, j: (n, h, p, i, j))
+  in_specs = [
+      pl.BlockSpec((None, piece, None, bk), lambda n, h, p, i, j: (n, p, h // ratio, i)),
+      pl.BlockSpec((None, piece, None, bv), lambda n, h, p, i, j: (n, p, h, j)),
+      b_spec,
+      pl.BlockSpec((None, piece), lambda n, h, p, i, j: (n, p)),
+      tile(None),
+  ]
+  out_specs = [tile(None)]
+  out_shape = [jax.ShapeDtypeStruct(start.shape, jnp.float32)]
+  if write_states:
+    out_specs.insert(0, tile(plan.chunks_per_piece))
+    out_shape.insert(0, jax.ShapeDtypeStruct(
+        (batch, heads, plan.chunks, key_dim, value_dim), jnp.float32))
+  kernel = functools.partial(_state_kernel, chunk=plan.chunk, chunks=plan.chunks_per_piece,
+                             reverse=reverse, scale=plan.scale)
+  return plan.call(
+      kernel, "linear_attention_state_bwd" if reverse else "linear_attention_state_fwd",
+      grid=(batch, heads, plan.pieces, key_dim // bk, value_dim // bv),
+      in_specs=in_specs, out_specs=out_specs, out_shape=out_shape)(x, y, b, rel, start)
+
+
+def _state_pass(x, y, b, rel, boundary, piece_decay, plan, *, reverse):
+  """The state recurrence over the whole sequence, pieces in parallel.
+
+  Forward: boundary is the initial state; returns h_n for every chunk and the final state.
+  Backward (x = q, y = dO): boundary is dL/d(final state); returns dh_n and
+  dL/d(initial state). piece_decay `[B, H, P, K|1, 1]` is each piece's M.
+  """
+  if plan.pieces == 1:
+    states, ends = _state_call(x, y, b, rel, boundary[:, :, None], plan, reverse=reverse,
+                               write_states=True)
+    return states, ends[:, :, 0]
+  zeros = jnp.zeros(boundary.shape[:2] + (plan.pieces,) + boundary.shape[2:], jnp.float32)
+  (partial,) = _state_call(x, y, b, rel, zeros, plan, reverse=reverse, write_states=False)
+
+  def chain(s, xs):  # S_end = M ⊙ S_start + E, piece by piece
+    decay, end = xs
+    return decay * s + end, s
+
+  _, starts = lax.scan(chain, boundary, (jnp.moveaxis(piece_decay, 2, 0),
+                                         jnp.moveaxis(partial, 2, 0)), reverse=reverse)
+  states, ends = _state_call(x, y, b, rel, jnp.moveaxis(starts, 0, 2), plan,
+                             reverse=reverse, write_states=True)
+  return states, ends[:, :, 0 if reverse else -1]
+
+
+def _chunk_specs(q, v, b, chunk, width, blocked):
+  """BlockSpecs over a (batch, head, chunk, row block[, value block]) grid: whole-chunk
+  q/k (by key head), v-like arrays and states `width` columns wide (the value block is
+  grid axis 4 when `blocked`), b and rel."""
+  ratio = v.shape[2] // q.shape[2]
+  key_dim = q.shape[-1]
+  col = (lambda r: r[1]) if blocked else (lambda r: 0)
+  qk = pl.BlockSpec((None, chunk, None, key_dim), lambda n, h, t, *r: (n, t, h // ratio, 0))
+  vv = pl.BlockSpec((None, chunk, None, width), lambda n, h, t, *r: (n, t, h, col(r)))
+  if b.ndim == 4:
+    bb = pl.BlockSpec((None, chunk, None, key_dim), lambda n, h, t, *r: (n, t, h, 0))
+  else:
+    bb = pl.BlockSpec((None, chunk, None), lambda n, h, t, *r: (n, t, h))
+  rel = pl.BlockSpec((None, chunk), lambda n, h, t, *r: (n, t))
+  state = pl.BlockSpec((None, None, None, key_dim, width),
+                       lambda n, h, t, *r: (n, h, t, 0, col(r)))
+  return qk, vv, bb, rel, state
+
+
+def _output_call(q, k, v, b, rel, states, plan):
+  batch, _, heads, value_dim = v.shape
+  bv, sub = plan.block_v, plan.sub
+  blocks = plan.chunk // sub
+  qk, vv, bb, rr, state = _chunk_specs(q, v, b, plan.chunk, bv, blocked=True)
+  out_spec = pl.BlockSpec((None, sub, None, bv),
+                          lambda n, h, t, r, j: (n, t * blocks + r, h, j))
+  kernel = functools.partial(_output_kernel, scale=plan.scale, sub=sub)
+  return plan.call(
+      kernel, "linear_attention_output",
+      grid=(batch, heads, plan.chunks, blocks, value_dim // bv),
+      in_specs=[qk, qk, vv, bb, rr, state], out_specs=out_spec,
+      out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype))(q, k, v, b, rel, states)
+
+
+def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
+  batch, t_pad, heads, value_dim = v.shape
+  key_dim, sub = k.shape[-1], plan.sub
+  blocks = plan.chunk // sub
+  qk, vv, bb, rr, state = _chunk_specs(q, v, b, plan.chunk, value_dim, blocked=False)
+  rows = lambda width: pl.BlockSpec((None, sub, None, width),
+                                    lambda n, h, t, r: (n, t * blocks + r, h, 0))
+  per_head = jax.ShapeDtypeStruct((batch, t_pad, heads, key_dim), jnp.float32)
+  if b.ndim == 4:
+    db_spec = rows(key_dim)
+  else:
+    db_spec = pl.BlockSpec((None, sub, None), lambda n, h, t, r: (n, t * blocks + r, h))
+  kernel = functools.partial(_gradient_kernel, scale=plan.scale, sub=sub)
+  return plan.call(
+      kernel, "linear_attention_gradients",
+      grid=(batch, heads, plan.chunks, blocks),
+      in_specs=[qk, qk, vv, vv, bb, rr, state, state],
+      out_specs=[rows(key_dim), rows(key_dim), rows(value_dim), db_spec, db_spec],
+      out_shape=[per_head, per_head, jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 jax.ShapeDtypeStruct(b.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(b.shape, jnp.float32)],
+  )(q, k, v, do, b, rel, states, d_states)
+
+
+def _prepare(q, k, v, g, resets, plan):
+  """Pads to whole pieces (zero q, k, v, no decay, no reset: the state is unchanged) and
+  derives b (cumulative log decay inside each chunk), rel (resets so far inside each
+  chunk) and each piece's decay M `[B, H, P, K|1, 1]` (zero if the piece holds a reset)."""
+  batch, seq = k.shape[:2]
+  t_pad = plan.chunks * plan.chunk
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - seq)] + [(0, 0)] * (x.ndim - 2))
+  q, k, v, g, resets = map(pad, (q, k, v, g, resets))
+  split = lambda x, n: x.reshape(batch, n, -1, *x.shape[2:])
+  b = jnp.cumsum(split(g, plan.chunks), axis=2).reshape(g.shape)
+  rel = jnp.cumsum(split(resets.astype(jnp.int32), plan.chunks), axis=2).reshape(resets.shape)
+  total = split(g, plan.pieces).sum(axis=2)  # [B, P, H(, K)]
+  clean = ~split(resets, plan.pieces).any(axis=2)
+  decay = jnp.where(clean.reshape(clean.shape + (1,) * (total.ndim - 2)), jnp.exp(total), 0.0)
+  decay = jnp.moveaxis(decay, 1, 2)
+  decay = decay[..., None] if g.ndim == 4 else decay[..., None, None]
+  return q, k, v, b, rel, resets, decay
+
+
+def _reverse_cumsum_in_runs(x, resets):
+  """y_t = Σ_{u ≥ t in t's run} x_u along axis 1 `[n, C, ...]`, and 0 at reset tokens."""
+  ends = jnp.concatenate([resets[:, 1:], jnp.ones_like(resets[:, :1])], axis=1)
+  expand = lambda m: m.reshape(m.shape + (1,) * (x.ndim - 2))
+
+  def combine(a, b):  # a: the later tokens already summed, b: the next earlier ones
+    (a_end, a_sum), (b_end, b_sum) = a, b
+    return a_end | b_end, jnp.where(b_end, b_sum, a_sum + b_sum)
+
+  _, y = lax.associative_scan(combine, (expand(ends), x), reverse=True, axis=1)
+  return jnp.where(expand(resets), 0.0, y)
+
+
+def _log_decay_gradient(b, rel, resets, d_b, d_keys, states, d_states, plan):
+  """dL/dg_t = Σ of P_ij over the pairs i ≥ t > j in t's run (see `_gradient_kernel`),
+  gathered per chunk so that nothing large cancels: the pairs within the chunk or with
+  the state entering it (a reverse sum of d_b from t), those of later queries with the
+  chunk's keys before t (an exclusive sum of d_keys), and those of later queries with
+  keys before the chunk (e^{b_C} Σ_v dh_{n+1} ⊙ h_n, if the chunk holds no reset)."""
+  batch, n, c = b.shape[0], plan.chunks, plan.chunk
+  chunked = lambda x: x.reshape(batch, n, c, *x.shape[2:])
+  expand = lambda m: m.reshape(m.shape + (1,) * (b.ndim - 2))
+  inner = _reverse_cumsum_in_runs(d_b.reshape(batch * n, c, *b.shape[2:]),
+                                  resets.reshape(batch * n, c))
+  rel = chunked(rel)
+  last_run = expand(rel == rel[:, :, -1:])
+  keys = jnp.where(last_run, chunked(d_keys), 0.0)
+  before = jnp.concatenate([jnp.zeros_like(keys[:, :, :1]),
+                            jnp.cumsum(keys[:, :, :-1], axis=2)], axis=2)
+  through = jnp.sum(d_states * states, axis=-1)  # [B, H, N, K]
+  through = jnp.moveaxis(through if b.ndim == 4 else through.sum(-1), 1, 2)
+  carry = expand(rel[:, :, -1] == 0)
+  through = jnp.where(carry, jnp.exp(chunked(b)[:, :, -1]) * through, 0.0)[:, :, None]
+  outer = jnp.where(last_run & ~expand(chunked(resets)), before + through, 0.0)
+  return inner.reshape(d_b.shape) + outer.reshape(d_b.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _linear_attention(q, k, v, g, h0, resets, plan):
+  return _forward(q, k, v, g, h0, resets, plan)[0]
+
+
+def _forward(q, k, v, g, h0, resets, plan):
+  qp, kp, vp, b, rel, _, decay = _prepare(q, k, v, g, resets, plan)
+  states, final = _state_pass(kp, vp, b, rel, h0, decay, plan, reverse=False)
+  out = _output_call(qp, kp, vp, b, rel, states, plan)[:, :k.shape[1]]
+  return (out, final), (q, k, v, g, h0, resets, final)
+
+
+def _backward(plan, residuals, cotangents):
+  q, k, v, g, h0, resets, final = residuals
+  d_out, d_final = cotangents
+  batch, seq, key_heads, key_dim = k.shape
+  ratio = v.shape[2] // key_heads
+  qp, kp, vp, b, rel, resets_p, decay = _prepare(q, k, v, g, resets, plan)
+  d_out = jnp.pad(d_out.astype(q.dtype), [(0, 0), (0, qp.shape[1] - seq), (0, 0), (0, 0)])
+  states, _ = _state_pass(kp, vp, b, rel, h0, decay, plan, reverse=False)
+  d_states, d_h0 = _state_pass(qp, d_out, b, rel, d_final, decay, plan, reverse=True)
+  dq, dk, dv, d_b, d_keys = _gradient_call(qp, kp, vp, d_out, b, rel, states, d_states, plan)
+  d_g = _log_decay_gradient(b, rel, resets_p, d_b, d_keys, states, d_states, plan)[:, :seq]
+  group = lambda x: x[:, :seq].reshape(batch, seq, key_heads, ratio, key_dim).sum(3)
+  return (group(dq).astype(q.dtype), group(dk).astype(k.dtype), dv[:, :seq], d_g, d_h0,
+          None)
+
+
+_linear_attention.defvjp(_forward, _backward)
+
+
+def _make_plan(batch, seq, heads, key_dim, value_dim, dtype, vector, scale, chunk_size,
+               block_sizes, interpret):
+  blocks = block_sizes or BlockSizes.get_default(key_dim, value_dim, dtype)
+  block_k, block_v = min(blocks.block_k, key_dim), min(blocks.block_v, value_dim)
+  sizes = {"key_dim": key_dim, "value_dim": value_dim, "chunk_size": chunk_size,
+           "block_sizes.block_k": block_k, "block_sizes.block_v": block_v}
+  for name, size in sizes.items():
+    if size < 1 or size & (size - 1):
+      raise NotImplementedError(f"{name}={size} is not a power of two, which Triton "
+                                "tiles need.")
+    if not interpret and size < MIN_DOT:
+      raise NotImplementedError(f"{name}={size} < {MIN_DOT}, the smallest tl.dot "
+                                "dimension (interpret mode takes it).")
+  if seq < 1:
+    raise NotImplementedError(f"seq={seq}: an empty sequence has nothing to run.")
+  chunks = -(-seq // chunk_size)
+  pieces = blocks.pieces
+  if pieces is None:
+    programs = batch * heads * (key_dim // block_k) * (value_dim // block_v)
+    pieces = min(TARGET_PROGRAMS // programs, chunks // MIN_PIECE_CHUNKS)
+  per_piece = -(-chunks // max(1, min(pieces, chunks)))
+  return _Plan(scale=float(scale), chunk=chunk_size,
+               sub=min(SUBCHUNK, chunk_size) if vector else chunk_size,
+               pieces=-(-chunks // per_piece), chunks_per_piece=per_piece, block_k=block_k,
+               block_v=block_v, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+               interpret=bool(interpret))
+
+
+def linear_attention(query, key, value, log_decay, initial_state, resets, *, scale: float,
+                     chunk_size: int, interpret: bool = False,
+                     block_sizes: BlockSizes | None = None):
+  """Causal linear attention by the chunked Pallas/Triton kernels, with its VJP.
+
+  Args:
+    query, key: `[batch, seq, heads, key_dim]`.
+    value: `[batch, seq, value_heads, value_dim]`, value_heads a multiple r of heads;
+      query/key head h serves value heads h·r … h·r + r − 1.
+    log_decay: None (no decay), `[value_heads]` (fixed per head), `[batch, seq,
+      value_heads]` (scalar gate per token) or `[batch, seq, value_heads, key_dim]`
+      (vector gate over keys); float, ≤ 0.
+    initial_state: `[batch, value_heads, key_dim, value_dim]` float32.
+    resets: `[batch, seq]` bool: the state is zeroed before these tokens.
+    scale: multiplies every output.
+    chunk_size: tokens per chunk, a power of two (≥ 16 when compiled).
+    interpret: run the kernels in the Pallas interpreter (CPU).
+    block_sizes: None for `BlockSizes.get_default`.
+
+  Returns:
+    out `[batch, seq, value_heads, value_dim]` in the query's dtype and the final state
+    `[batch, value_heads, key_dim, value_dim]` float32.
+
+  Raises:
+    NotImplementedError: naming the argument the kernels do not serve (a dimension or
+      block that is not a power of two, or below 16 when compiled; an empty sequence).
+  """
+  batch, seq, key_heads, key_dim = key.shape
+  heads, value_dim = value.shape[2:]
+  if heads % key_heads:
+    raise ValueError(f"value heads ({heads}) must be a multiple of key heads ({key_heads}).")
+  if log_decay is None:
+    g = jnp.zeros((batch, seq, heads), jnp.float32)
+  elif log_decay.shape == (heads,):
+    g = jnp.broadcast_to(log_decay.astype(jnp.float32), (batch, seq, heads))
+  elif log_decay.shape in ((batch, seq, heads), (batch, seq, heads, key_dim)):
+    g = log_decay.astype(jnp.float32)
+  else:
+    raise ValueError(f"log_decay has shape {log_decay.shape}; expected None, ({heads},), "
+                     f"{(batch, seq, heads)} or {(batch, seq, heads, key_dim)}.")
+  plan = _make_plan(batch, seq, heads, key_dim, value_dim, query.dtype, g.ndim == 4, scale,
+                    chunk_size, block_sizes, interpret)
+  return _linear_attention(query, key, value, g, initial_state.astype(jnp.float32),
+                           resets.astype(bool), plan)

@@ -1,0 +1,45 @@
+"""The dispatcher: explicit names, fall-through, interpret mode, clear refusals."""
+
+import jax.numpy as jnp
+import pytest
+
+from attn_jax import ops
+from tests.utils import fresh_keys, normal, rel_err
+
+
+def _qkv(heads=2, seq=20, dim=16):
+  return [normal(k, (1, seq, heads, dim)) for k in fresh_keys(3)]
+
+
+def test_pallas_needs_its_platform_or_interpret(monkeypatch):
+  monkeypatch.delenv("ATTN_JAX_INTERPRET", raising=False)
+  q, k, v = _qkv()
+  with pytest.raises(NotImplementedError, match="ATTN_JAX_INTERPRET=1"):
+    ops.linear_attention(q, k, v, implementation="pallas_triton")
+  with pytest.raises(NotImplementedError, match="runs on TPU"):
+    ops.linear_attention(q, k, v, implementation="pallas_tpu")
+
+
+def test_interpret_mode_runs_the_kernel_through_the_op(monkeypatch):
+  monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
+  q, k, v = _qkv()
+  decay = -jnp.linspace(0.1, 1.0, 2)
+  want = ops.linear_attention(q, k, v, log_decay=decay, implementation="xla", chunk_size=16)
+  got = ops.linear_attention(q, k, v, log_decay=decay, implementation="pallas_triton",
+                             chunk_size=16)
+  assert rel_err(got, want) < 1e-5
+
+
+def test_auto_on_cpu_is_xla_and_unsupported_kernel_calls_say_so(monkeypatch):
+  monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
+  q, k, v = _qkv(dim=16)
+  v = v[..., :12]  # value_dim 12 is not a power of two
+  with pytest.raises(NotImplementedError, match="value_dim"):
+    ops.linear_attention(q, k, v, implementation="pallas_triton", chunk_size=16)
+  ops.linear_attention(q, k, v)  # auto: served by XLA
+
+
+def test_cudnn_is_not_available_for_linear_attention():
+  q, k, v = _qkv()
+  with pytest.raises(NotImplementedError, match="not available for this op"):
+    ops.linear_attention(q, k, v, implementation="cudnn")
