@@ -1,0 +1,130 @@
+"""Benchmark of `ops.linear_attention` implementations, with softmax flash attention beside.
+
+  python -m experiments.bench_linear_attention --output_dir=/tmp/bench_linear_attention
+
+Default sweep (issue 4): bf16, 16 heads, key and value dim 128, 65,536 tokens per batch
+(batch = 65536 / seq), seq 1k, 4k, 16k, 64k; fixed decay, scalar gate, vector gate; forward
+and forward+backward. Rows: each `--implementations` entry and, with the same shapes,
+causal softmax attention (`--softmax_implementation`, cuDNN by default) to show where
+linear attention overtakes it. Each row: median device time, tokens/s, ratio to the XLA
+chunked row, and the max relative error against a float32 XLA reference on the first
+batch row and first two heads (outputs; for forward+backward, the gradients of q, k, v and
+log_decay).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from attn_jax import ops
+from experiments import benchmarking
+
+_SEQ = flags.DEFINE_list("seq_lens", ["1024", "4096", "16384", "65536"], "Sequence lengths.")
+_TOKENS = flags.DEFINE_integer("tokens_per_batch", 65536, "batch = tokens_per_batch // seq.")
+_HEADS = flags.DEFINE_integer("heads", 16, "Heads (query/key and value).")
+_KEY_DIM = flags.DEFINE_integer("key_dim", 128, "Key dimension.")
+_VALUE_DIM = flags.DEFINE_integer("value_dim", 128, "Value dimension.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Input dtype.")
+_FORMS = flags.DEFINE_list("forms", ["fixed", "scalar", "vector"], "Decay forms.")
+_PASSES = flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
+_IMPLS = flags.DEFINE_list("implementations", ["pallas_triton", "xla"], "Linear attention impls.")
+_SOFTMAX = flags.DEFINE_string("softmax_implementation", "cudnn",
+                               "Softmax attention row (empty: none).")
+_CHUNK = flags.DEFINE_integer("chunk_size", 64, "chunk_size passed to the op.")
+_OUT = flags.DEFINE_string("output_dir", "/tmp/bench_linear_attention", "Output folder.")
+_TRIALS = flags.DEFINE_integer("trials", 10, "Timed trials per row (median reported).")
+
+
+def _log_decay(form, key, batch, seq, heads, key_dim):
+  if form == "fixed":  # Lightning's per-head schedule: -(8 / heads) * (h + 1) / 8 ...
+    return -jnp.exp2(-8.0 * (jnp.arange(heads) + 1) / heads)
+  shape = (batch, seq, heads) if form == "scalar" else (batch, seq, heads, key_dim)
+  return jax.nn.log_sigmoid(jax.random.normal(key, shape) + 4.0)  # GLA-like, mostly near 0
+
+
+def _runner(impl, pass_, chunk_size):
+  if impl.startswith("softmax:"):
+    attn = functools.partial(ops.dot_product_attention, is_causal=True,
+                             implementation=impl.split(":", 1)[1])
+    fn = lambda q, k, v, g: attn(q, k, v)
+  else:
+    fn = lambda q, k, v, g: ops.linear_attention(q, k, v, log_decay=g, implementation=impl,
+                                                 chunk_size=chunk_size)
+  if pass_ == "fwd":
+    return jax.jit(fn)
+
+  def loss(q, k, v, g, do):
+    return jnp.sum(fn(q, k, v, g).astype(jnp.float32) * do)
+  argnums = (0, 1, 2) if impl.startswith("softmax:") else (0, 1, 2, 3)
+  return jax.jit(jax.grad(loss, argnums=argnums))
+
+
+def bench_row(impl, seq, form, pass_, key):
+  heads, key_dim, value_dim = _HEADS.value, _KEY_DIM.value, _VALUE_DIM.value
+  batch = max(1, _TOKENS.value // seq)
+  dtype = jnp.dtype(_DTYPE.value)
+  kq, kk, kv, kg, kd = jax.random.split(key, 5)
+  q = jax.random.normal(kq, (batch, seq, heads, key_dim), dtype)
+  k = jax.random.normal(kk, (batch, seq, heads, key_dim), dtype) * key_dim ** -0.5
+  v = jax.random.normal(kv, (batch, seq, heads, value_dim), dtype)
+  g = _log_decay(form, kg, batch, seq, heads, key_dim)
+  do = jax.random.normal(kd, (batch, seq, heads, value_dim), jnp.float32)
+  row = dict(impl=impl, form="-" if impl.startswith("softmax:") else form, seq=seq,
+             batch=batch, pass_=pass_)
+  fn = _runner(impl, pass_, _CHUNK.value)
+  args = (q, k, v, g) if pass_ == "fwd" else (q, k, v, g, do)
+  try:
+    seconds = benchmarking.device_time(fn, *args, trials=_TRIALS.value)
+  except Exception as e:  # cannot serve, or out of memory
+    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return row
+  row.update(ms=seconds * 1e3, mtok_s=batch * seq / seconds / 1e6)
+  if impl.startswith("softmax:"):
+    return row
+  sl = lambda x: x[:1, :, :2] if x.ndim >= 3 else x[:2]
+  small = tuple(sl(x) for x in args)
+  ref = _runner("xla", pass_, _CHUNK.value)(
+      *(x.astype(jnp.float32) for x in small))
+  got = fn(*small)
+  got, ref = (x if isinstance(x, tuple) else (x,) for x in (got, ref))
+  row["max_rel_err"] = max(benchmarking.max_rel_err(a, b) for a, b in zip(got, ref))
+  return row
+
+
+def main(argv):
+  del argv
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  impls = list(_IMPLS.value) + ([f"softmax:{_SOFTMAX.value}"] if _SOFTMAX.value else [])
+  rows, key = [], jax.random.key(0)
+  for seq in map(int, _SEQ.value):
+    for pass_ in _PASSES.value:
+      for form in _FORMS.value:
+        group = [bench_row(i, seq, form, pass_, key) for i in impls
+                 if not (i.startswith("softmax:") and form != _FORMS.value[0])]
+        xla_ms = next((r.get("ms") for r in group if r["impl"] == "xla"), None)
+        for r in group:
+          if r.get("ms") and xla_ms:
+            r["x_xla"] = xla_ms / r["ms"]
+          rows.append(r)
+          print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()},
+                flush=True)
+  columns = ["impl", "form", "seq", "batch", "pass_", "ms", "mtok_s", "x_xla", "max_rel_err",
+             "error"]
+  header = (f"linear attention, {_DTYPE.value}, heads {_HEADS.value}, key/value dim "
+            f"{_KEY_DIM.value}/{_VALUE_DIM.value}, {_TOKENS.value} tokens/batch, chunk "
+            f"{_CHUNK.value}, {jax.devices()[0].device_kind}")
+  print(benchmarking.write_results(_OUT.value, "bench_linear_attention", rows, columns, header))
+  benchmarking.plot(_OUT.value, "bench_linear_attention", [r for r in rows if "mtok_s" in r],
+                    x="seq", y="mtok_s", series=["impl", "form"], panels=["pass_"])
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,94 @@
+"""What the benchmark binaries share: device timing, error measures, tables and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+
+def device_time(fn: Callable, *args, warmup: int = 3, trials: int = 15,
+                min_trial_seconds: float = 0.05) -> float:
+  """Median seconds per call of a jitted `fn(*args)`, measured on a full device queue.
+
+  Each trial enqueues enough back-to-back calls to fill `min_trial_seconds` and blocks once
+  at the end, so host dispatch overlaps device work and the figure is the device's time
+  per call; the median over `trials` is reported. Compilation and warm-up stay outside.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  single = max(time.perf_counter() - start, 1e-6)
+  inner = max(1, int(min_trial_seconds / single))
+  times = []
+  for _ in range(trials):
+    start = time.perf_counter()
+    out = None
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / inner)
+  return statistics.median(times)
+
+
+def max_rel_err(x, ref) -> float:
+  """max |x − ref| / max |ref|, in float64 (NaN → inf)."""
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  if not np.isfinite(x).all():
+    return float("inf")
+  return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def write_results(output_dir: str, name: str, rows: Sequence[dict], columns: Sequence[str],
+                  header: str) -> str:
+  """Writes `name.json` and `name.md` (a markdown table) under output_dir; returns the table."""
+  os.makedirs(output_dir, exist_ok=True)
+  with open(os.path.join(output_dir, f"{name}.json"), "w") as f:
+    json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "rows": list(rows)}, f, indent=1)
+  lines = [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}"]
+  for row in rows:
+    lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+  table = "\n".join(lines)
+  with open(os.path.join(output_dir, f"{name}.md"), "w") as f:
+    f.write(f"{header}\n\n{table}\n")
+  return table
+
+
+def plot(output_dir: str, name: str, rows: Sequence[dict], *, x: str, y: str,
+         series: Sequence[str], panels: Sequence[str]) -> None:
+  """One line per `series` value, one panel per `panels` value, saved as `name.png`."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib is not installed; no plot written")
+    return
+  panel_keys = sorted({tuple(r[p] for p in panels) for r in rows})
+  fig, axes = plt.subplots(1, len(panel_keys), figsize=(4.5 * len(panel_keys), 3.6),
+                           squeeze=False)
+  for ax, key in zip(axes[0], panel_keys):
+    sub = [r for r in rows if tuple(r[p] for p in panels) == key and r.get(y)]
+    for label in sorted({tuple(r[s] for s in series) for r in sub}):
+      pts = sorted((r[x], r[y]) for r in sub if tuple(r[s] for s in series) == label)
+      ax.plot(*zip(*pts), marker="o", label=" ".join(map(str, label)))
+    ax.set_xscale("log", base=2)
+    ax.set_title(" ".join(map(str, key)))
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(output_dir, f"{name}.png"), dpi=110)
+
+
+def _fmt(value) -> str:
+  if isinstance(value, float):
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+  return str(value)
