@@ -43,3 +43,13 @@ def test_cudnn_is_not_available_for_linear_attention():
   q, k, v = _qkv()
   with pytest.raises(NotImplementedError, match="not available for this op"):
     ops.linear_attention(q, k, v, implementation="cudnn")
+
+
+def test_attention_kernel_through_the_op_in_interpret_mode(monkeypatch):
+  monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
+  q, k, v = _qkv(heads=2, seq=24, dim=16)
+  seg = jnp.array([[0] * 10 + [1] * 14])
+  kwargs = dict(is_causal=True, q_segment_ids=seg, kv_segment_ids=seg, logits_soft_cap=5.0)
+  want = ops.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+  got = ops.dot_product_attention(q, k, v, implementation="pallas_triton", **kwargs)
+  assert rel_err(got, want) < 1e-5

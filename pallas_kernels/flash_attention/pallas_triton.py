@@ -1,0 +1,543 @@
+"""FlashAttention-2 in Pallas with the Triton lowering: forward and backward, any NVIDIA GPU.
+
+Algorithm: FlashAttention-2 (Dao, 2023, https://arxiv.org/abs/2307.08691). The forward pass
+walks the key/value blocks of one query block with an online softmax (running row max m_i,
+denominator l_i, unnormalised output acc) and writes the output and the log-sum-exp. The
+backward pass recomputes the probabilities P from the saved log-sum-exp in two kernels: one
+per key block accumulating dK, dV over the query blocks, one per query block accumulating dQ
+over the key blocks (no atomics, no [Tq, Tk] intermediate).
+
+Design choices:
+- Masks are declarative (causal, window (left, right), segment ids, all aligned at the end of
+  the sequences), so each kernel computes from its block index the range of blocks that can
+  hold a visible entry and skips the rest: a causal window of w on T tokens costs about
+  w / T of full attention. Inside that range, blocks that are entirely visible run a loop
+  with no mask arithmetic; only the diagonal/edge blocks pay for `where`.
+- GQA/MQA: query head h reads key/value head h // groups through the BlockSpec index map; the
+  dK/dV kernel runs per key/value head and loops over the heads of its group, so repeated
+  K/V is never materialised and no per-query-head dK/dV is summed afterwards.
+- Sinks: the sink is one more softmax column with logit `sink` and no value, so the online
+  softmax simply starts from it (m_i = sink, l_i = 1). Its gradient needs only the saved
+  log-sum-exp and Delta, so it is computed outside the kernels in plain jnp.
+- The softmax runs in base 2 (`exp2`; log2(e) folded into the logit scale); the returned
+  log-sum-exp is in the natural base. A row that sees nothing gets output 0 and lse -inf.
+- Sequence lengths are padded up to the block sizes and head dims up to a power of two
+  (>= 16, the smallest Triton dot) inside the wrapper; padded keys are masked, padded query
+  rows are sliced off (and contribute exactly zero to dK/dV since their dO and Delta are 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_DTYPES = ("float32", "bfloat16", "float16")
+_MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of the three kernels, and Triton's warps / pipeline stages.
+
+  block_q, block_k: query and key rows per tile in the forward kernel.
+  block_q_dkv, block_kv_dkv: the dK/dV kernel (one program per `block_kv_dkv` keys).
+  block_q_dq, block_kv_dq: the dQ kernel (one program per `block_q_dq` queries).
+  All are powers of two >= 16; they shrink to the (padded) sequence when it is shorter.
+  """
+  block_q: int = 64
+  block_k: int = 64
+  block_q_dkv: int = 32
+  block_kv_dkv: int = 64
+  block_q_dq: int = 64
+  block_kv_dq: int = 32
+  num_warps: int = 4
+  num_stages: int = 2
+  num_warps_bwd: int = 4
+  num_stages_bwd: int = 2
+
+  def __post_init__(self):
+    for f in ("block_q", "block_k", "block_q_dkv", "block_kv_dkv", "block_q_dq",
+              "block_kv_dq"):
+      b = getattr(self, f)
+      if not (isinstance(b, int) and b >= 16 and b & (b - 1) == 0):
+        raise ValueError(f"BlockSizes.{f} must be a power of two >= 16; got {b!r}.")
+
+  @classmethod
+  def get_default(cls, head_dim: int, dtype) -> BlockSizes:
+    """The tuning-table entry for (head_dim rounded up to 64/128/256, dtype)."""
+    dim = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    name = jnp.dtype(dtype).name
+    return _TUNING[(dim, "float32" if name == "float32" else "16bit")]
+
+
+# (head_dim, dtype) -> block sizes; bfloat16 and float16 share the "16bit" rows. Winners of a
+# sweep on one H100 (JAX 0.11.2; B=4, T=4096, H=16, causal; each kernel timed alone). The
+# float32 rows for head_dim 64 and 256 were only checked to compile and run, not swept.
+_TUNING = {
+    (64, "16bit"): BlockSizes(128, 64, 64, 64, 64, 64, 4, 3, 4, 3),
+    (128, "16bit"): BlockSizes(128, 64, 64, 64, 64, 64, 8, 3, 4, 2),
+    (256, "16bit"): BlockSizes(128, 64, 64, 64, 64, 64, 8, 2, 4, 2),
+    (64, "float32"): BlockSizes(128, 64, 64, 64, 64, 32, 8, 3, 4, 1),
+    (128, "float32"): BlockSizes(128, 64, 64, 128, 64, 32, 8, 3, 4, 1),
+    (256, "float32"): BlockSizes(64, 32, 32, 32, 32, 32, 4, 1, 4, 1),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mask:
+  """Static mask: key j visible to query i iff, with d = j - (i + kv_len - q_len),
+  d <= right (causal folded in) and d >= -left, j < kv_len, and equal segment ids."""
+  q_len: int
+  kv_len: int
+  left: int | None
+  right: int | None
+  has_segments: bool
+
+  @property
+  def offset(self) -> int:
+    return self.kv_len - self.q_len
+
+  def visible(self, q_pos, k_pos, q_seg, k_seg):
+    """Bool [bq, bk] for query positions q_pos [bq] and key positions k_pos [bk]."""
+    d = k_pos[None, :] - (q_pos[:, None] + self.offset)
+    ok = k_pos[None, :] < self.kv_len
+    if self.right is not None:
+      ok = ok & (d <= self.right)
+    if self.left is not None:
+      ok = ok & (d >= -self.left)
+    if q_seg is not None:
+      ok = ok & (q_seg[:, None] == k_seg[None, :])
+    return ok
+
+  def kv_blocks(self, q0, bq, bk):
+    """Key blocks for query rows [q0, q0 + bq): (lo, full_lo, full_hi, hi) block indices.
+
+    Blocks in [lo, hi) may hold a visible key; [full_lo, full_hi) are visible in full."""
+    off, n_full = self.offset, self.kv_len // bk
+    lo = 0 if self.left is None else lax.div(jnp.maximum(q0 + off - self.left, 0), bk)
+    hi, full_lo, full_hi = pl.cdiv(self.kv_len, bk), 0, n_full
+    if self.right is not None:
+      last = jnp.clip(q0 + bq + off + self.right, 0, self.kv_len)  # exclusive
+      hi = jnp.maximum(pl.cdiv(last, bk), lo)
+      full_hi = lax.div(jnp.clip(q0 + off + self.right + 1, 0, self.kv_len), bk)
+    if self.left is not None:
+      full_lo = pl.cdiv(jnp.maximum(q0 + bq - 1 + off - self.left, 0), bk)
+    return self._clip(lo, full_lo, full_hi, hi)
+
+  def q_blocks(self, k0, bk, bq):
+    """Query blocks for keys [k0, k0 + bk): (lo, full_lo, full_hi, hi) block indices."""
+    off = self.offset
+    lo = 0 if self.right is None else lax.div(jnp.maximum(k0 - off - self.right, 0), bq)
+    hi, full_lo, full_hi = pl.cdiv(self.q_len, bq), 0, pl.cdiv(self.q_len, bq)
+    if self.left is not None:
+      last = jnp.clip(k0 + bk - off + self.left, 0, self.q_len)  # exclusive
+      hi = jnp.maximum(pl.cdiv(last, bq), lo)
+      full_hi = lax.div(jnp.maximum(k0 - off + self.left + 1, 0), bq)
+    if self.right is not None:
+      full_lo = pl.cdiv(jnp.maximum(k0 + bk - 1 - off - self.right, 0), bq)
+    # A key block that reaches into the padding is never visible in full. (A product, not
+    # jnp.where: Triton lowering mistypes a scalar select of constants, JAX 0.11.2.)
+    full_hi = full_hi * jnp.asarray(k0 + bk <= self.kv_len, jnp.int32)
+    return self._clip(lo, full_lo, full_hi, hi)
+
+  def _clip(self, lo, full_lo, full_hi, hi):
+    if self.has_segments:  # segment ids can hide any entry: every block is masked.
+      return lo, hi, hi, hi
+    full_lo = jnp.clip(full_lo, lo, hi)
+    return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
+
+
+def _masked_loops(body, lo, full_lo, full_hi, hi, carry):
+  """Runs body(i, carry, masked) over [lo, full_lo) masked, [full_lo, full_hi) unmasked and
+  [full_hi, hi) masked."""
+  carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+
+def _logits(q, k, scale, softcap):
+  """Base-2 logits log2(e) * softcap(scale * q kᵀ) [bq, bk] f32, and the tanh (or None)."""
+  s = plgpu.dot(q, k, trans_b=True)
+  if softcap is None:
+    return s * (scale * _LOG2E), None
+  t = jnp.tanh(s * (scale / softcap))
+  return t * (softcap * _LOG2E), t
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, o_ref, lse_ref, *,
+                mask: _Mask, scale: float, softcap: float | None, block_k: int):
+  """One (query block, batch, head) program. q_ref [bq, D]; k_ref [Tk, D]; v_ref [Tk, Dv];
+  q_seg_ref [bq]; kv_seg_ref [Tk]; sink_ref [1]; o_ref [bq, Dv]; lse_ref [bq]."""
+  block_q = q_ref.shape[0]
+  q0 = pl.program_id(0) * block_q
+  q_pos = q0 + jnp.arange(block_q)
+  q = q_ref[...]  # Stays on chip for the whole loop over key blocks.
+  q_seg = None if q_seg_ref is None else q_seg_ref[...]
+  # m_i, l_i: running row max and softmax denominator (base 2); acc: unnormalised output.
+  if sink_ref is None:
+    m_i = jnp.full((block_q,), -jnp.inf, jnp.float32)
+    l_i = jnp.zeros((block_q,), jnp.float32)
+  else:  # Start from the sink column: m_i = sink, l_i = exp2(sink - m_i) = 1.
+    m_i = jnp.zeros((block_q,), jnp.float32) + sink_ref[...].astype(jnp.float32) * _LOG2E
+    l_i = jnp.ones((block_q,), jnp.float32)
+  acc = jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32)
+
+  # The loop over query blocks is the grid; this is FlashAttention-2's inner loop over K, V.
+  def body(j, carry, masked):
+    acc, m_i, l_i = carry
+    keys = pl.ds(j * block_k, block_k)
+    s, _ = _logits(q, k_ref[keys, :], scale, softcap)  # S_ij
+    if masked:
+      k_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
+      k_pos = j * block_k + jnp.arange(block_k)
+      s = jnp.where(mask.visible(q_pos, k_pos, q_seg, k_seg), s, -jnp.inf)
+    m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
+    # A row that has seen no key yet has m_new = -inf: subtract 0 instead (exp2 -> 0, no NaN).
+    m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+    alpha = jnp.exp2(m_i - m_ref)  # Rescales what was accumulated under the old max.
+    p = jnp.exp2(s - m_ref[:, None])  # P~_ij
+    l_i = alpha * l_i + jnp.sum(p, axis=-1)
+    v = v_ref[keys, :]
+    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    return acc, m_new, l_i
+
+  lo, full_lo, full_hi, hi = mask.kv_blocks(q0, block_q, block_k)
+  acc, m_i, l_i = _masked_loops(body, lo, full_lo, full_hi, hi, (acc, m_i, l_i))
+  # O_i = acc / l_i; a row that saw nothing (l_i = 0) keeps acc = 0.
+  o_ref[...] = (acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = (m_i + jnp.log2(l_i)) * _LN2  # -inf + -inf = -inf when l_i = 0.
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, *, mask: _Mask, scale: float, softcap: float | None, block_k: int):
+  """One (query block, batch, head) program: dQ_i = scale * sum_j dS_ij K_j.
+  q_ref, do_ref [bq, D|Dv]; k_ref, v_ref [Tk, D|Dv]; lse_ref (base 2), delta_ref [bq]."""
+  block_q = q_ref.shape[0]
+  q0 = pl.program_id(0) * block_q
+  q_pos = q0 + jnp.arange(block_q)
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
+  q_seg = None if q_seg_ref is None else q_seg_ref[...]
+
+  def body(j, dq, masked):
+    keys = pl.ds(j * block_k, block_k)
+    k = k_ref[keys, :]
+    s, t = _logits(q, k, scale, softcap)
+    if masked:
+      k_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
+      k_pos = j * block_k + jnp.arange(block_k)
+      s = jnp.where(mask.visible(q_pos, k_pos, q_seg, k_seg), s, -jnp.inf)
+    p = jnp.exp2(s - lse)  # P_ij
+    dp = plgpu.dot(do, v_ref[keys, :], trans_b=True)  # dP_ij = dO_i · V_j
+    ds = p * (dp - delta)  # dS_ij = P_ij (dP_ij - Delta_i)
+    if softcap is not None:
+      ds = ds * (1.0 - t * t)  # Through cap * tanh(x / cap).
+    return dq + plgpu.dot(ds.astype(k.dtype), k)
+
+  lo, full_lo, full_hi, hi = mask.kv_blocks(q0, block_q, block_k)
+  dq = jnp.zeros(q_ref.shape, jnp.float32)
+  dq = _masked_loops(body, lo, full_lo, full_hi, hi, dq)
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
+                 dk_ref, dv_ref, *, mask: _Mask, scale: float, softcap: float | None,
+                 block_q: int):
+  """One (key block, batch, kv head) program: dV_j = sum_i P_ij dO_i and
+  dK_j = scale * sum_i dS_ij Q_i over all query heads of the group.
+  q_ref, do_ref [Tq, groups, D|Dv]; lse_ref (base 2), delta_ref [groups, Tq];
+  k_ref, v_ref, dk_ref, dv_ref [bk, D|Dv]; kv_seg_ref [bk]; q_seg_ref [Tq]."""
+  block_k = k_ref.shape[0]
+  k0 = pl.program_id(0) * block_k
+  k_pos = k0 + jnp.arange(block_k)
+  k, v = k_ref[...], v_ref[...]  # Stay on chip for the whole loop over query blocks.
+  k_seg = None if kv_seg_ref is None else kv_seg_ref[...]
+
+  def body(i, carry, g, masked):
+    dk, dv = carry
+    rows = pl.ds(i * block_q, block_q)
+    q, do = q_ref[rows, g, :], do_ref[rows, g, :]
+    s, t = _logits(q, k, scale, softcap)
+    if masked:
+      q_seg = None if q_seg_ref is None else q_seg_ref[rows]
+      q_pos = i * block_q + jnp.arange(block_q)
+      s = jnp.where(mask.visible(q_pos, k_pos, q_seg, k_seg), s, -jnp.inf)
+    p = jnp.exp2(s - lse_ref[g, rows][:, None])  # P_ij
+    dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)  # P_ijᵀ dO_i
+    dp = plgpu.dot(do, v, trans_b=True)
+    ds = p * (dp - delta_ref[g, rows][:, None])
+    if softcap is not None:
+      ds = ds * (1.0 - t * t)
+    return dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True), dv
+
+  lo, full_lo, full_hi, hi = mask.q_blocks(k0, block_k, block_q)
+
+  def group(g, carry):  # Query heads g of this kv head's group, one after the other.
+    return _masked_loops(functools.partial(body, g=g), lo, full_lo, full_hi, hi, carry)
+
+  dk = jnp.zeros(k_ref.shape, jnp.float32)
+  dv = jnp.zeros(v_ref.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, q_ref.shape[1], group, (dk, dv))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  mask: _Mask
+  scale: float
+  softcap: float | None
+  blocks: BlockSizes
+  interpret: bool
+
+
+def _pad(x, axis, size):
+  if x is None or x.shape[axis] == size:
+    return x
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pads)
+
+
+def _round_up(n, m):
+  return -(-n // m) * m
+
+
+def _block(b, n):
+  """Block size b shrunk to a short sequence n (still a power of two >= 16)."""
+  return min(b, max(16, pl.next_power_of_2(n)))
+
+
+def _head_dim(d):
+  return max(16, pl.next_power_of_2(d))
+
+
+def _forward(q, k, v, q_seg, kv_seg, sinks, st: _Static):
+  """Returns out [B, Tq, Hq, Dv] (query dtype) and lse [B, Hq, Tq] float32."""
+  batch, q_len, q_heads, head_dim = q.shape
+  kv_len, kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
+  groups = q_heads // kv_heads
+  bq, bk = _block(st.blocks.block_q, q_len), _block(st.blocks.block_k, kv_len)
+  tq, tk = _round_up(q_len, bq), _round_up(kv_len, bk)
+  dp, dvp = _head_dim(head_dim), _head_dim(v_dim)
+  q = _pad(_pad(q, 1, tq), 3, dp)
+  k = _pad(_pad(k, 1, tk), 3, dp)
+  v = _pad(_pad(v, 1, tk), 3, dvp)
+  q_seg, kv_seg = _pad(q_seg, 1, tq), _pad(kv_seg, 1, tk)
+
+  in_specs = [
+      pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0)),
+      pl.BlockSpec((None, tk, None, dp), lambda i, b, h: (b, 0, h // groups, 0)),
+      pl.BlockSpec((None, tk, None, dvp), lambda i, b, h: (b, 0, h // groups, 0)),
+      None if q_seg is None else pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+      None if kv_seg is None else pl.BlockSpec((None, tk), lambda i, b, h: (b, 0)),
+      None if sinks is None else pl.BlockSpec((1,), lambda i, b, h: (h,)),
+  ]
+  out, lse = pl.pallas_call(
+      functools.partial(_fwd_kernel, mask=st.mask, scale=st.scale, softcap=st.softcap,
+                        block_k=bk),
+      grid=(tq // bq, batch, q_heads),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, bq, None, dvp), lambda i, b, h: (b, i, h, 0)),
+                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
+      out_shape=[jax.ShapeDtypeStruct((batch, tq, q_heads, dvp), q.dtype),
+                 jax.ShapeDtypeStruct((batch, q_heads, tq), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=st.blocks.num_warps,
+                                           num_stages=st.blocks.num_stages),
+      interpret=st.interpret,
+      name="flash_attention_fwd",
+  )(q, k, v, q_seg, kv_seg, sinks)
+  return out[:, :q_len, :, :v_dim], lse[:, :, :q_len]
+
+
+def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, st: _Static):
+  """dq, dk, dv from the log-sum-exp lse and Delta [B, Hq, Tq] (f32, natural base)."""
+  batch, q_len, q_heads, head_dim = q.shape
+  kv_len, kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
+  groups = q_heads // kv_heads
+  b = st.blocks
+  bq_dkv, bk_dkv = _block(b.block_q_dkv, q_len), _block(b.block_kv_dkv, kv_len)
+  bq_dq, bk_dq = _block(b.block_q_dq, q_len), _block(b.block_kv_dq, kv_len)
+  tq = _round_up(q_len, max(bq_dkv, bq_dq))
+  tk = _round_up(kv_len, max(bk_dkv, bk_dq))
+  dp, dvp = _head_dim(head_dim), _head_dim(v_dim)
+  q, do = _pad(_pad(q, 1, tq), 3, dp), _pad(_pad(do, 1, tq), 3, dvp)
+  k, v = _pad(_pad(k, 1, tk), 3, dp), _pad(_pad(v, 1, tk), 3, dvp)
+  q_seg, kv_seg = _pad(q_seg, 1, tq), _pad(kv_seg, 1, tk)
+  # Rows that saw nothing have lse = -inf and all logits -inf: use 0 so P = exp2(-inf) = 0.
+  lse = _pad(jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E), 2, tq)
+  delta = _pad(delta, 2, tq)
+  params = plgpu.CompilerParams(num_warps=b.num_warps_bwd, num_stages=b.num_stages_bwd)
+  static = dict(mask=st.mask, scale=st.scale, softcap=st.softcap)
+  seg = lambda x, n, index: None if x is None else pl.BlockSpec((None, n), index)
+
+  row_spec = lambda d: pl.BlockSpec((None, bq_dq, None, d), lambda i, b, h: (b, i, h, 0))
+  kv_spec = lambda d: pl.BlockSpec((None, tk, None, d),
+                                   lambda i, b, h: (b, 0, h // groups, 0))
+  stat_spec = pl.BlockSpec((None, None, bq_dq), lambda i, b, h: (b, h, i))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, block_k=bk_dq, **static),
+      grid=(tq // bq_dq, batch, q_heads),
+      in_specs=[row_spec(dp), kv_spec(dp), kv_spec(dvp),
+                seg(q_seg, bq_dq, lambda i, b, h: (b, i)),
+                seg(kv_seg, tk, lambda i, b, h: (b, 0)),
+                row_spec(dvp), stat_spec, stat_spec],
+      out_specs=row_spec(dp),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params, interpret=st.interpret, name="flash_attention_dq",
+  )(q, k, v, q_seg, kv_seg, do, lse, delta)
+
+  # The dK/dV program of kv head h reads the query heads [h * groups, (h + 1) * groups).
+  group_spec = lambda d: pl.BlockSpec((None, tq, groups, d), lambda j, b, h: (b, 0, h, 0))
+  key_spec = lambda d: pl.BlockSpec((None, bk_dkv, None, d), lambda j, b, h: (b, j, h, 0))
+  stat_spec = pl.BlockSpec((None, groups, tq), lambda j, b, h: (b, h, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkdv_kernel, block_q=bq_dkv, **static),
+      grid=(tk // bk_dkv, batch, kv_heads),
+      in_specs=[group_spec(dp), key_spec(dp), key_spec(dvp),
+                seg(q_seg, tq, lambda j, b, h: (b, 0)),
+                seg(kv_seg, bk_dkv, lambda j, b, h: (b, j)),
+                group_spec(dvp), stat_spec, stat_spec],
+      out_specs=[key_spec(dp), key_spec(dvp)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=params, interpret=st.interpret, name="flash_attention_dkdv",
+  )(q, k, v, q_seg, kv_seg, do, lse, delta)
+  return (dq[:, :q_len, :, :head_dim], dk[:, :kv_len, :, :head_dim],
+          dv[:, :kv_len, :, :v_dim])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, q_seg, kv_seg, sinks, st):
+  return _forward(q, k, v, q_seg, kv_seg, sinks, st)
+
+
+def _attention_fwd(q, k, v, q_seg, kv_seg, sinks, st):
+  out, lse = _forward(q, k, v, q_seg, kv_seg, sinks, st)
+  return (out, lse), (q, k, v, q_seg, kv_seg, sinks, out, lse)
+
+
+def _attention_bwd(st, res, cotangents):
+  q, k, v, q_seg, kv_seg, sinks, out, lse = res
+  d_out, d_lse = cotangents
+  # Delta_i = rowsum(dO_i * O_i) - dlse_i: a cotangent on lse adds P_ij dlse_i to dS_ij.
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta = delta - d_lse
+  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, lse, delta, d_out.astype(q.dtype), st)
+  d_sinks = None
+  if sinks is not None:  # d sink_h = -sum_i p_sink_i Delta_i, p_sink_i = exp(sink_h - lse_i).
+    p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse)
+    d_sinks = (-jnp.sum(p_sink * delta, axis=(0, 2))).astype(sinks.dtype)
+  return dq, dk, dv, None, None, d_sinks
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=None,
+                    sinks=None, scale: float, is_causal: bool,
+                    window: tuple[int | None, int | None], logits_soft_cap: float | None,
+                    return_residuals: bool, block_sizes: BlockSizes | None = None,
+                    interpret: bool = False):
+  """Softmax attention `softmax(scale · q kᵀ) v`, differentiable (q, k, v, sinks).
+
+  Args:
+    query: `[B, Tq, Hq, D]`; key: `[B, Tk, Hkv, D]`; value: `[B, Tk, Hkv, Dv]`; one dtype of
+      float32 / bfloat16 / float16; Hq a multiple of Hkv (query head h reads kv head
+      h // (Hq // Hkv)); D, Dv <= 256.
+    q_segment_ids, kv_segment_ids: `[B, Tq]`, `[B, Tk]` int32, or None (both).
+    sinks: `[Hq]` float sink logits (an extra softmax column with no value), or None.
+    scale: logit scale. is_causal, window=(left, right): key j visible to query i iff, with
+      d = j - (i + Tk - Tq), d <= 0 (causal), d >= -left, d <= right (None: unbounded).
+    logits_soft_cap: c turns logits into c · tanh(logits / c); None for none.
+    return_residuals: also return lse `[B, Hq, Tq]` float32 (sink included), differentiable.
+    block_sizes: None for `BlockSizes.get_default(D, dtype)`.
+    interpret: run in Pallas interpret mode (CPU).
+
+  Returns:
+    out `[B, Tq, Hq, Dv]` in the query's dtype (0 for a row that sees no key), and with
+    return_residuals lse (-inf, or the sink logit, for such a row).
+
+  Raises:
+    NotImplementedError: naming the argument this kernel cannot serve (dtype, head dim,
+      empty sequence).
+  """
+  dtype = jnp.dtype(query.dtype)
+  if dtype.name not in _DTYPES or key.dtype != dtype or value.dtype != dtype:
+    raise NotImplementedError(
+        f"pallas_triton supports query/key/value dtype in {_DTYPES} (all equal); got "
+        f"{query.dtype}, {key.dtype}, {value.dtype}.")
+  for name, d in (("query/key head_dim", query.shape[-1]), ("value head_dim",
+                                                            value.shape[-1])):
+    if d > _MAX_HEAD_DIM:
+      raise NotImplementedError(f"pallas_triton supports {name} <= {_MAX_HEAD_DIM}; "
+                                f"got {d}.")
+  batch, q_len, q_heads, head_dim = query.shape
+  kv_len, kv_heads = key.shape[1], key.shape[2]
+  if q_len == 0 or kv_len == 0:
+    raise NotImplementedError(f"pallas_triton needs q_seq, kv_seq >= 1; got q_seq={q_len}, "
+                              f"kv_seq={kv_len}.")
+  if q_heads % kv_heads:
+    raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads "
+                     f"({kv_heads}).")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
+  if sinks is not None and sinks.shape != (q_heads,):
+    raise ValueError(f"sinks must have shape ({q_heads},); got {sinks.shape}.")
+  left, right = window
+  if is_causal:
+    right = 0 if right is None else min(right, 0)
+  mask = _Mask(q_len=q_len, kv_len=kv_len, left=left, right=right,
+               has_segments=q_segment_ids is not None)
+  blocks = block_sizes or BlockSizes.get_default(head_dim, dtype)
+  st = _Static(mask=mask, scale=float(scale),
+               softcap=None if logits_soft_cap is None else float(logits_soft_cap),
+               blocks=blocks, interpret=bool(interpret))
+  if q_segment_ids is not None:
+    q_segment_ids = q_segment_ids.astype(jnp.int32)
+    kv_segment_ids = kv_segment_ids.astype(jnp.int32)
+  out, lse = _attention(query, key, value, q_segment_ids, kv_segment_ids, sinks, st)
+  return (out, lse) if return_residuals else out
+
+
+def flash_attention_reference(query, key, value, *, q_segment_ids=None,
+                              kv_segment_ids=None, sinks=None, scale: float,
+                              is_causal: bool, window, logits_soft_cap):
+  """Plain-jnp attention with the same arguments: returns (out, lse), for checking."""
+  batch, q_len, q_heads, _ = query.shape
+  kv_len, kv_heads = key.shape[1], key.shape[2]
+  k = jnp.repeat(key, q_heads // kv_heads, axis=2)
+  v = jnp.repeat(value, q_heads // kv_heads, axis=2)
+  s = jnp.einsum("bqhd,bkhd->bhqk", query, k, preferred_element_type=jnp.float32) * scale
+  if logits_soft_cap is not None:
+    s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+  d = jnp.arange(kv_len)[None, :] - (jnp.arange(q_len)[:, None] + kv_len - q_len)
+  ok = jnp.ones((q_len, kv_len), bool)
+  left, right = window
+  if is_causal:
+    ok &= d <= 0
+  if right is not None:
+    ok &= d <= right
+  if left is not None:
+    ok &= d >= -left
+  ok = ok[None, None]
+  if q_segment_ids is not None:
+    ok = ok & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
+  s = jnp.where(ok, s, -jnp.inf)
+  if sinks is not None:
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None],
+                            (batch, q_heads, q_len, 1))
+    s = jnp.concatenate([s, sink], axis=-1)
+  lse = jax.nn.logsumexp(s, axis=-1)
+  p = jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse)[..., None])[..., :kv_len]
+  out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32))
+  return out.astype(query.dtype), lse
