@@ -185,6 +185,7 @@ _TABLE = {
     "xla": attention_xla,
     "cudnn": _cudnn,
     "pallas_triton": _pallas("pallas_triton"),
+    "pallas_tpu": _pallas("pallas_tpu"),
 }
 
 
@@ -192,4 +193,4 @@ def _auto_order():
   # On an H100 cuDNN measured faster than our Triton kernel (docs/perf/flash_attention.md);
   # the kernel serves what cuDNN cannot (segment ids, soft-cap, sinks, log-sum-exp).
   return {"gpu": ("cudnn", "pallas_triton", "xla"),
-          "tpu": ("xla",)}.get(dispatch.platform(), ("xla",))
+          "tpu": ("pallas_tpu", "xla")}.get(dispatch.platform(), ("xla",))
