@@ -1,0 +1,264 @@
+"""The interface every mixer keeps, the KV cache, and the driver of the recurrent mixers.
+
+Every mixer is an `nnx.Module` with
+
+    y = m(x, *, context=None, segment_ids=None, context_segment_ids=None)
+    cache = m.init_cache(batch_size, max_len)
+    y_t, cache = m.decode(x_t, cache)
+
+`x` is `[batch, seq, d_model]`. Which of the four attention patterns of the Comprehensive
+Attention Benchmark (Zhang et al., 2023) a call takes is fixed by the constructor's
+`causal` flag and whether `context` is given:
+
+    causal_self      causal=True,  no context   query i sees x[:i+1]
+    noncausal_self   causal=False, no context   query i sees all of x
+    causal_cross     causal=True,  context      query i sees context[:i+1+offset],
+                                                offset = len(context) - len(x)
+    noncausal_cross  causal=False, context      query i sees all of context
+
+A mixer lists the patterns its mechanism defines in `PATTERNS`; any other raises a
+ValueError naming `causal` or `context`. Decoding is defined for causal self-attention.
+
+Caches are dicts of arrays (pytrees), with the number of tokens seen so far in `"pos"`
+(an int32 scalar), so a model can jit a decode step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attn_jax import ops
+from attn_jax.layers.common import check_positive_int, segment_positions
+from attn_jax.ops.linear_attention import NORMALIZE_EPS
+
+PATTERNS = ("causal_self", "noncausal_self", "causal_cross", "noncausal_cross")
+
+
+class Mixer(nnx.Module):
+  """Base of every mixer: configuration checks and the pattern of a call."""
+
+  NAME = "mixer"
+  PATTERNS: tuple[str, ...] = PATTERNS
+
+  def __init__(self, d_model, num_heads, *, causal=True, dtype=None):
+    self.d_model = check_positive_int("d_model", d_model)
+    self.num_heads = check_positive_int("num_heads", num_heads)
+    self.causal = bool(causal)
+    self.dtype = None if dtype is None else jnp.dtype(dtype)
+    kind = "causal" if self.causal else "noncausal"
+    if not any(p.startswith(kind + "_") for p in self.PATTERNS):
+      raise ValueError(f"causal={causal} is not supported by {self.NAME!r}: it defines "
+                       f"only {', '.join(self.PATTERNS)}.")
+
+  def _head_dim(self, head_dim, divisor=1):
+    """`head_dim`, by default `d_model // (num_heads · divisor)` when that divides."""
+    if head_dim is not None:
+      return check_positive_int("head_dim", head_dim)
+    if self.d_model % (self.num_heads * divisor):
+      what = "num_heads" if divisor == 1 else f"num_heads · {divisor}"
+      raise ValueError(f"{what} ({self.num_heads * divisor}) must divide d_model "
+                       f"({self.d_model}), or give head_dim explicitly.")
+    return self.d_model // (self.num_heads * divisor)
+
+  def _cast(self, x, name="x"):
+    x = jnp.asarray(x)
+    if x.ndim != 3 or x.shape[-1] != self.d_model:
+      raise ValueError(f"{name} must be [batch, seq, d_model={self.d_model}]; got shape "
+                       f"{x.shape}.")
+    return x.astype(self.dtype) if self.dtype is not None else x
+
+  def _pattern(self, x, context, segment_ids, context_segment_ids):
+    """Validates a parallel call; returns its pattern name."""
+    kind = "causal" if self.causal else "noncausal"
+    pattern = kind + ("_self" if context is None else "_cross")
+    if pattern not in self.PATTERNS:
+      arg = "context" if context is not None else "causal"
+      raise ValueError(f"{self.NAME!r} does not define {pattern} attention ({arg} "
+                       f"selects it); it defines {', '.join(self.PATTERNS)}.")
+    if context is None and context_segment_ids is not None:
+      raise ValueError("context_segment_ids needs context.")
+    if context is not None and (segment_ids is None) != (context_segment_ids is None):
+      raise ValueError("with context, segment_ids and context_segment_ids are given "
+                       "together or not at all.")
+    for name, ids, seq in (("segment_ids", segment_ids, x.shape[:2]),
+                           ("context_segment_ids", context_segment_ids,
+                            None if context is None else context.shape[:2])):
+      if ids is not None and (jnp.shape(ids) != tuple(seq)
+                              or not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer)):
+        raise ValueError(f"{name} must be integers of shape {tuple(seq)}; got "
+                         f"{jnp.asarray(ids).dtype} {jnp.shape(ids)}.")
+    return pattern
+
+  def _check_decode(self):
+    if "causal_self" not in self.PATTERNS or not self.causal:
+      raise ValueError(f"{self.NAME!r} built with causal={self.causal} has no decode "
+                       "path: decoding one token at a time needs causal self-attention.")
+
+  def _cast_step(self, x_t):
+    x_t = self._cast(x_t, "x_t")
+    if x_t.shape[1] != 1:
+      raise ValueError(f"decode takes one token: x_t must be [batch, 1, d_model]; got "
+                       f"{x_t.shape}.")
+    return x_t
+
+
+# KV cache: a ring buffer of `length` slots. `slot_pos[j]` is the position held by slot j
+# (-1 while empty). A full-attention cache has length max_len; a sliding-window cache has
+# length window_size, so old entries fall out as new ones arrive.
+
+def kv_cache_init(batch_size, length, shapes, dtype):
+  """Zeros `[batch, length, *shape]` for each named entry, plus `slot_pos` and `pos`."""
+  batch_size = check_positive_int("batch_size", batch_size)
+  length = check_positive_int("max_len", length)
+  cache = {name: jnp.zeros((batch_size, length) + tuple(shape), dtype)
+           for name, shape in shapes.items()}
+  cache["slot_pos"] = jnp.full((length,), -1, jnp.int32)
+  cache["pos"] = jnp.zeros((), jnp.int32)
+  return cache
+
+
+def kv_cache_append(cache, **entries):
+  """Writes one token's entries (`[batch, 1, ...]`) at slot `pos % length`.
+
+  Returns the new cache and `kv_segment_ids [batch, length]` (1 for filled slots, 0 for
+  empty ones) to pair with `q_segment_ids = ones([batch, 1])` in `dot_product_attention`.
+  Decoding past `length` tokens overwrites the oldest slot.
+  """
+  length = cache["slot_pos"].shape[0]
+  pos = cache["pos"]
+  slot = pos % length
+  new = dict(cache)
+  for name, value in entries.items():
+    new[name] = jax.lax.dynamic_update_slice_in_dim(
+        cache[name], value.astype(cache[name].dtype), slot, axis=1)
+  new["slot_pos"] = cache["slot_pos"].at[slot].set(pos)
+  new["pos"] = pos + 1
+  batch = next(iter(entries.values())).shape[0]
+  kv_ids = jnp.broadcast_to((new["slot_pos"] >= 0).astype(jnp.int32), (batch, length))
+  return new, kv_ids
+
+
+class RecurrentMixer(Mixer):
+  """Driver of the linear-attention family: parallel form, decode step and cross patterns.
+
+  A subclass defines `_inputs` (projections, convolution, feature maps, decay) and
+  `_output` (norm, gate, output projection) and sets `scale`, `normalize`, `chunk_size`,
+  `implementation`; this class runs `ops.linear_attention` (parallel) or
+  `ops.linear_attention_step` (decode) between them. The decode state is
+  `[batch, value_heads, key_dim, value_dim (+1 with normalize)]` float32, whatever the
+  length decoded.
+  """
+
+  PATTERNS = ("causal_self", "causal_cross")
+  convs = None  # an nnx.Dict of ShortConv, or None
+
+  def _inputs(self, x, src, *, positions, segment_ids, conv_state):
+    """Returns `(q, k, v, log_decay, aux, new_conv_state)`.
+
+    q from `x`, k, v and log_decay from `src` (x itself, or the context), as
+    `ops.linear_attention` takes them; `aux` is whatever `_output` needs besides x.
+    `positions [batch, seq]` is None in cross attention; `conv_state` is None in the
+    parallel path.
+    """
+    raise NotImplementedError
+
+  def _output(self, o, x, aux):
+    """Maps `o [batch, seq, value_heads, value_dim]` to `[batch, seq, d_model]`."""
+    raise NotImplementedError
+
+  def _state_shape(self):
+    """`(value_heads, key_dim, value_dim)` of the recurrent state."""
+    raise NotImplementedError
+
+  def _conv(self, name, x, segment_ids, conv_state):
+    """Applies `self.convs[name]` when there is one, threading its decode state."""
+    if self.convs is None or name not in self.convs:
+      return x, conv_state
+    y, new = self.convs[name](x, segment_ids=segment_ids,
+                              state=None if conv_state is None else conv_state[name])
+    if conv_state is not None:
+      conv_state = {**conv_state, name: new}
+    return y, conv_state
+
+  def __call__(self, x, *, context=None, segment_ids=None, context_segment_ids=None):
+    """The parallel form; `x [batch, seq, d_model]` → `[batch, seq, d_model]`."""
+    pattern = self._pattern(x, context, segment_ids, context_segment_ids)
+    x = self._cast(x)
+    batch, seq = x.shape[:2]
+    if context is None:
+      src, positions = x, segment_positions(segment_ids, batch, seq)
+    else:
+      src, positions = self._cast(context, "context"), None
+      if segment_ids is not None:
+        raise ValueError(f"{self.NAME!r} takes no segment_ids in cross attention (packed "
+                         "cross attention is served by the softmax mixers).")
+      if pattern == "causal_cross" and src.shape[1] != seq:
+        raise ValueError(f"causal cross attention in {self.NAME!r} pairs query i with "
+                         f"context token i: context must have the length of x ({seq}); "
+                         f"got {src.shape[1]}.")
+    q, k, v, log_decay, aux, _ = self._inputs(x, src, positions=positions,
+                                              segment_ids=segment_ids, conv_state=None)
+    if pattern == "noncausal_cross":
+      o = self._read_global_state(q, k, v)
+    else:
+      o = ops.linear_attention(q, k, v, log_decay=log_decay, scale=self.scale,
+                               is_causal=self.causal, normalize=self.normalize,
+                               segment_ids=segment_ids, chunk_size=self.chunk_size,
+                               implementation=self.implementation)
+    return self._output(o, x, aux)
+
+  def _read_global_state(self, q, k, v):
+    """Non-causal cross attention: every query reads the state of the whole context."""
+    _, state = ops.linear_attention(jnp.zeros_like(k), k, v, scale=self.scale,
+                                    is_causal=False, normalize=self.normalize,
+                                    return_final_state=True,
+                                    implementation=self.implementation)
+    batch, _, heads, key_dim = k.shape
+    no_key = jnp.zeros((batch, heads, key_dim), k.dtype)
+    no_value = jnp.zeros((batch,) + state.shape[1:2] + state.shape[3:], v.dtype)
+    read = lambda q_t: ops.linear_attention_step(state, q_t, no_key, no_value,
+                                                 scale=self.scale)[0]
+    o = jax.vmap(read, in_axes=1, out_axes=1)(q)
+    return self._normalized(o)
+
+  def _normalized(self, o):
+    if not self.normalize:
+      return o
+    return (o[..., :-1].astype(jnp.float32)
+            / (o[..., -1:].astype(jnp.float32) + NORMALIZE_EPS)).astype(o.dtype)
+
+  def init_cache(self, batch_size, max_len=None):
+    """The recurrent state (`max_len` is ignored: the state does not grow)."""
+    self._check_decode()
+    batch_size = check_positive_int("batch_size", batch_size)
+    value_heads, key_dim, value_dim = self._state_shape()
+    state_dim = value_dim + int(self.normalize)
+    conv = {}
+    if self.convs is not None:
+      conv = {name: c.init_state(batch_size, self.dtype or jnp.float32)
+              for name, c in self.convs.items()}
+    return {"state": jnp.zeros((batch_size, value_heads, key_dim, state_dim), jnp.float32),
+            "conv": conv, "pos": jnp.zeros((), jnp.int32)}
+
+  def init_state(self, batch_size):
+    """Alias of `init_cache(batch_size)`."""
+    return self.init_cache(batch_size)
+
+  def decode(self, x_t, cache):
+    """One token: `x_t [batch, 1, d_model]` → `(y_t [batch, 1, d_model], new cache)`."""
+    self._check_decode()
+    x_t = self._cast_step(x_t)
+    positions = jnp.broadcast_to(cache["pos"], (x_t.shape[0], 1))
+    q, k, v, log_decay, aux, conv = self._inputs(x_t, x_t, positions=positions,
+                                                 segment_ids=None,
+                                                 conv_state=cache["conv"])
+    if self.normalize:
+      v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+    if log_decay is not None and log_decay.ndim > 1:
+      log_decay = log_decay[:, 0]
+    o, state = ops.linear_attention_step(cache["state"], q[:, 0], k[:, 0], v[:, 0],
+                                         log_decay=log_decay, scale=self.scale)
+    y = self._output(self._normalized(o)[:, None], x_t, aux)
+    return y, {"state": state, "conv": conv, "pos": cache["pos"] + 1}
