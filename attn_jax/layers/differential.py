@@ -27,8 +27,7 @@ from flax import nnx
 
 from attn_jax import ops
 from attn_jax.layers.common import (Norm, Projection, apply_rope, check_divides,
-                                    check_positive_int, check_rope, partitioned,
-                                    segment_positions)
+                                    check_positive_int, check_rope, partitioned)
 from attn_jax.layers.mixer import Mixer, kv_cache_append, kv_cache_init
 
 
@@ -120,13 +119,7 @@ class DifferentialAttention(Mixer):
 
   def __call__(self, x, *, context=None, segment_ids=None, context_segment_ids=None):
     """`x [batch, seq, d_model]` (and `context`) → `[batch, seq, d_model]`."""
-    self._pattern(x, context, segment_ids, context_segment_ids)
-    x = self._cast(x)
-    if context is None:
-      src, kv_ids = x, segment_ids
-      positions = segment_positions(segment_ids, *x.shape[:2])
-    else:
-      src, kv_ids, positions = self._cast(context, "context"), context_segment_ids, None
+    x, src, kv_ids, positions = self._sources(x, context, segment_ids, context_segment_ids)
     q, k, v = self._qkv(x, src, positions)
     return self._differential(q, k, v, is_causal=self.causal,
                               local_window_size=self._window(),

@@ -91,6 +91,18 @@ class Mixer(nnx.Module):
                          f"{jnp.asarray(ids).dtype} {jnp.shape(ids)}.")
     return pattern
 
+  def _sources(self, x, context, segment_ids, context_segment_ids):
+    """Validates a parallel call of the softmax family.
+
+    Returns `(x, src, kv_segment_ids, positions)`: the keys' source (x itself, or the
+    context), its segment ids, and x's RoPE positions (None for cross attention).
+    """
+    self._pattern(x, context, segment_ids, context_segment_ids)
+    x = self._cast(x)
+    if context is None:
+      return x, x, segment_ids, segment_positions(segment_ids, *x.shape[:2])
+    return x, self._cast(context, "context"), context_segment_ids, None
+
   def _check_decode(self):
     if "causal_self" not in self.PATTERNS or not self.causal:
       raise ValueError(f"{self.NAME!r} built with causal={self.causal} has no decode "

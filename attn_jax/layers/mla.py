@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from attn_jax import ops
 from attn_jax.layers.common import (Norm, Projection, apply_rope, check_positive_int,
-                                    check_rope, segment_positions)
+                                    check_rope)
 from attn_jax.layers.mixer import Mixer, kv_cache_append, kv_cache_init
 
 
@@ -107,13 +107,7 @@ class MultiHeadLatentAttention(Mixer):
 
   def __call__(self, x, *, context=None, segment_ids=None, context_segment_ids=None):
     """`x [batch, seq, d_model]` (and `context`) → `[batch, seq, d_model]`."""
-    self._pattern(x, context, segment_ids, context_segment_ids)
-    x = self._cast(x)
-    if context is None:
-      src, kv_ids = x, segment_ids
-      positions = segment_positions(segment_ids, *x.shape[:2])
-    else:
-      src, kv_ids, positions = self._cast(context, "context"), context_segment_ids, None
+    x, src, kv_ids, positions = self._sources(x, context, segment_ids, context_segment_ids)
     q_nope, q_rope = self._query(x, positions)
     latent, k_rope = self._latent(src, positions)
     k_nope, v = self.k_up(latent), self.v_up(latent)
