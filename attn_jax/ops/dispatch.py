@@ -5,10 +5,15 @@ function that either computes the op or raises `NotImplementedError` naming what
 out (an argument, a shape, the platform). `implementation=None` walks the table and takes
 the first entry that serves the call; an explicit name runs that entry alone, so its
 `NotImplementedError` reaches the user.
+
+A hook (`add_hook`) may take a call over before an implementation is chosen: sequence
+parallelism (`attn_jax.parallel`) wraps the ops in a `shard_map` this way, below every
+layer, without the ops knowing of it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -64,6 +69,17 @@ def require_pallas_platform(name: str) -> bool:
   return False
 
 
+# hook(op_name, run, implementation, *args, **kwargs) -> the op's result, or
+# NotImplemented to pass. `run(*args, **kwargs)` is the dispatch the hook would replace.
+_HOOKS: list[Callable[..., Any]] = []
+
+
+def add_hook(hook: Callable[..., Any]) -> None:
+  """Lets `hook` see every op call first (idempotent); see `_HOOKS` for its signature."""
+  if hook not in _HOOKS:
+    _HOOKS.append(hook)
+
+
 def dispatch(op_name: str, table: dict[str, Callable[..., Any]], order: Sequence[str],
              implementation: str | None, *args, **kwargs):
   """Runs `implementation` from `table`, or the first in `order` that serves the call.
@@ -74,6 +90,15 @@ def dispatch(op_name: str, table: dict[str, Callable[..., Any]], order: Sequence
     order: names to try, fastest first, when `implementation` is None.
     implementation: None, or one of the keys of `table`.
   """
+  run = functools.partial(_choose, op_name, table, order, implementation)
+  for hook in _HOOKS:
+    result = hook(op_name, run, implementation, *args, **kwargs)
+    if result is not NotImplemented:
+      return result
+  return run(*args, **kwargs)
+
+
+def _choose(op_name, table, order, implementation, *args, **kwargs):
   if implementation is not None:
     if implementation not in table:
       known = sorted(table)
