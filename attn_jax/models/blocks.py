@@ -1,0 +1,158 @@
+"""The pieces both models stack: token embedding, SwiGLU MLP, and the pre-norm block.
+
+A block is `x + mixer(norm(x))` then `x + mlp(norm(x))` (pre-norm residual, as in
+GPT-2/Llama), with any mixer of `attn_jax.layers.REGISTRY`. Parameters stay in
+`param_dtype` (float32); activations run in the compute `dtype` (e.g. bfloat16); norms
+compute in float32 (`layers.common.Norm`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attn_jax import layers, parallel, sharding
+from attn_jax.layers.common import Norm, Projection, partitioned
+
+# Activation checkpointing: what the backward pass may keep instead of recomputing.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+RESIDUAL = ("batch", "seq", "act_embed")
+
+
+def check_remat(remat):
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}; got {remat!r}.")
+  return remat
+
+
+class Embed(nnx.Module):
+  """Token embedding `[vocab, embed]`, scaled by √d_model on the way in (so the residual
+  stream starts at unit RMS) and reusable as the output projection (tied embeddings)."""
+
+  def __init__(self, vocab_size, d_model, *, rngs, param_dtype=jnp.float32):
+    init = nnx.initializers.normal(stddev=d_model ** -0.5)
+    self.embedding = nnx.Param(partitioned(init, ("vocab", "embed"))(
+        rngs.params(), (vocab_size, d_model), param_dtype))
+    self.scale = d_model ** 0.5
+
+  def __call__(self, tokens, dtype):
+    table = self.embedding[...]
+    x = jnp.take(table, tokens, axis=0).astype(dtype) * jnp.asarray(self.scale, dtype)
+    return sharding.constrain(x, RESIDUAL)
+
+  def attend(self, x):
+    """Logits `x · Eᵀ`, float32."""
+    return jnp.einsum("bsd,vd->bsv", x, self.embedding[...].astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward (Shazeer, 2020): `down(silu(gate(x)) · up(x))`."""
+
+  def __init__(self, d_model, hidden, *, rngs, param_dtype=jnp.float32):
+    proj = dict(rngs=rngs, param_dtype=param_dtype)
+    self.gate = Projection((d_model,), (hidden,), ("embed", "mlp"), **proj)
+    self.up = Projection((d_model,), (hidden,), ("embed", "mlp"), **proj)
+    self.down = Projection((hidden,), (d_model,), ("mlp", "embed"), **proj)
+
+  def __call__(self, x):
+    h = jax.nn.silu(self.gate(x).astype(jnp.float32)).astype(x.dtype) * self.up(x)
+    h = sharding.constrain(h, ("batch", "seq", "act_mlp"))
+    return self.down(h)
+
+
+def options_for(name, common, per_mixer, *, layer_index, num_layers):
+  """The options of the mixer `name` at `layer_index`.
+
+  `per_mixer[name]` options are passed as given (a wrong one raises); `common` options
+  (config `mixer_options.all`) and `layer_index`/`num_layers` (Lightning's per-layer
+  decays, Differential attention's λ schedule) go to the mixers whose constructor takes
+  them.
+  """
+  parameters = inspect.signature(layers.REGISTRY[name].__init__).parameters
+  options = {k: v for k, v in dict(common).items() if k in parameters}
+  options.update({"layer_index": layer_index, "num_layers": num_layers})
+  options = {k: v for k, v in options.items() if k in parameters}
+  options.update(dict(per_mixer.get(name, {})))
+  return options
+
+
+def sequence_parallel_context():
+  """Ring attention / state passing when the mesh splits the `seq` axis, else nothing."""
+  axis = sharding.sequence_axis()
+  return parallel.sequence_parallel(axis) if axis else contextlib.nullcontext()
+
+
+class Block(nnx.Module):
+  """`x + mixer(norm(x))`, then `x + mlp(norm(x))`."""
+
+  def __init__(self, mixer, *, d_model, num_heads, mlp_dim, rngs, causal=True, dtype=None,
+               param_dtype=jnp.float32, norm_eps=1e-6, options=None):
+    norm = dict(rngs=rngs, eps=norm_eps, param_dtype=param_dtype)
+    self.mixer_norm = Norm((d_model,), ("embed",), **norm)
+    self.mixer = layers.make_mixer(mixer, d_model=d_model, num_heads=num_heads, rngs=rngs,
+                                   causal=causal, dtype=dtype, param_dtype=param_dtype,
+                                   **(options or {}))
+    self.mlp_norm = Norm((d_model,), ("embed",), **norm)
+    self.mlp = MLP(d_model, mlp_dim, rngs=rngs, param_dtype=param_dtype)
+
+  def __call__(self, x, segment_ids=None):
+    y = self.mixer(self.mixer_norm(x), segment_ids=segment_ids).astype(x.dtype)
+    x = sharding.constrain(x + y, RESIDUAL)
+    x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+    return sharding.constrain(x, RESIDUAL)
+
+  def decode(self, x_t, cache):
+    y, cache = self.mixer.decode(self.mixer_norm(x_t), cache)
+    x_t = x_t + y.astype(x_t.dtype)
+    return x_t + self.mlp(self.mlp_norm(x_t)).astype(x_t.dtype), cache
+
+
+def run_blocks(blocks, x, segment_ids, remat):
+  """Applies `blocks` in order, each under the activation-checkpointing `remat` policy."""
+  if remat == "none":
+    for block in blocks:
+      x = block(x, segment_ids)
+    return x
+  apply = nnx.remat(lambda block, x, ids: block(x, ids), policy=REMAT_POLICIES[remat])
+  for block in blocks:
+    x = apply(block, x, segment_ids)
+  return x
+
+
+def expand_mixers(mixers, num_layers):
+  """The per-layer mixer names: `mixers` (a name or a list) repeated to `num_layers`.
+
+  `["lightning"] * 7 + ["softmax"]` with 16 layers is MiniMax-01's 7:1 hybrid twice.
+
+  Raises:
+    ValueError: for an unknown name or a pattern that does not divide `num_layers`.
+  """
+  pattern = [mixers] if isinstance(mixers, str) else list(mixers)
+  if not pattern or num_layers % len(pattern):
+    raise ValueError(f"mixers pattern {pattern} (length {len(pattern)}) must be non-empty "
+                     f"and divide num_layers={num_layers}.")
+  for name in pattern:
+    if name not in layers.REGISTRY:
+      raise ValueError(f"unknown mixer {name!r} in mixers; known: "
+                       f"{', '.join(layers.REGISTRY)}.")
+  return pattern * (num_layers // len(pattern))
+
+
+def compute_dtype(name):
+  if name in (None, "", "none"):
+    return None
+  try:
+    return jnp.dtype(name)
+  except TypeError:
+    raise ValueError(f"dtype must name a float dtype (e.g. 'bfloat16'); got {name!r}.")

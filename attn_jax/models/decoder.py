@@ -1,0 +1,97 @@
+"""Decoder-only language model with a per-layer list of mixers.
+
+    tokens → embed → [norm → mixer → +, norm → SwiGLU → +] × L → norm → logits
+
+`mixers` names the mixer of every layer (`attn_jax.layers.REGISTRY`), so a Transformer is
+`["softmax"]`, MiniMax-01's hybrid `["lightning"] * 7 + ["softmax"]`, a Griffin-style
+model `["hgrn2", "hgrn2", "swa"]` and a Based model `["based"]` — configs, not code. The
+pattern repeats to `num_layers`.
+
+Generation decodes one token at a time against per-layer caches (KV caches for softmax
+mixers, recurrent states for linear ones): see `generate.py`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from attn_jax import sharding
+from attn_jax.layers.common import Norm, Projection, check_positive_int
+from attn_jax.models.blocks import (Block, Embed, check_remat, compute_dtype, expand_mixers,
+                                    options_for, run_blocks, sequence_parallel_context)
+
+
+class DecoderLM(nnx.Module):
+  """A causal language model.
+
+  Args:
+    vocab_size: tokens.
+    d_model, num_layers, num_heads: width, depth, heads per mixer.
+    mlp_dim: SwiGLU hidden width.
+    mixers: a mixer name or a list of names, repeated to num_layers.
+    rngs: `nnx.Rngs` for the parameters.
+    mixer_options: `{name: {option: value}}` for each mixer kind, and `{"all": {...}}`
+      for options given to every mixer that takes them (e.g. `chunk_size`).
+    tie_embeddings: the output projection is the transposed token embedding.
+    dtype: compute dtype name (e.g. "bfloat16"; None keeps float32).
+    param_dtype: parameter dtype (float32).
+    remat: activation checkpointing per block: "none", "full", "dots", "dots_no_batch".
+    norm_eps: RMSNorm epsilon.
+  """
+
+  def __init__(self, *, vocab_size, d_model, num_layers, num_heads, mlp_dim, mixers, rngs,
+               mixer_options=None, tie_embeddings=True, dtype=None, param_dtype="float32",
+               remat="none", norm_eps=1e-6):
+    self.vocab_size = check_positive_int("vocab_size", vocab_size)
+    num_layers = check_positive_int("num_layers", num_layers)
+    self.dtype = compute_dtype(dtype)
+    param_dtype = jnp.dtype(param_dtype)
+    self.remat = check_remat(remat)
+    self.mixers = tuple(expand_mixers(mixers, num_layers))
+    options = dict(mixer_options or {})
+    common = dict(options.pop("all", {}))
+    self.embed = Embed(vocab_size, d_model, rngs=rngs, param_dtype=param_dtype)
+    self.blocks = nnx.List([
+        Block(name, d_model=d_model, num_heads=num_heads, mlp_dim=mlp_dim, rngs=rngs,
+              causal=True, dtype=self.dtype, param_dtype=param_dtype, norm_eps=norm_eps,
+              options=options_for(name, common, options, layer_index=i,
+                                  num_layers=num_layers))
+        for i, name in enumerate(self.mixers)])
+    self.final_norm = Norm((d_model,), ("embed",), rngs=rngs, eps=norm_eps,
+                           param_dtype=param_dtype)
+    self.head = None if tie_embeddings else Projection(
+        (d_model,), (vocab_size,), ("embed", "vocab"), rngs=rngs, param_dtype=param_dtype)
+
+  def __call__(self, tokens, segment_ids=None):
+    """`tokens [batch, seq]` int → logits `[batch, seq, vocab]` float32.
+
+    With segment ids (packed sequences) no token sees another segment. Under a mesh
+    whose `seq` axis is split (the sharding rules), attention runs sequence-parallel.
+    """
+    with sequence_parallel_context():
+      x = self.embed(tokens, self.dtype or jnp.float32)
+      x = run_blocks(self.blocks, x, segment_ids, self.remat)
+      return self._logits(self.final_norm(x))
+
+  def _logits(self, x):
+    if self.head is None:
+      logits = self.embed.attend(x)
+    else:
+      logits = self.head(x).astype(jnp.float32)
+    return sharding.constrain(logits, ("batch", "seq", "act_vocab"))
+
+  def init_cache(self, batch_size, max_len):
+    """Per-layer decode caches (a list of pytrees) for `max_len` tokens."""
+    return [block.mixer.init_cache(batch_size, max_len) for block in self.blocks]
+
+  def decode(self, tokens_t, caches):
+    """One token per sequence: `tokens_t [batch, 1]` → (logits `[batch, 1, vocab]`,
+    new caches)."""
+    x = self.embed(tokens_t, self.dtype or jnp.float32)
+    new = []
+    for block, cache in zip(self.blocks, caches):
+      x, cache = block.decode(x, cache)
+      new.append(cache)
+    return self._logits(self.final_norm(x)), new
+

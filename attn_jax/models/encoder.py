@@ -1,0 +1,79 @@
+"""Encoder classifier: bidirectional mixers, pooled over the sequence, a linear head.
+
+    tokens → embed → [norm → mixer → +, norm → SwiGLU → +] × L → norm → pool → logits
+
+Every mixer is built with `causal=False` (non-causal self-attention), so only mixers that
+define that pattern fit (softmax, swa, linear, efficient, based, ...; an RNN-only mixer
+such as hgrn2 raises a ValueError naming `causal`). Pooling is the mean over the tokens
+of the sequence (`mask`, e.g. non-padding) or the first token ("cls").
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from attn_jax.layers.common import Norm, Projection, check_positive_int
+from attn_jax.models.blocks import (Block, Embed, check_remat, compute_dtype, expand_mixers,
+                                    options_for, run_blocks, sequence_parallel_context)
+
+POOLINGS = ("mean", "first")
+
+
+class EncoderClassifier(nnx.Module):
+  """A sequence classifier.
+
+  Args:
+    vocab_size, d_model, num_layers, num_heads, mlp_dim, mixers, mixer_options, dtype,
+      param_dtype, remat, norm_eps: as in `DecoderLM`.
+    num_classes: classes of the head.
+    pooling: "mean" (over unmasked tokens) or "first" (a CLS token at position 0).
+    rngs: `nnx.Rngs` for the parameters.
+  """
+
+  def __init__(self, *, vocab_size, d_model, num_layers, num_heads, mlp_dim, mixers,
+               num_classes, rngs, pooling="mean", mixer_options=None, dtype=None,
+               param_dtype="float32", remat="none", norm_eps=1e-6):
+    num_layers = check_positive_int("num_layers", num_layers)
+    self.num_classes = check_positive_int("num_classes", num_classes)
+    if pooling not in POOLINGS:
+      raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}.")
+    self.pooling = pooling
+    self.dtype = compute_dtype(dtype)
+    param_dtype = jnp.dtype(param_dtype)
+    self.remat = check_remat(remat)
+    self.mixers = tuple(expand_mixers(mixers, num_layers))
+    options = dict(mixer_options or {})
+    common = dict(options.pop("all", {}))
+    self.embed = Embed(vocab_size, d_model, rngs=rngs, param_dtype=param_dtype)
+    self.blocks = nnx.List([
+        Block(name, d_model=d_model, num_heads=num_heads, mlp_dim=mlp_dim, rngs=rngs,
+              causal=False, dtype=self.dtype, param_dtype=param_dtype, norm_eps=norm_eps,
+              options=options_for(name, common, options, layer_index=i,
+                                  num_layers=num_layers))
+        for i, name in enumerate(self.mixers)])
+    self.final_norm = Norm((d_model,), ("embed",), rngs=rngs, eps=norm_eps,
+                           param_dtype=param_dtype)
+    self.head = Projection((d_model,), (num_classes,), ("embed", None), rngs=rngs,
+                           param_dtype=param_dtype)
+
+  def __call__(self, tokens, mask=None, segment_ids=None):
+    """`tokens [batch, seq]` → class logits `[batch, num_classes]` float32.
+
+    Args:
+      mask: `[batch, seq]`, 1 for tokens to pool over (default all). Padding should also
+        get its own segment id so that real tokens do not attend to it.
+      segment_ids: `[batch, seq]` ints; tokens attend within their segment.
+    """
+    with sequence_parallel_context():
+      x = self.embed(tokens, self.dtype or jnp.float32)
+      x = run_blocks(self.blocks, x, segment_ids, self.remat)
+      x = self.final_norm(x).astype(jnp.float32)
+    if self.pooling == "first":
+      pooled = x[:, 0]
+    else:
+      weights = (jnp.ones(x.shape[:2], jnp.float32) if mask is None
+                 else jnp.asarray(mask, jnp.float32))
+      pooled = (jnp.einsum("bsd,bs->bd", x, weights)
+                / jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0))
+    return self.head(pooled).astype(jnp.float32)
