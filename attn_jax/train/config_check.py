@@ -1,0 +1,89 @@
+"""Checks on a run's config, and whether a workdir's checkpoint belongs to it.
+
+A workdir that holds checkpoints is resumed only by a config that trains the same
+model on the same data the same way. Fields that only change how the run is executed
+(`RESUMABLE`: step count, logging/eval/checkpoint frequency, mesh, rules, data_dir,
+remat) may differ; anything else is refused with the list of differences.
+"""
+
+from __future__ import annotations
+
+import json
+
+import ml_collections
+
+# Prefixes of config fields a resumed run may change.
+RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "eval.",
+             "checkpoint.", "mesh.", "sharding_rules", "data.data_dir", "model.remat",
+             "tensorboard")
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir holds a checkpoint of a different config."""
+
+
+def to_json(config) -> dict:
+  """The config as JSON-compatible nested dicts (tuples become lists)."""
+  tree = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return json.loads(json.dumps(tree, default=str))
+
+
+def from_json(tree) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(tree)
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def differences(saved, current):
+  """`[(field, saved value, current value)]` for fields that may not change on resume."""
+  saved, current = _flatten(to_json(saved)), _flatten(to_json(current))
+  diffs = []
+  for key in sorted(set(saved) | set(current)):
+    if any(key == p or key.startswith(p) for p in RESUMABLE):
+      continue
+    if saved.get(key, "<missing>") != current.get(key, "<missing>"):
+      diffs.append((key, saved.get(key, "<missing>"), current.get(key, "<missing>")))
+  return diffs
+
+
+def check_resumable(saved, current, workdir, step):
+  """Raises ConfigMismatchError naming every field that differs."""
+  diffs = differences(saved, current)
+  if diffs:
+    lines = "\n".join(f"  {k}: checkpoint {a!r}, now {b!r}" for k, a, b in diffs)
+    fixes = " ".join(f"--config.{k}={json.dumps(a)}" for k, a, _ in diffs[:4]
+                     if a != "<missing>")
+    raise ConfigMismatchError(
+        f"{workdir} holds a checkpoint (step {step}) of a different config:\n{lines}\n"
+        f"Refusing to resume it with this config (nothing was changed). Use another "
+        f"--workdir for a new run, or resume with the checkpoint's values"
+        + (f" (e.g. {fixes})." if fixes else "."))
+
+
+def check_config(config):
+  """Raises ValueError naming a missing or bad field of a training config."""
+  for field in ("seed", "model", "data", "optimizer", "train", "eval", "checkpoint",
+                "mesh"):
+    if field not in config:
+      raise ValueError(f"config.{field} is missing.")
+  positive = {"train.num_steps": config.train.num_steps,
+              "train.global_batch_size": config.train.global_batch_size,
+              "train.log_every": config.train.log_every,
+              "train.eval_every": config.train.eval_every,
+              "checkpoint.every": config.checkpoint.every,
+              "checkpoint.keep": config.checkpoint.keep,
+              "eval.global_batch_size": config.eval.global_batch_size}
+  for name, value in positive.items():
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"config.{name} must be a positive int; got {value!r}.")
+  if not isinstance(config.eval.num_steps, int) or config.eval.num_steps < 0:
+    raise ValueError(f"config.eval.num_steps must be an int >= 0 (0: the whole split); "
+                     f"got {config.eval.num_steps!r}.")

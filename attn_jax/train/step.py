@@ -1,0 +1,94 @@
+"""The jit'd train and eval steps, with explicit input and output shardings.
+
+Loss: next-token cross entropy averaged over the positions where `loss_mask` is 1 (for
+MQAR, the query positions); accuracy: argmax = target over the same positions. Both are
+computed in float32 from float32 logits.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from attn_jax import sharding
+
+def token_metrics(logits, targets, loss_mask):
+  """Sums over masked positions: `{"loss_sum", "correct", "count"}` (float32 scalars)."""
+  logits = logits.astype(jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  mask = loss_mask.astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return {"loss_sum": jnp.sum(nll * mask), "correct": jnp.sum(correct * mask),
+          "count": jnp.sum(mask)}
+
+
+def model_metrics(graphdef, params, batch):
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["inputs"], batch.get("segment_ids"))
+  return token_metrics(logits, batch["targets"], batch["loss_mask"])
+
+
+def batch_shardings(mesh, batch_shapes, rules):
+  with sharding.use_rules(rules):
+    return {k: sharding.batch_sharding(mesh, shape) for k, shape in batch_shapes.items()}
+
+
+def make_train_step(setup, batch_shapes):
+  """`train_step(state, batch) -> (state, metrics)`, jit'd; `state` is donated.
+
+  metrics: "loss", "accuracy", "grad_norm", "learning_rate" (replicated float32).
+  """
+  in_batch = batch_shardings(setup.mesh, batch_shapes, setup.rules)
+  replicated = sharding.replicated(setup.mesh)
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      sums = model_metrics(setup.graphdef, params, batch)
+      return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+
+    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss,
+               "accuracy": sums["correct"] / jnp.maximum(sums["count"], 1.0),
+               "grad_norm": optax.tree.norm(grads),
+               "learning_rate": jnp.asarray(setup.schedule(state["step"]), jnp.float32)}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  jitted = jax.jit(train_step, in_shardings=(setup.shardings, in_batch),
+                   out_shardings=(setup.shardings, replicated), donate_argnums=0)
+  return _in_context(jitted, setup)
+
+
+def make_eval_step(setup, batch_shapes):
+  """`eval_step(params, batch) -> {"loss_sum", "correct", "count"}`, jit'd."""
+  in_batch = batch_shardings(setup.mesh, batch_shapes, setup.rules)
+  jitted = jax.jit(lambda params, batch: model_metrics(setup.graphdef, params, batch),
+                   in_shardings=(setup.shardings["params"], in_batch),
+                   out_shardings=sharding.replicated(setup.mesh))
+  return _in_context(jitted, setup)
+
+
+def make_loss_and_grad(setup, batch_shapes):
+  """`(params, batch) -> (loss, grads)`, jit'd with the setup's shardings (for tests)."""
+  in_batch = batch_shardings(setup.mesh, batch_shapes, setup.rules)
+
+  def loss_fn(params, batch):
+    sums = model_metrics(setup.graphdef, params, batch)
+    return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
+
+  jitted = jax.jit(jax.value_and_grad(loss_fn),
+                   in_shardings=(setup.shardings["params"], in_batch),
+                   out_shardings=(sharding.replicated(setup.mesh), setup.shardings["params"]))
+  return _in_context(jitted, setup)
+
+
+def _in_context(jitted, setup):
+  """Calls (and traces) `jitted` under the setup's mesh and sharding rules."""
+  def call(*args):
+    with jax.set_mesh(setup.mesh), sharding.use_rules(setup.rules):
+      return jitted(*args)
+  call.jitted = jitted
+  return call

@@ -1,0 +1,47 @@
+"""Multi-query associative recall (Zoology), the default experiment: runs on any CPU.
+
+    python -m experiments.train                                   # softmax, this config
+    python -m experiments.train --config=experiments/configs/mqar.py:gla
+    python -m experiments.train --config=experiments/configs/mqar.py:hybrid \
+        --config.train.num_steps=3000
+
+The variant after ':' is a mixer name of `attn_jax.layers.REGISTRY` (softmax, swa, gla,
+based, lightning, retnet, hgrn2, mamba2, linear, mla, diff) or a named hybrid:
+"hybrid" (MiniMax-style lightning, softmax), "griffin" (hgrn2, hgrn2, swa),
+"based_hybrid" (based, swa). Every model is the tiny size (d_model 64, 2 layers).
+"""
+
+from __future__ import annotations
+
+from attn_jax import data
+from experiments.configs import common
+
+HYBRIDS = {
+    "hybrid": ("lightning", "softmax"),
+    "griffin": ("hgrn2", "hgrn2", "swa"),
+    "based_hybrid": ("based", "swa"),
+}
+
+
+def get_config(variant: str = "softmax"):
+  config = common.base_config()
+  variant = variant or "softmax"
+  mixers = HYBRIDS.get(variant, (variant,))
+  config.model = common.model_config("tiny", mixers)
+  if len(mixers) == 3:
+    config.model.num_layers = 3
+  config.model.mixer_options.all = {"chunk_size": 16}
+  config.model.mixer_options.swa = {"window_size": 16}
+  config.data = data.default_mqar_config()
+  config.optimizer.learning_rate = 3e-3
+  config.optimizer.warmup_steps = 100
+  config.optimizer.b2 = 0.98
+  config.optimizer.weight_decay = 0.01
+  config.train.num_steps = 500
+  config.train.global_batch_size = 64
+  config.train.log_every = 25
+  config.train.eval_every = 100
+  config.eval.global_batch_size = 250
+  config.eval.num_steps = 0
+  config.checkpoint.every = 100
+  return config

@@ -1,0 +1,61 @@
+r"""Continues prompts with a trained model: `python -m experiments.generate --workdir=DIR`.
+
+    python -m experiments.generate --workdir=workdirs/lm_text --prompt="Once upon a time"
+    python -m experiments.generate --workdir=workdirs/mqar --prompt_tokens=5,70,9,81,5
+
+`--prompt` needs a text dataset's tokenizer (from the saved config; the byte tokenizer is
+also decoded back to text); `--prompt_tokens` takes token ids for any model.
+`--temperature=0` (default) decodes greedily; > 0 samples, optionally among `--top_k`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (text datasets).")
+_PROMPT_TOKENS = flags.DEFINE_list("prompt_tokens", None, "Prompt token ids.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Continuations of the prompt.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  import jax  # pylint: disable=g-import-not-at-top
+  from attn_jax import data, models, train  # pylint: disable=g-import-not-at-top
+  config = train.load_config(_WORKDIR.value, _STEP.value)
+  tokenizer = None
+  if _PROMPT.value is not None:
+    spec = config.data.get("tokenizer")
+    if spec is None:
+      raise app.UsageError(f"--prompt needs a text dataset; {config.data.name!r} has no "
+                           "tokenizer. Use --prompt_tokens.")
+    tokenizer = data.get_tokenizer(spec)
+    prompt = tokenizer.encode(_PROMPT.value)
+  elif _PROMPT_TOKENS.value:
+    prompt = np.asarray([int(t) for t in _PROMPT_TOKENS.value], np.int32)
+  else:
+    raise app.UsageError("give --prompt or --prompt_tokens.")
+  model = train.load(_WORKDIR.value, step=_STEP.value)
+  prompts = np.tile(prompt[None], (_NUM_SAMPLES.value, 1))
+  out = np.asarray(models.generate(model, prompts, max_new_tokens=_MAX_NEW.value,
+                                   temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                                   rng=jax.random.key(_SEED.value)))
+  for row in out:
+    new = row[len(prompt):]
+    if tokenizer is not None and tokenizer.spec == "byte":
+      print(_PROMPT.value + bytes(new.astype(np.uint8).tolist()).decode("utf-8", "replace"))
+    else:
+      print(" ".join(str(t) for t in row.tolist()))
+
+
+if __name__ == "__main__":
+  app.run(main)
