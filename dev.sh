@@ -39,7 +39,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pin=()
   [ "$constraints" != none ] && pin=(-c "$constraints")
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q "${pin[@]}" -e '.[test,plot]'
+  "$venv/bin/python" -m pip install -q "${pin[@]}" -e '.[test,plot,notebook]'
   echo "$want" > "$stamp"
 fi
 
