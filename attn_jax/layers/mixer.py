@@ -212,28 +212,11 @@ class RecurrentMixer(Mixer):
                          f"got {src.shape[1]}.")
     q, k, v, log_decay, aux, _ = self._inputs(x, src, positions=positions,
                                               segment_ids=segment_ids, conv_state=None)
-    if pattern == "noncausal_cross":
-      o = self._read_global_state(q, k, v)
-    else:
-      o = ops.linear_attention(q, k, v, log_decay=log_decay, scale=self.scale,
-                               is_causal=self.causal, normalize=self.normalize,
-                               segment_ids=segment_ids, chunk_size=self.chunk_size,
-                               implementation=self.implementation)
+    o = ops.linear_attention(q, k, v, log_decay=log_decay, scale=self.scale,
+                             is_causal=self.causal, normalize=self.normalize,
+                             segment_ids=segment_ids, chunk_size=self.chunk_size,
+                             implementation=self.implementation)
     return self._output(o, x, aux)
-
-  def _read_global_state(self, q, k, v):
-    """Non-causal cross attention: every query reads the state of the whole context."""
-    _, state = ops.linear_attention(jnp.zeros_like(k), k, v, scale=self.scale,
-                                    is_causal=False, normalize=self.normalize,
-                                    return_final_state=True,
-                                    implementation=self.implementation)
-    batch, _, heads, key_dim = k.shape
-    no_key = jnp.zeros((batch, heads, key_dim), k.dtype)
-    no_value = jnp.zeros((batch,) + state.shape[1:2] + state.shape[3:], v.dtype)
-    read = lambda q_t: ops.linear_attention_step(state, q_t, no_key, no_value,
-                                                 scale=self.scale)[0]
-    o = jax.vmap(read, in_axes=1, out_axes=1)(q)
-    return self._normalized(o)
 
   def _normalized(self, o):
     if not self.normalize:

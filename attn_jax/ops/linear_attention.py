@@ -30,7 +30,10 @@ def linear_attention(query, key, value, *, log_decay=None, scale=None, is_causal
   """Linear attention over a sequence, by the recurrence above.
 
   Args:
-    query, key: `[batch, seq, heads, key_dim]` (feature maps already applied).
+    query, key: `[batch, seq, heads, key_dim]` (feature maps already applied). With
+      `is_causal=False` and no segment_ids the query may have its own length
+      (`[batch, q_seq, heads, key_dim]`: non-causal cross attention, every query reads the
+      state of the whole key sequence).
     value: `[batch, seq, value_heads, value_dim]`; value_heads is a multiple of heads
       (Mamba-2/GQA style: query/key head h serves value heads
       `h * r ... (h + 1) * r - 1`, r = value_heads // heads). Outputs have value_heads.
@@ -54,11 +57,17 @@ def linear_attention(query, key, value, *, log_decay=None, scale=None, is_causal
       "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu".
 
   Returns:
-    `[batch, seq, value_heads, value_dim]` in the query's dtype, and the final state
+    `[batch, q_seq, value_heads, value_dim]` in the query's dtype, and the final state
     with `return_final_state`.
   """
   query, key, value = (jnp.asarray(x) for x in (query, key, value))
-  _check_qkv(query, key, value)
+  cross = query.ndim == key.ndim == 4 and query.shape[1] != key.shape[1]
+  if cross and (is_causal or segment_ids is not None):
+    raise ValueError(
+        f"query has {query.shape[1]} tokens and key {key.shape[1]}: different lengths "
+        f"need is_causal=False and no segment_ids (non-causal cross attention); got "
+        f"is_causal={is_causal}, segment_ids {'given' if segment_ids is not None else 'None'}.")
+  _check_qkv(query, key, value, same_seq=not cross)
   batch, seq, heads, key_dim = key.shape
   value_heads, value_dim = value.shape[2:]
   state_dim = value_dim + int(bool(normalize))
@@ -183,7 +192,7 @@ def _expand_heads(x, repeats, axis):
   return x if repeats == 1 else jnp.repeat(x, repeats, axis=axis)
 
 
-def _check_qkv(query, key, value, rank=4):
+def _check_qkv(query, key, value, rank=4, same_seq=True):
   names = (("query", query), ("key", key), ("value", value))
   layout = "[batch, seq, heads, dim]" if rank == 4 else "[batch, heads, dim]"
   for name, x in names:
@@ -195,8 +204,10 @@ def _check_qkv(query, key, value, rank=4):
   if not query.dtype == key.dtype == value.dtype:
     raise ValueError(f"query, key and value must share one dtype; got {query.dtype}, "
                      f"{key.dtype}, {value.dtype}.")
-  if query.shape != key.shape:
-    raise ValueError(f"query and key must have the same shape; got {query.shape} and "
+  but_seq = (lambda shape: shape) if same_seq else (lambda shape: shape[:1] + shape[2:])
+  if but_seq(query.shape) != but_seq(key.shape):
+    raise ValueError(f"query and key must have the same shape"
+                     f"{'' if same_seq else ' but for seq'}; got {query.shape} and "
                      f"{key.shape}.")
   if value.shape[:2] != key.shape[:2] or value.shape[2] % key.shape[2]:
     raise ValueError(f"value must be [batch, seq, value_heads, value_dim] with the key's "

@@ -146,6 +146,19 @@ def test_non_causal_sees_the_whole_segment():
   assert rel_err(out0, want0 * 8 ** -0.5) < 1e-5
 
 
+def test_non_causal_cross_attention_reads_the_whole_context():
+  q, _, _, _, _, _ = _case(2, 5, 1, 2, 8, 4, "none")
+  _, k, v, _, _, _ = _case(2, 13, 1, 2, 8, 4, "none")
+  k = ops.feature_maps.elu_plus_one(k)
+  q = ops.feature_maps.elu_plus_one(q)
+  out = ops.linear_attention(q, k, v, is_causal=False, normalize=True)
+  qr, kr = jnp.repeat(q, 2, 2), jnp.repeat(k, 2, 2)
+  weights = jnp.einsum("bihk,bjhk->bhij", qr, kr)
+  want = jnp.einsum("bhij,bjhv->bihv", weights / (weights.sum(-1, keepdims=True)
+                                                   + 1e-6 / 8 ** -0.5), v)
+  assert out.shape == (2, 5, 2, 4) and rel_err(out, want) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision(dtype):
   q, k, v, decay, s0, _ = _case(1, 40, 2, 2, 16, 16, "scalar", dtype=dtype)
@@ -176,6 +189,10 @@ def _bad(**overrides):
     (_bad(value=jnp.zeros((1, 8, 3, 4))), "multiple of the key heads"),
     (_bad(key=jnp.zeros((1, 8, 2, 4), jnp.bfloat16)), "one dtype"),
     (_bad(query=jnp.zeros((8, 2, 4))), "rank 4"),
+    (_bad(query=jnp.zeros((1, 5, 2, 4))), "need is_causal=False"),
+    (_bad(query=jnp.zeros((1, 5, 2, 4)), is_causal=False,
+          segment_ids=jnp.zeros((1, 8), int)), "no segment_ids"),
+    (_bad(query=jnp.zeros((1, 5, 2, 8)), is_causal=False), "same shape but for seq"),
     (_bad(implementation="pallas_triton_fast"), "unknown"),
 ])
 def test_bad_arguments_raise_value_error(call, match):
