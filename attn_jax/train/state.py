@@ -53,7 +53,8 @@ class TrainSetup:
 
   def abstract_state(self):
     """The train state as `jax.ShapeDtypeStruct`s with shardings (a restore target)."""
-    shapes = jax.eval_shape(_fresh_state, self, jax.random.key(self.spec.seed))
+    shapes = jax.eval_shape(functools.partial(_fresh_state, self),
+                            jax.random.key(self.spec.seed))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         shapes, self.shardings)
 
