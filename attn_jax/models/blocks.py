@@ -118,6 +118,20 @@ class Block(nnx.Module):
     return x_t + self.mlp(self.mlp_norm(x_t)).astype(x_t.dtype), cache
 
 
+def make_blocks(mixers, *, d_model, num_heads, mlp_dim, mixer_options, causal, rngs,
+                dtype, param_dtype, norm_eps):
+  """One `Block` per name in `mixers`, with its options from `mixer_options`
+  (`{"all": {...}, name: {...}}`, see `options_for`)."""
+  options = dict(mixer_options or {})
+  common = dict(options.pop("all", {}))
+  return nnx.List([
+      Block(name, d_model=d_model, num_heads=num_heads, mlp_dim=mlp_dim, rngs=rngs,
+            causal=causal, dtype=dtype, param_dtype=param_dtype, norm_eps=norm_eps,
+            options=options_for(name, common, options, layer_index=i,
+                                num_layers=len(mixers)))
+      for i, name in enumerate(mixers)])
+
+
 def run_blocks(blocks, x, segment_ids, remat):
   """Applies `blocks` in order, each under the activation-checkpointing `remat` policy."""
   if remat == "none":

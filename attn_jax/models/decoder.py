@@ -18,8 +18,8 @@ from flax import nnx
 
 from attn_jax import sharding
 from attn_jax.layers.common import Norm, Projection, check_positive_int
-from attn_jax.models.blocks import (Block, Embed, check_remat, compute_dtype, expand_mixers,
-                                    options_for, run_blocks, sequence_parallel_context)
+from attn_jax.models.blocks import (Embed, check_remat, compute_dtype, expand_mixers,
+                                    make_blocks, run_blocks, sequence_parallel_context)
 
 
 class DecoderLM(nnx.Module):
@@ -49,15 +49,11 @@ class DecoderLM(nnx.Module):
     param_dtype = jnp.dtype(param_dtype)
     self.remat = check_remat(remat)
     self.mixers = tuple(expand_mixers(mixers, num_layers))
-    options = dict(mixer_options or {})
-    common = dict(options.pop("all", {}))
     self.embed = Embed(vocab_size, d_model, rngs=rngs, param_dtype=param_dtype)
-    self.blocks = nnx.List([
-        Block(name, d_model=d_model, num_heads=num_heads, mlp_dim=mlp_dim, rngs=rngs,
-              causal=True, dtype=self.dtype, param_dtype=param_dtype, norm_eps=norm_eps,
-              options=options_for(name, common, options, layer_index=i,
-                                  num_layers=num_layers))
-        for i, name in enumerate(self.mixers)])
+    self.blocks = make_blocks(self.mixers, d_model=d_model, num_heads=num_heads,
+                              mlp_dim=mlp_dim, mixer_options=mixer_options, causal=True,
+                              rngs=rngs, dtype=self.dtype, param_dtype=param_dtype,
+                              norm_eps=norm_eps)
     self.final_norm = Norm((d_model,), ("embed",), rngs=rngs, eps=norm_eps,
                            param_dtype=param_dtype)
     self.head = None if tie_embeddings else Projection(
