@@ -1,10 +1,14 @@
-"""Test set-up: 8 virtual CPU devices (for sharding tests), set before JAX is imported."""
+"""Test set-up, before JAX is imported: 8 virtual CPU devices (for sharding tests) and,
+on CPU, no LLVM optimisation of compiled programs: the tests' programs are tiny, and the
+optimiser took half of the suite's time (it changes no result the tests check)."""
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+TEST_XLA_FLAGS = "--xla_force_host_platform_device_count=8"
+if os.environ["JAX_PLATFORMS"] == "cpu":
+  TEST_XLA_FLAGS += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
