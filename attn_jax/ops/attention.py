@@ -54,7 +54,7 @@ def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
   _check_qkv(query, key, value)
   batch, q_len, q_heads, head_dim = query.shape
   kv_len = key.shape[1]
-  left, right = _window(local_window_size)
+  left, right = window_bounds(local_window_size)
   mask = AttentionMask(q_len=q_len, kv_len=kv_len, is_causal=bool(is_causal),
                        left=left, right=right)
   if (q_segment_ids is None) != (kv_segment_ids is None):
@@ -103,7 +103,8 @@ def _check_qkv(query, key, value):
                      f"heads ({key.shape[2]}); got query {query.shape}, key {key.shape}.")
 
 
-def _window(local_window_size):
+def window_bounds(local_window_size):
+  """`local_window_size` (None, an int w, or `(left, right)`) as checked `(left, right)`."""
   if local_window_size is None:
     return None, None
   if isinstance(local_window_size, (int, np.integer)):

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from attn_jax import ops
+from attn_jax.ops.attention import window_bounds
 
 # Segment id of halo slots that do not exist (before the first block): matches no query.
 _NO_SEGMENT = jnp.iinfo(jnp.int32).min
@@ -64,7 +65,7 @@ def ring_attention(query, key, value, *, axis_name, scale=None, is_causal=False,
   if key.shape[1] != n:
     raise NotImplementedError(f"ring attention needs self-attention blocks of one length; "
                               f"got query block {n} and key block {key.shape[1]}.")
-  left, right = _window(local_window_size)
+  left, right = window_bounds(local_window_size)
   right = (0 if right is None else min(right, 0)) if is_causal else right
   if right is not None and right != 0 or right is None and left is not None:
     raise NotImplementedError(
@@ -145,14 +146,6 @@ def _halo_attention(query, key, value, q_ids, kv_ids, *, axis_name, left, common
       query, k2, v2, is_causal=True, local_window_size=(left, 0), q_segment_ids=q_ids,
       kv_segment_ids=ids2, return_residuals=True, **common)
   return out.astype(jnp.float32), lse
-
-
-def _window(local_window_size):
-  if local_window_size is None:
-    return None, None
-  if isinstance(local_window_size, int):
-    return local_window_size, local_window_size
-  return tuple(local_window_size)
 
 
 def _finite(x):

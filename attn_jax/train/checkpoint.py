@@ -1,11 +1,11 @@
 """Checkpoints: orbax CheckpointManager with async saves, keep-N, and a safe resume.
 
 A checkpoint of step s holds four items: `params`, `opt_state` (with the step), `data`
-(the input pipeline's position) and `meta` (the step, the PRNG key, the vocabulary size
-and the whole config, so `attn_jax.load(workdir)` can rebuild the model). Saves are
-asynchronous: training continues while the arrays are written, and orbax renames a
-checkpoint into place only when all of it is written, so a directory without the
-temporary suffix is complete.
+(the input pipeline's position) and `meta` (the step, the vocabulary size and the
+whole config, whose seed fixes every random draw, so `attn_jax.load(workdir)` can
+rebuild the model). Saves are asynchronous: training continues while the arrays are
+written, and orbax renames a checkpoint into place only when all of it is written, so a
+directory without the temporary suffix is complete.
 
 Resuming takes the newest checkpoint that restores. One that fails (files truncated or
 missing) is reported and moved to `<workdir>/corrupt_checkpoints/` — never deleted — and
@@ -72,7 +72,7 @@ class Checkpoints:
     self.manager.wait_until_finished()
 
   def read_meta(self, step=None):
-    """The `meta` item (config, vocab size, rng) of `step` (default: the newest)."""
+    """The `meta` item (config, vocab size) of `step` (default: the newest)."""
     step = self.manager.latest_step() if step is None else step
     if step is None:
       return None

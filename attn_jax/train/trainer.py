@@ -165,8 +165,7 @@ def train_and_evaluate(config, workdir):
       dropped = metrics_lib.drop_after(workdir, step)
     else:
       step, state, dropped = 0, init_state(setup), 0
-    meta = {"config": config_check.to_json(config), "vocab_size": int(vocab_size),
-            "rng": np.asarray(jax.random.key_data(jax.random.key(config.seed))).tolist()}
+    meta = {"config": config_check.to_json(config), "vocab_size": int(vocab_size)}
     if jax.process_index() == 0:
       (workdir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
