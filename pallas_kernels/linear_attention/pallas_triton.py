@@ -26,8 +26,12 @@ only while rel_i = 0; key j feeds the outgoing state only if it is in the chunk'
 run; the state passes a chunk only if the chunk has no reset; pairs (i, j) interact only
 within one run.
 
-Kernels (the classic three-pass design of flash-linear-attention `ops/common/chunk_h.py`
-and `ops/gla/chunk.py`, written anew):
+Kernels. The forward for a scalar gate (and so fixed decay and none) is one pass,
+Lightning Attention-2's: `_fused_output_kernel`, one program per (batch, head, sequence
+piece, value block), walks the chunks in order with the state on chip and writes o, so
+the chunk states never touch memory. The vector-gate forward and every backward use the
+classic three-pass design of flash-linear-attention `ops/common/chunk_h.py` and
+`ops/gla/chunk.py`, written anew:
 
   1. `_state_kernel`: one program per (batch, head, sequence piece, key block, value
      block) walks the chunks in order (fori_loop), storing each chunk's incoming state
@@ -39,11 +43,11 @@ and `ops/gla/chunk.py`, written anew):
      of its rows from h_n and dh_n, and the per-token parts of the decay gradient.
 
 Sequence pieces: when batch × heads × state blocks is too small to fill the GPU, the
-state passes split the sequence into P pieces that run in parallel. The end state of a
+state passes and the fused forward split the sequence into P pieces that run in parallel. The end state of a
 piece is affine in its start state, S_end = M ⊙ S_start + E, with M = e^{Σ g} over the
 piece (zero if the piece holds a reset). A first launch gives every E from a zero start,
 a scan over P in XLA chains the starts, and a second launch from the true starts writes
-the h_n. The same holds in reverse for the state gradient.
+the h_n (or, fused, the output). The same holds in reverse for the state gradient.
 
 Decay gradient: each pair (query i, key j < i; the initial state is a key before the
 sequence, the final state a query after it) carries e^{B_i − B_j}, B the cumulative log
@@ -59,7 +63,9 @@ this form loses 5e-5.
 
 Precision: inputs are read in their dtype, the dot operands are cast to it (bf16/f16
 tensor-core matmuls; f32 inputs use IEEE f32 dots, not TF32), and everything accumulates
-in f32; states are f32. The backward recomputes h_n rather than keeping it.
+in f32; the carried state is f32. The chunk states h_n and dh_n that the backward writes
+to memory (it recomputes them rather than keeping the forward's), and the per-head dq and
+dk, are stored in the inputs' dtype when it is 16-bit, since the dots read them in it.
 
 Limits: key_dim, value_dim, chunk_size and block sizes must be powers of two (Triton
 tensor shapes), and at least 16 when compiled (tl.dot); interpret mode takes smaller ones.
@@ -87,12 +93,16 @@ TARGET_PROGRAMS = 256  # about two state-pass programs per SM of an H100 (132 SM
 MIN_PIECE_CHUNKS = 4  # shorter pieces cost more in the second launch than they save
 
 # (max(key_dim, value_dim) up to, bytes per input element) →
-#   (block_k, block_v, num_warps, num_stages). Not measured yet: fla's common choices.
+#   (block_k, block_v, num_warps, num_stages, gradient_num_warps).
+# Measured for (128, 2) on an H100 (docs/perf/linear_attention.md): the fused forward is
+# fastest at block_v 64, 4 warps, 2 stages (64.7 M tokens/s; 8 warps or 1 stage
+# 20-70 % slower, chunk 128 3.4× slower); the gradient kernel, which holds two whole
+# [K, V] states, at 8 warps (backward 1.9× faster than at 4). Other rows: fla's choices.
 _TUNING = {
-    (64, 2): (64, 64, 4, 2),
-    (128, 2): (64, 64, 4, 2),
-    (64, 4): (32, 64, 4, 2),
-    (128, 4): (32, 64, 4, 2),
+    (64, 2): (64, 64, 4, 2, 8),
+    (128, 2): (64, 64, 4, 2, 8),
+    (64, 4): (32, 64, 4, 2, 4),
+    (128, 4): (32, 64, 4, 2, 4),
 }
 
 
@@ -107,19 +117,26 @@ class BlockSizes:
     num_warps, num_stages: Triton launch settings for every kernel.
     pieces: sequence pieces the state passes run in parallel; None picks enough to give
       about `TARGET_PROGRAMS` programs, each piece at least `MIN_PIECE_CHUNKS` chunks.
+    gradient_block_v: value columns per program in the gradient kernel; None takes them
+      all. Fewer columns hold less of the two `[K, V]` states per program; dq, dk and the
+      decay-gradient parts, linear in the value columns, are then summed over the blocks.
+    gradient_num_warps: the gradient kernel's num_warps; None for `num_warps`.
   """
   block_k: int
   block_v: int
   num_warps: int = 4
   num_stages: int = 2
   pieces: int | None = None
+  gradient_block_v: int | None = None
+  gradient_num_warps: int | None = None
 
   @classmethod
   def get_default(cls, key_dim: int, value_dim: int, dtype) -> BlockSizes:
     width = 64 if max(key_dim, value_dim) <= 64 else 128
     nbytes = 4 if jnp.dtype(dtype).itemsize >= 4 else 2
-    block_k, block_v, warps, stages = _TUNING[(width, nbytes)]
-    return cls(min(block_k, key_dim), min(block_v, value_dim), warps, stages)
+    block_k, block_v, warps, stages, gradient_warps = _TUNING[(width, nbytes)]
+    return cls(min(block_k, key_dim), min(block_v, value_dim), warps, stages,
+               gradient_block_v=min(value_dim, 128), gradient_num_warps=gradient_warps)
 
 
 def _dot(a, b, dims, dtype):
@@ -133,6 +150,11 @@ def _dot(a, b, dims, dtype):
 def _gate(b_ref, rows):
   """Cumulative log decay of `rows` as `[n, K]` (vector gate) or `[n, 1]` (scalar)."""
   return b_ref[rows, :] if len(b_ref.shape) == 2 else b_ref[rows][:, None]
+
+
+def _storage_dtype(dtype):
+  """What intermediate tensors in memory use: the inputs' dtype if 16-bit, else f32."""
+  return jnp.float32 if jnp.dtype(dtype).itemsize >= 4 else jnp.dtype(dtype)
 
 
 def _iota(shape, axis):
@@ -155,7 +177,7 @@ def _state_kernel(x_ref, y_ref, b_ref, rel_ref, start_ref, *out_refs, chunk, chu
   def body(t, s):
     j = chunks - 1 - t if reverse else t
     if states_ref:
-      states_ref[0][j] = s
+      states_ref[0][j] = s.astype(states_ref[0].dtype)
     rows = pl.ds(j * chunk, chunk)
     last = pl.ds(j * chunk + chunk - 1, 1)
     b = _gate(b_ref, rows)  # [C, bk] | [C, 1]
@@ -258,6 +280,32 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, h_ref, o_ref, *, scale, 
   o_ref[...] = (scale * out).astype(o_ref.dtype)
 
 
+def _fused_output_kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, o_ref, end_ref, *,
+                         chunk, chunks, scale):
+  """The whole forward for one sequence piece and one value block, scalar gate: walks the
+  chunks in order carrying h `[K, bv]` on chip (f32), writing
+    o_i = scale · [ (q_i e^{b_i})ᵀ h_n + Σ_{j≤i} q_i·k_j e^{b_i − b_j} v_j ]
+  and then h ← e^{b_C} h + Σ_j (k_j e^{b_C − b_j}) v_jᵀ, with the masks of
+  `_output_kernel` and `_state_kernel`; end_ref gets the state leaving the piece.
+  """
+
+  def body(t, s):
+    rows = pl.ds(t * chunk, chunk)
+    last = t * chunk + chunk - 1
+    q, k, v, b, rel = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], b_ref[rows], rel_ref[rows]
+    b_last, rel_last = b_ref[last], rel_ref[last]
+    dtype = q.dtype
+    scores, _ = _scalar_scores(q, b[:, None], rel, k, b, rel)
+    out = _dot(jnp.where(rel[:, None] == 0, q * jnp.exp(b)[:, None], 0.0), s, "nn", dtype)
+    out += _dot(scores, v, "nn", dtype)
+    o_ref[rows, :] = (scale * out).astype(o_ref.dtype)
+    weight = jnp.where(rel == rel_last, jnp.exp(b_last - b), 0.0)[:, None]
+    decay = jnp.where(rel_last == 0, jnp.exp(b_last), 0.0)
+    return decay * s + _dot(k * weight, v, "tn", dtype)
+
+  end_ref[...] = lax.fori_loop(0, chunks, body, start_ref[...])
+
+
 def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
                      dq_ref, dk_ref, dv_ref, db_ref, dkeys_ref, *, scale, sub):
   """dq, dk, dv and the decay-gradient parts for one row block of one chunk (all but dv:
@@ -316,8 +364,8 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
   db_ref[...] = per_token(q * dq - k * dk)
   dkeys_ref[...] = per_token(k * dk_state)
   own = scale * jnp.sum(do.astype(jnp.float32) * v.astype(jnp.float32), axis=1, keepdims=True)
-  dq_ref[...] = dq + own * k
-  dk_ref[...] = dk + dk_state + own * q
+  dq_ref[...] = (dq + own * k).astype(dq_ref.dtype)
+  dk_ref[...] = (dk + dk_state + own * q).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -333,14 +381,17 @@ class _Plan:
   block_v: int
   num_warps: int
   num_stages: int
+  gradient_block_v: int
+  gradient_num_warps: int
   interpret: bool
 
   @property
   def chunks(self):
     return self.pieces * self.chunks_per_piece
 
-  def call(self, kernel, name, **kwargs):
-    params = plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+  def call(self, kernel, name, num_warps=None, **kwargs):
+    params = plgpu.CompilerParams(num_warps=num_warps or self.num_warps,
+                                  num_stages=self.num_stages)
     return pl.pallas_call(kernel, name=name, interpret=self.interpret,
                           compiler_params=params, **kwargs)
 
@@ -369,8 +420,9 @@ def _state_call(x, y, b, rel, start, plan, *, reverse, write_states):
   out_shape = [jax.ShapeDtypeStruct(start.shape, jnp.float32)]
   if write_states:
     out_specs.insert(0, tile(plan.chunks_per_piece))
+    # Stored in the inputs' 16-bit dtype (the kernels' dots read them in it anyway).
     out_shape.insert(0, jax.ShapeDtypeStruct(
-        (batch, heads, plan.chunks, key_dim, value_dim), jnp.float32))
+        (batch, heads, plan.chunks, key_dim, value_dim), _storage_dtype(x.dtype)))
   kernel = functools.partial(_state_kernel, chunk=plan.chunk, chunks=plan.chunks_per_piece,
                              reverse=reverse, scale=plan.scale)
   return plan.call(
@@ -379,17 +431,15 @@ def _state_call(x, y, b, rel, start, plan, *, reverse, write_states):
       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape)(x, y, b, rel, start)
 
 
-def _state_pass(x, y, b, rel, boundary, piece_decay, plan, *, reverse):
-  """The state recurrence over the whole sequence, pieces in parallel.
+def _piece_starts(x, y, b, rel, boundary, piece_decay, plan, *, reverse):
+  """The state entering each sequence piece (leaving it, in reverse) `[B, H, P, K, V]`.
 
-  Forward: boundary is the initial state; returns h_n for every chunk and the final state.
-  Backward (x = q, y = dO): boundary is dL/d(final state); returns dh_n and
-  dL/d(initial state). piece_decay `[B, H, P, K|1, 1]` is each piece's M.
+  boundary is the initial state (dL/d(final state) in reverse); piece_decay
+  `[B, H, P, K|1, 1]` is each piece's M. With P > 1 a first launch gives each piece's E
+  from a zero start and a scan over P chains them.
   """
   if plan.pieces == 1:
-    states, ends = _state_call(x, y, b, rel, boundary[:, :, None], plan, reverse=reverse,
-                               write_states=True)
-    return states, ends[:, :, 0]
+    return boundary[:, :, None]
   zeros = jnp.zeros(boundary.shape[:2] + (plan.pieces,) + boundary.shape[2:], jnp.float32)
   (partial,) = _state_call(x, y, b, rel, zeros, plan, reverse=reverse, write_states=False)
 
@@ -399,27 +449,35 @@ def _state_pass(x, y, b, rel, boundary, piece_decay, plan, *, reverse):
 
   _, starts = lax.scan(chain, boundary, (jnp.moveaxis(piece_decay, 2, 0),
                                          jnp.moveaxis(partial, 2, 0)), reverse=reverse)
-  states, ends = _state_call(x, y, b, rel, jnp.moveaxis(starts, 0, 2), plan,
-                             reverse=reverse, write_states=True)
+  return jnp.moveaxis(starts, 0, 2)
+
+
+def _state_pass(x, y, b, rel, boundary, piece_decay, plan, *, reverse):
+  """The state recurrence over the whole sequence, pieces in parallel.
+
+  Forward: boundary is the initial state; returns h_n for every chunk and the final state.
+  Backward (x = q, y = dO): boundary is dL/d(final state); returns dh_n and
+  dL/d(initial state).
+  """
+  starts = _piece_starts(x, y, b, rel, boundary, piece_decay, plan, reverse=reverse)
+  states, ends = _state_call(x, y, b, rel, starts, plan, reverse=reverse, write_states=True)
   return states, ends[:, :, 0 if reverse else -1]
 
 
-def _chunk_specs(q, v, b, chunk, width, blocked):
-  """BlockSpecs over a (batch, head, chunk, row block[, value block]) grid: whole-chunk
-  q/k (by key head), v-like arrays and states `width` columns wide (the value block is
-  grid axis 4 when `blocked`), b and rel."""
+def _chunk_specs(q, v, b, chunk, width):
+  """BlockSpecs over a (batch, head, chunk, row block, value block) grid: whole-chunk
+  q/k (by key head), v-like arrays and states `width` columns wide, b and rel."""
   ratio = v.shape[2] // q.shape[2]
   key_dim = q.shape[-1]
-  col = (lambda r: r[1]) if blocked else (lambda r: 0)
-  qk = pl.BlockSpec((None, chunk, None, key_dim), lambda n, h, t, *r: (n, t, h // ratio, 0))
-  vv = pl.BlockSpec((None, chunk, None, width), lambda n, h, t, *r: (n, t, h, col(r)))
+  qk = pl.BlockSpec((None, chunk, None, key_dim), lambda n, h, t, r, j: (n, t, h // ratio, 0))
+  vv = pl.BlockSpec((None, chunk, None, width), lambda n, h, t, r, j: (n, t, h, j))
   if b.ndim == 4:
-    bb = pl.BlockSpec((None, chunk, None, key_dim), lambda n, h, t, *r: (n, t, h, 0))
+    bb = pl.BlockSpec((None, chunk, None, key_dim), lambda n, h, t, r, j: (n, t, h, 0))
   else:
-    bb = pl.BlockSpec((None, chunk, None), lambda n, h, t, *r: (n, t, h))
-  rel = pl.BlockSpec((None, chunk), lambda n, h, t, *r: (n, t))
+    bb = pl.BlockSpec((None, chunk, None), lambda n, h, t, r, j: (n, t, h))
+  rel = pl.BlockSpec((None, chunk), lambda n, h, t, r, j: (n, t))
   state = pl.BlockSpec((None, None, None, key_dim, width),
-                       lambda n, h, t, *r: (n, h, t, 0, col(r)))
+                       lambda n, h, t, r, j: (n, h, t, 0, j))
   return qk, vv, bb, rel, state
 
 
@@ -427,7 +485,7 @@ def _output_call(q, k, v, b, rel, states, plan):
   batch, _, heads, value_dim = v.shape
   bv, sub = plan.block_v, plan.sub
   blocks = plan.chunk // sub
-  qk, vv, bb, rr, state = _chunk_specs(q, v, b, plan.chunk, bv, blocked=True)
+  qk, vv, bb, rr, state = _chunk_specs(q, v, b, plan.chunk, bv)
   out_spec = pl.BlockSpec((None, sub, None, bv),
                           lambda n, h, t, r, j: (n, t * blocks + r, h, j))
   kernel = functools.partial(_output_kernel, scale=plan.scale, sub=sub)
@@ -438,28 +496,64 @@ def _output_call(q, k, v, b, rel, states, plan):
       out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype))(q, k, v, b, rel, states)
 
 
-def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
-  batch, t_pad, heads, value_dim = v.shape
-  key_dim, sub = k.shape[-1], plan.sub
-  blocks = plan.chunk // sub
-  qk, vv, bb, rr, state = _chunk_specs(q, v, b, plan.chunk, value_dim, blocked=False)
-  rows = lambda width: pl.BlockSpec((None, sub, None, width),
-                                    lambda n, h, t, r: (n, t * blocks + r, h, 0))
-  per_head = jax.ShapeDtypeStruct((batch, t_pad, heads, key_dim), jnp.float32)
-  if b.ndim == 4:
-    db_spec = rows(key_dim)
-  else:
-    db_spec = pl.BlockSpec((None, sub, None), lambda n, h, t, r: (n, t * blocks + r, h))
-  kernel = functools.partial(_gradient_kernel, scale=plan.scale, sub=sub)
+def _fused_output_call(q, k, v, b, rel, starts, plan):
+  """Launches `_fused_output_kernel` over (batch, head, piece, value block); starts
+  `[B, H, P, K, V]`. Returns o and the state leaving each piece `[B, H, P, K, V]`."""
+  batch, _, key_heads, key_dim = q.shape
+  heads, value_dim = v.shape[2:]
+  ratio = heads // key_heads
+  bv, piece = plan.block_v, plan.chunks_per_piece * plan.chunk
+  qk = pl.BlockSpec((None, piece, None, key_dim), lambda n, h, p, j: (n, p, h // ratio, 0))
+  vo = pl.BlockSpec((None, piece, None, bv), lambda n, h, p, j: (n, p, h, j))
+  state = pl.BlockSpec((None, None, None, key_dim, bv), lambda n, h, p, j: (n, h, p, 0, j))
+  kernel = functools.partial(_fused_output_kernel, chunk=plan.chunk,
+                             chunks=plan.chunks_per_piece, scale=plan.scale)
   return plan.call(
-      kernel, "linear_attention_gradients",
-      grid=(batch, heads, plan.chunks, blocks),
+      kernel, "linear_attention_fused_fwd",
+      grid=(batch, heads, plan.pieces, value_dim // bv),
+      in_specs=[qk, qk, vo, pl.BlockSpec((None, piece, None), lambda n, h, p, j: (n, p, h)),
+                pl.BlockSpec((None, piece), lambda n, h, p, j: (n, p)), state],
+      out_specs=[vo, state],
+      out_shape=[jax.ShapeDtypeStruct(v.shape, q.dtype),
+                 jax.ShapeDtypeStruct(starts.shape, jnp.float32)],
+  )(q, k, v, b, rel, starts)
+
+
+def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
+  """Launches `_gradient_kernel` over (batch, head, chunk, row block, value block).
+
+  Returns dq, dk per value head `[B, T, H, K]`, dv, and the decay-gradient parts; all but
+  dv are partial sums over one value block, summed here when there are several.
+  """
+  batch, t_pad, heads, value_dim = v.shape
+  key_dim, sub, bv = k.shape[-1], plan.sub, plan.gradient_block_v
+  blocks, splits = plan.chunk // sub, value_dim // bv
+  qk, vv, bb, rr, state = _chunk_specs(q, v, b, plan.chunk, bv)
+  token = lambda t, r: t * blocks + r
+  partial = lambda shape, dtype: jax.ShapeDtypeStruct((splits,) + shape, dtype)
+  # dq, dk per value head; f32 when summed over value blocks or over a group of value
+  # heads that share a key head.
+  sums = splits > 1 or heads != q.shape[2]
+  per_head = partial((batch, t_pad, heads, key_dim),
+                     jnp.float32 if sums else _storage_dtype(q.dtype))
+  dqk_spec = pl.BlockSpec((None, None, sub, None, key_dim),
+                          lambda n, h, t, r, j: (j, n, token(t, r), h, 0))
+  if b.ndim == 4:
+    db_spec = dqk_spec
+  else:
+    db_spec = pl.BlockSpec((None, None, sub, None),
+                           lambda n, h, t, r, j: (j, n, token(t, r), h))
+  dv_spec = pl.BlockSpec((None, sub, None, bv), lambda n, h, t, r, j: (n, token(t, r), h, j))
+  kernel = functools.partial(_gradient_kernel, scale=plan.scale, sub=sub)
+  dq, dk, dv, d_b, d_keys = plan.call(
+      kernel, "linear_attention_gradients", num_warps=plan.gradient_num_warps,
+      grid=(batch, heads, plan.chunks, blocks, splits),
       in_specs=[qk, qk, vv, vv, bb, rr, state, state],
-      out_specs=[rows(key_dim), rows(key_dim), rows(value_dim), db_spec, db_spec],
+      out_specs=[dqk_spec, dqk_spec, dv_spec, db_spec, db_spec],
       out_shape=[per_head, per_head, jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 jax.ShapeDtypeStruct(b.shape, jnp.float32),
-                 jax.ShapeDtypeStruct(b.shape, jnp.float32)],
+                 partial(b.shape, jnp.float32), partial(b.shape, jnp.float32)],
   )(q, k, v, do, b, rel, states, d_states)
+  return (*(x.sum(0) for x in (dq, dk)), dv, *(x.sum(0) for x in (d_b, d_keys)))
 
 
 def _prepare(q, k, v, g, resets, plan):
@@ -510,7 +604,7 @@ def _log_decay_gradient(b, rel, resets, d_b, d_keys, states, d_states, plan):
   keys = jnp.where(last_run, chunked(d_keys), 0.0)
   before = jnp.concatenate([jnp.zeros_like(keys[:, :, :1]),
                             jnp.cumsum(keys[:, :, :-1], axis=2)], axis=2)
-  through = jnp.sum(d_states * states, axis=-1)  # [B, H, N, K]
+  through = jnp.sum(d_states.astype(jnp.float32) * states.astype(jnp.float32), axis=-1)
   through = jnp.moveaxis(through if b.ndim == 4 else through.sum(-1), 1, 2)
   carry = expand(rel[:, :, -1] == 0)
   through = jnp.where(carry, jnp.exp(chunked(b)[:, :, -1]) * through, 0.0)[:, :, None]
@@ -525,9 +619,14 @@ def _linear_attention(q, k, v, g, h0, resets, plan):
 
 def _forward(q, k, v, g, h0, resets, plan):
   qp, kp, vp, b, rel, _, decay = _prepare(q, k, v, g, resets, plan)
-  states, final = _state_pass(kp, vp, b, rel, h0, decay, plan, reverse=False)
-  out = _output_call(qp, kp, vp, b, rel, states, plan)[:, :k.shape[1]]
-  return (out, final), (q, k, v, g, h0, resets, final)
+  if b.ndim == 3:  # scalar gate: one pass, the chunk states never leave the chip
+    starts = _piece_starts(kp, vp, b, rel, h0, decay, plan, reverse=False)
+    out, ends = _fused_output_call(qp, kp, vp, b, rel, starts, plan)
+    final = ends[:, :, -1]
+  else:
+    states, final = _state_pass(kp, vp, b, rel, h0, decay, plan, reverse=False)
+    out = _output_call(qp, kp, vp, b, rel, states, plan)
+  return (out[:, :k.shape[1]], final), (q, k, v, g, h0, resets, final)
 
 
 def _backward(plan, residuals, cotangents):
@@ -553,8 +652,10 @@ def _make_plan(batch, seq, heads, key_dim, value_dim, dtype, vector, scale, chun
                block_sizes, interpret):
   blocks = block_sizes or BlockSizes.get_default(key_dim, value_dim, dtype)
   block_k, block_v = min(blocks.block_k, key_dim), min(blocks.block_v, value_dim)
+  gradient_block_v = min(blocks.gradient_block_v or value_dim, value_dim)
   sizes = {"key_dim": key_dim, "value_dim": value_dim, "chunk_size": chunk_size,
-           "block_sizes.block_k": block_k, "block_sizes.block_v": block_v}
+           "block_sizes.block_k": block_k, "block_sizes.block_v": block_v,
+           "block_sizes.gradient_block_v": gradient_block_v}
   for name, size in sizes.items():
     if size < 1 or size & (size - 1):
       raise NotImplementedError(f"{name}={size} is not a power of two, which Triton "
@@ -567,13 +668,16 @@ def _make_plan(batch, seq, heads, key_dim, value_dim, dtype, vector, scale, chun
   chunks = -(-seq // chunk_size)
   pieces = blocks.pieces
   if pieces is None:
-    programs = batch * heads * (key_dim // block_k) * (value_dim // block_v)
+    # The fused forward (scalar gate) keeps whole key rows; the state passes split them.
+    programs = batch * heads * (value_dim // block_v) * (key_dim // block_k if vector else 1)
     pieces = min(TARGET_PROGRAMS // programs, chunks // MIN_PIECE_CHUNKS)
   per_piece = -(-chunks // max(1, min(pieces, chunks)))
   return _Plan(scale=float(scale), chunk=chunk_size,
                sub=min(SUBCHUNK, chunk_size) if vector else chunk_size,
                pieces=-(-chunks // per_piece), chunks_per_piece=per_piece, block_k=block_k,
                block_v=block_v, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+               gradient_block_v=gradient_block_v,
+               gradient_num_warps=blocks.gradient_num_warps or blocks.num_warps,
                interpret=bool(interpret))
 
 

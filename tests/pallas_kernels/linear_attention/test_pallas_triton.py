@@ -69,6 +69,12 @@ CASES = [
     Case(seq=33, value_heads=4, gate="scalar", max_decay=5.0, resets=True, dtype="bfloat16"),
     Case(gate="vector", resets=True, dtype="bfloat16", chunk_size=32),
     Case(seq=33, key_dim=32, value_dim=32, dtype="float16", blocks=BlockSizes(16, 16, 4, 2, 2)),
+    # The gradient kernel split over two value blocks (dq, dk, decay parts summed),
+    # grouped heads, packed sequences; scalar and vector gates.
+    Case(seq=45, value_heads=4, value_dim=32, resets=True, max_decay=5.0,
+         blocks=BlockSizes(16, 16, gradient_block_v=16)),
+    Case(seq=45, value_dim=32, gate="vector", resets=True, chunk_size=32,
+         blocks=BlockSizes(16, 16, gradient_block_v=16)),
     # One 16-row block per chunk for a vector gate; grouped heads.
     Case(seq=37, value_heads=4, key_dim=32, gate="vector", max_decay=5.0, resets=True),
     # A single token.
@@ -186,6 +192,7 @@ def test_default_block_sizes_come_from_the_table():
     for block, dim in ((blocks.block_k, key_dim), (blocks.block_v, value_dim)):
       assert block <= dim and dim % block == 0 and block & (block - 1) == 0
     assert blocks.pieces is None
+    assert value_dim % blocks.gradient_block_v == 0 and blocks.gradient_num_warps in (4, 8)
 
 
 def test_sequence_pieces_only_when_few_programs():
