@@ -39,13 +39,6 @@ _OUT = flags.DEFINE_string("output_dir", "/tmp/bench_linear_attention", "Output 
 _TRIALS = flags.DEFINE_integer("trials", 10, "Timed trials per row (median reported).")
 
 
-def _log_decay(form, key, batch, seq, heads, key_dim):
-  if form == "fixed":  # Lightning's per-head schedule: -(8 / heads) * (h + 1) / 8 ...
-    return -jnp.exp2(-8.0 * (jnp.arange(heads) + 1) / heads)
-  shape = (batch, seq, heads) if form == "scalar" else (batch, seq, heads, key_dim)
-  return jax.nn.log_sigmoid(jax.random.normal(key, shape) + 4.0)  # GLA-like, mostly near 0
-
-
 def _runner(impl, pass_, chunk_size):
   if impl.startswith("softmax:"):
     attn = functools.partial(ops.dot_product_attention, is_causal=True,
@@ -71,7 +64,7 @@ def bench_row(impl, seq, form, pass_, key):
   q = jax.random.normal(kq, (batch, seq, heads, key_dim), dtype)
   k = jax.random.normal(kk, (batch, seq, heads, key_dim), dtype) * key_dim ** -0.5
   v = jax.random.normal(kv, (batch, seq, heads, value_dim), dtype)
-  g = _log_decay(form, kg, batch, seq, heads, key_dim)
+  g = benchmarking.log_decay_for_form(form, kg, batch, seq, heads, key_dim)
   do = jax.random.normal(kd, (batch, seq, heads, value_dim), jnp.float32)
   row = dict(impl=impl, form="-" if impl.startswith("softmax:") else form, seq=seq,
              batch=batch, pass_=pass_)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -43,6 +44,15 @@ def max_rel_err(x, ref) -> float:
   if not np.isfinite(x).all():
     return float("inf")
   return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def log_decay_for_form(form, key, batch, seq, heads, key_dim):
+  """The linear-attention benchmarks' log decay: "fixed" `[heads]`, "scalar" `[batch, seq,
+  heads]` or "vector" `[batch, seq, heads, key_dim]`."""
+  if form == "fixed":  # Lightning's per-head schedule: -(8 / heads) * (h + 1) / 8 ...
+    return -jnp.exp2(-8.0 * (jnp.arange(heads) + 1) / heads)
+  shape = (batch, seq, heads) if form == "scalar" else (batch, seq, heads, key_dim)
+  return jax.nn.log_sigmoid(jax.random.normal(key, shape) + 4.0)  # GLA-like, mostly near 0
 
 
 def write_results(output_dir: str, name: str, rows: Sequence[dict], columns: Sequence[str],

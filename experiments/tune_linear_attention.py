@@ -1,0 +1,113 @@
+r"""Sweep the Triton linear-attention kernels' launch settings: `python -m
+experiments.tune_linear_attention`.
+
+    # the fused forward's tiles and launch settings (docs/perf/linear_attention.md)
+    python -m experiments.tune_linear_attention --passes=fwd --chunk_sizes=64,128 \
+        --block_v=64,128 --num_warps=4,8 --num_stages=1,2
+    # the gradient kernel's
+    python -m experiments.tune_linear_attention --passes=fwd_bwd \
+        --gradient_block_v=0,64 --gradient_num_warps=4,8
+
+Times `pallas_kernels.linear_attention.pallas_triton.linear_attention` for every
+combination of the listed settings (a flag left at its default keeps the table's choice,
+`BlockSizes.get_default`), device-timed medians after warm-up, on the benchmark's shapes
+and decay forms (`bench_linear_attention`). Decays and inputs are arguments of the
+jit'd function, so nothing is constant-folded. Writes JSON and a markdown table under
+`--output_dir`. Off GPU the kernels run in interpret mode (slow; tiny shapes only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+
+from experiments import benchmarking
+from pallas_kernels.linear_attention import pallas_triton
+
+_SEQ = flags.DEFINE_list("seq_lens", ["1024", "65536"], "Sequence lengths.")
+_TOKENS = flags.DEFINE_integer("tokens_per_batch", 65536, "batch = tokens_per_batch // seq.")
+_HEADS = flags.DEFINE_integer("heads", 16, "Heads.")
+_KEY_DIM = flags.DEFINE_integer("key_dim", 128, "Key dimension.")
+_VALUE_DIM = flags.DEFINE_integer("value_dim", 128, "Value dimension.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Inputs.")
+_FORM = flags.DEFINE_enum("form", "fixed", ["fixed", "scalar", "vector"], "Decay form.")
+_PASSES = flags.DEFINE_list("passes", ["fwd"], "fwd and/or fwd_bwd.")
+_CHUNKS = flags.DEFINE_list("chunk_sizes", ["64"], "chunk_size values.")
+_SETTINGS = {  # BlockSizes field → flag; an empty list keeps the default
+    name: flags.DEFINE_list(name, [], f"BlockSizes.{name} values (0 for None).")
+    for name in ("block_k", "block_v", "num_warps", "num_stages", "pieces",
+                 "gradient_block_v", "gradient_num_warps")
+}
+_OUT = flags.DEFINE_string("output_dir", "/tmp/tune_linear_attention", "Output folder.")
+_TRIALS = flags.DEFINE_integer("trials", 10, "Timed trials per row (median reported).")
+
+
+def _block_sizes():
+  """Every combination of the listed settings, as BlockSizes over the default."""
+  default = pallas_triton.BlockSizes.get_default(_KEY_DIM.value, _VALUE_DIM.value,
+                                                 jnp.dtype(_DTYPE.value))
+  swept = {name: [int(v) or None for v in flag.value]
+           for name, flag in _SETTINGS.items() if flag.value}
+  for values in itertools.product(*swept.values()):
+    yield dataclasses.replace(default, **dict(zip(swept, values)))
+
+
+def _row(seq, pass_, chunk, blocks, interpret):
+  heads, key_dim, value_dim = _HEADS.value, _KEY_DIM.value, _VALUE_DIM.value
+  batch, dtype = max(1, _TOKENS.value // seq), jnp.dtype(_DTYPE.value)
+  kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(kq, (batch, seq, heads, key_dim), dtype)
+  k = jax.random.normal(kk, (batch, seq, heads, key_dim), dtype) * key_dim ** -0.5
+  v = jax.random.normal(kv, (batch, seq, heads, value_dim), dtype)
+  g = benchmarking.log_decay_for_form(_FORM.value, kg, batch, seq, heads, key_dim)
+  h0 = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
+  resets = jnp.zeros((batch, seq), bool)
+
+  def out(q, k, v, g, h0, resets):
+    return pallas_triton.linear_attention(q, k, v, g, h0, resets, scale=key_dim ** -0.5,
+                                          chunk_size=chunk, interpret=interpret,
+                                          block_sizes=blocks)[0]
+  if pass_ == "fwd":
+    fn = jax.jit(out)
+  else:
+    loss = lambda *args: jnp.sum(out(*args).astype(jnp.float32))
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+  row = dict(seq=seq, batch=batch, pass_=pass_, chunk=chunk,
+             **{name: getattr(blocks, name) for name in _SETTINGS})
+  try:
+    seconds = benchmarking.device_time(fn, q, k, v, g, h0, resets, trials=_TRIALS.value)
+  except Exception as e:  # a setting the kernels refuse, or out of resources
+    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return row
+  return dict(row, ms=seconds * 1e3, mtok_s=batch * seq / seconds / 1e6)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  interpret = jax.default_backend() != "gpu"
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}"
+        + (" (interpret mode)" if interpret else ""))
+  rows = []
+  for seq, pass_, chunk, blocks in itertools.product(
+      map(int, _SEQ.value), _PASSES.value, map(int, _CHUNKS.value), _block_sizes()):
+    rows.append(_row(seq, pass_, chunk, blocks, interpret))
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()},
+          flush=True)
+  columns = ["seq", "batch", "pass_", "chunk", *_SETTINGS, "ms", "mtok_s", "error"]
+  header = (f"linear attention launch settings, {_FORM.value} decay, {_DTYPE.value}, heads "
+            f"{_HEADS.value}, key/value dim {_KEY_DIM.value}/{_VALUE_DIM.value}, "
+            f"{_TOKENS.value} tokens/batch, {jax.devices()[0].device_kind}")
+  print(benchmarking.write_results(_OUT.value, "tune_linear_attention", rows, columns, header))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
