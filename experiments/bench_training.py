@@ -30,8 +30,8 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
 _BATCH = flags.DEFINE_integer("global_batch_size", 16, "Sequences per step.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 32_000, "Vocabulary size.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
-_REMAT = flags.DEFINE_string("remat", "dots_no_batch", "Remat policy (none, full, dots, "
-                             "dots_no_batch).")
+_REMAT = flags.DEFINE_string("remat", "none", "Remat policy (none, full, dots, "
+                             "dots_no_batch); none is fastest where activations fit.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _MESH = flags.DEFINE_string("mesh", "data=-1", "Mesh sizes, e.g. 'fsdp=8' or "
