@@ -35,19 +35,21 @@ classic three-pass design of flash-linear-attention `ops/common/chunk_h.py` and
 
   1. `_state_kernel`: one program per (batch, head, sequence piece, key block, value
      block) walks the chunks in order (fori_loop), storing each chunk's incoming state
-     h_n (f32) and the piece's end state. Run in reverse over q and dO it is also the
+     h_n and the piece's end state. Run in reverse over q and dO it is also the
      backward state pass: dh_n, the gradient with respect to the state leaving chunk n.
-  2. `_output_kernel`: one program per (batch, head, chunk, row block, value block):
-     intra-chunk masked quadratic form plus q·h_n.
-  3. `_gradient_kernel`: one program per (batch, head, chunk, row block) gives dq, dk, dv
-     of its rows from h_n and dh_n, and the per-token parts of the decay gradient.
+  2. `_output_kernel` (vector gate): one program per (batch, head, chunk, row block,
+     value block): intra-chunk masked quadratic form plus q·h_n.
+  3. `_gradient_kernel`: one program per (batch, head, chunk, row block, value block)
+     gives dq, dk, dv of its rows from h_n and dh_n, and the per-token parts of the
+     decay gradient (all but dv summed over the value blocks, by default one).
 
 Sequence pieces: when batch × heads × state blocks is too small to fill the GPU, the
-state passes and the fused forward split the sequence into P pieces that run in parallel. The end state of a
-piece is affine in its start state, S_end = M ⊙ S_start + E, with M = e^{Σ g} over the
-piece (zero if the piece holds a reset). A first launch gives every E from a zero start,
-a scan over P in XLA chains the starts, and a second launch from the true starts writes
-the h_n (or, fused, the output). The same holds in reverse for the state gradient.
+state passes and the fused forward split the sequence into P pieces that run in
+parallel. The end state of a piece is affine in its start state, S_end = M ⊙ S_start +
+E, with M = e^{Σ g} over the piece (zero if the piece holds a reset). A first launch
+gives every E from a zero start, a scan over P in XLA chains the starts, and a second
+launch from the true starts writes the h_n (or, fused, the output). The same holds in
+reverse for the state gradient.
 
 Decay gradient: each pair (query i, key j < i; the initial state is a key before the
 sequence, the final state a query after it) carries e^{B_i − B_j}, B the cumulative log
@@ -255,28 +257,25 @@ def _later(b, q_ref, b_ref, row0, sub):
 
 
 def _output_kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, h_ref, o_ref, *, scale, sub):
-  """o for one row block of one chunk and one value block: q·h_n plus the intra-chunk part.
+  """Vector gate: o for one row block of one chunk and one value block, q·h_n plus the
+  intra-chunk part (the scalar gate's forward is `_fused_output_kernel`).
 
-  Refs hold the whole chunk (q, k `[C, K]`, v `[C, bv]`, b, rel) and h_n `[K, bv]`; the
-  row block (the whole chunk for a scalar gate) is program 3 of the grid.
+  Refs hold the whole chunk (q, k `[C, K]`, v `[C, bv]`, b `[C, K]`, rel) and h_n
+  `[K, bv]`; the row block is program 3 of the grid.
   """
   row0 = pl.program_id(3) * sub
   rows = pl.ds(row0, sub)
-  q, b, rel = q_ref[rows, :], _gate(b_ref, rows), rel_ref[rows]
+  q, b, rel = q_ref[rows, :], b_ref[rows, :], rel_ref[rows]
   dtype = q.dtype
   # Tokens still in the run that entered the chunk read the carried state.
   out = _dot(jnp.where(rel[:, None] == 0, q * jnp.exp(b), 0.0), h_ref[...], "nn", dtype)
-  if len(b_ref.shape) == 1:
-    scores, _ = _scalar_scores(q, b, rel, k_ref[...], b_ref[...], rel_ref[...])
+  scores, _, _ = _vector_diag(q, b, rel, k_ref, b_ref, row0)
+  out += _dot(scores, v_ref[rows, :], "nn", dtype)
+  if q_ref.shape[0] > sub:
+    q_factor, k_r = _earlier(b, k_ref, b_ref, row0)
+    same_run = rel[:, None] == rel_ref[...][None, :]
+    scores = jnp.where(same_run, _dot(q * q_factor, k_r, "nt", dtype), 0.0)
     out += _dot(scores, v_ref[...], "nn", dtype)
-  else:
-    scores, _, _ = _vector_diag(q, b, rel, k_ref, b_ref, row0)
-    out += _dot(scores, v_ref[rows, :], "nn", dtype)
-    if q_ref.shape[0] > sub:
-      q_factor, k_r = _earlier(b, k_ref, b_ref, row0)
-      same_run = rel[:, None] == rel_ref[...][None, :]
-      scores = jnp.where(same_run, _dot(q * q_factor, k_r, "nt", dtype), 0.0)
-      out += _dot(scores, v_ref[...], "nn", dtype)
   o_ref[...] = (scale * out).astype(o_ref.dtype)
 
 
