@@ -65,6 +65,9 @@ CASES = [
     # Fixed decay (its gradient sums over batch and tokens), three pieces, value blocks.
     Case(batch=1, seq=77, heads=1, value_dim=32, gate="fixed", max_decay=5.0,
          blocks=BlockSizes(16, 16, pieces=3)),
+    # The fused forward over three pieces, packed sequences crossing piece boundaries.
+    Case(batch=1, seq=77, heads=1, value_heads=2, max_decay=2.0, resets=True,
+         blocks=BlockSizes(16, 16, pieces=3)),
     Case(gate="none"),
     Case(seq=33, value_heads=4, gate="scalar", max_decay=5.0, resets=True, dtype="bfloat16"),
     Case(gate="vector", resets=True, dtype="bfloat16", chunk_size=32),
