@@ -15,6 +15,9 @@ App. B); a causal mask halves what must be computed, 6·T·d. `mfu` uses the cau
 (what a kernel that skips masked blocks must do), `mfu_palm` the full one. Linear mixers
 add no T-dependent term (their chunked form is counted approximately by 6·N).
 Peak: bf16 dense tensor throughput of the device (`--peak_tflops` to override).
+`xla_tflops_per_step` is XLA's own count for the lowered step (its cost analysis before
+optimisation): it includes any recomputation and the loss, but counts custom calls
+(cuDNN attention) and Pallas kernels as zero.
 """
 
 from __future__ import annotations
@@ -91,6 +94,8 @@ def main(argv):
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, shape))
              for k, v in batch.items()}
   state = state_lib.init_state(setup)
+  with jax.set_mesh(mesh), sharding.use_rules(sharding.RULES):
+    xla_flops = train_step.jitted.lower(setup.abstract_state(), batch).cost_analysis()["flops"]
 
   start = time.perf_counter()
   state, metrics = train_step(state, batch)
@@ -117,6 +122,7 @@ def main(argv):
       "remat": _REMAT.value, "compile_s": round(compile_seconds, 1),
       "step_s": step_seconds, "tokens_per_s": tokens_per_sec,
       "tflops_per_device": per_device * causal / 1e12,
+      "xla_tflops_per_step": xla_flops / 1e12,
       "mfu": per_device * causal / (peak * 1e12) if peak else None,
       "mfu_palm": per_device * palm / (peak * 1e12) if peak else None,
       "loss": float(metrics["loss"]), "peak_tflops": peak,
