@@ -60,11 +60,9 @@ def bench_row(impl, seq, form, pass_, key):
   heads, key_dim, value_dim = _HEADS.value, _KEY_DIM.value, _VALUE_DIM.value
   batch = max(1, _TOKENS.value // seq)
   dtype = jnp.dtype(_DTYPE.value)
-  kq, kk, kv, kg, kd = jax.random.split(key, 5)
-  q = jax.random.normal(kq, (batch, seq, heads, key_dim), dtype)
-  k = jax.random.normal(kk, (batch, seq, heads, key_dim), dtype) * key_dim ** -0.5
-  v = jax.random.normal(kv, (batch, seq, heads, value_dim), dtype)
-  g = benchmarking.log_decay_for_form(form, kg, batch, seq, heads, key_dim)
+  key, kd = jax.random.split(key)
+  q, k, v, g = benchmarking.linear_attention_inputs(key, form, batch, seq, heads, key_dim,
+                                                    value_dim, dtype)
   do = jax.random.normal(kd, (batch, seq, heads, value_dim), jnp.float32)
   row = dict(impl=impl, form="-" if impl.startswith("softmax:") else form, seq=seq,
              batch=batch, pass_=pass_)

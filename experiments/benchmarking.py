@@ -46,13 +46,20 @@ def max_rel_err(x, ref) -> float:
   return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
-def log_decay_for_form(form, key, batch, seq, heads, key_dim):
-  """The linear-attention benchmarks' log decay: "fixed" `[heads]`, "scalar" `[batch, seq,
-  heads]` or "vector" `[batch, seq, heads, key_dim]`."""
+def linear_attention_inputs(key, form, batch, seq, heads, key_dim, value_dim, dtype):
+  """The linear-attention benchmarks' q, k `[batch, seq, heads, key_dim]`, v (value_dim)
+  in `dtype` (keys scaled by key_dim^-1/2) and log decay: "fixed" `[heads]`, "scalar"
+  `[batch, seq, heads]` or "vector" `[batch, seq, heads, key_dim]`."""
+  kq, kk, kv, kg = jax.random.split(key, 4)
+  q = jax.random.normal(kq, (batch, seq, heads, key_dim), dtype)
+  k = jax.random.normal(kk, (batch, seq, heads, key_dim), dtype) * key_dim ** -0.5
+  v = jax.random.normal(kv, (batch, seq, heads, value_dim), dtype)
   if form == "fixed":  # Lightning's per-head schedule: -(8 / heads) * (h + 1) / 8 ...
-    return -jnp.exp2(-8.0 * (jnp.arange(heads) + 1) / heads)
-  shape = (batch, seq, heads) if form == "scalar" else (batch, seq, heads, key_dim)
-  return jax.nn.log_sigmoid(jax.random.normal(key, shape) + 4.0)  # GLA-like, mostly near 0
+    g = -jnp.exp2(-8.0 * (jnp.arange(heads) + 1) / heads)
+  else:
+    shape = (batch, seq, heads) if form == "scalar" else (batch, seq, heads, key_dim)
+    g = jax.nn.log_sigmoid(jax.random.normal(kg, shape) + 4.0)  # GLA-like, mostly near 0
+  return q, k, v, g
 
 
 def write_results(output_dir: str, name: str, rows: Sequence[dict], columns: Sequence[str],

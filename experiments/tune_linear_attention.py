@@ -59,11 +59,8 @@ def _block_sizes():
 def _row(seq, pass_, chunk, blocks, interpret):
   heads, key_dim, value_dim = _HEADS.value, _KEY_DIM.value, _VALUE_DIM.value
   batch, dtype = max(1, _TOKENS.value // seq), jnp.dtype(_DTYPE.value)
-  kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(kq, (batch, seq, heads, key_dim), dtype)
-  k = jax.random.normal(kk, (batch, seq, heads, key_dim), dtype) * key_dim ** -0.5
-  v = jax.random.normal(kv, (batch, seq, heads, value_dim), dtype)
-  g = benchmarking.log_decay_for_form(_FORM.value, kg, batch, seq, heads, key_dim)
+  q, k, v, g = benchmarking.linear_attention_inputs(jax.random.key(0), _FORM.value, batch,
+                                                    seq, heads, key_dim, value_dim, dtype)
   h0 = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
   resets = jnp.zeros((batch, seq), bool)
 
