@@ -12,7 +12,7 @@ Design choices:
   the sequences), so each kernel computes from its block index the range of blocks that can
   hold a visible entry and skips the rest: a causal window of w on T tokens costs about
   w / T of full attention. Inside that range, blocks that are entirely visible run a loop
-  with no mask arithmetic; only the diagonal/edge blocks pay for `where`.
+  with no mask arithmetic; only the diagonal/edge blocks pay for `where` (`block_mask`).
 - GQA/MQA: query head h reads key/value head h // groups through the BlockSpec index map; the
   dK/dV kernel runs per key/value head and loops over the heads of its group, so repeated
   K/V is never materialised and no per-query-head dK/dV is summed afterwards.
@@ -37,6 +37,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash_attention.block_mask import BlockMask, masked_loops
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -92,76 +94,11 @@ _TUNING = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class _Mask:
-  """Static mask: key j visible to query i iff, with d = j - (i + kv_len - q_len),
-  d <= right (causal folded in) and d >= -left, j < kv_len, and equal segment ids."""
-  q_len: int
-  kv_len: int
-  left: int | None
-  right: int | None
-  has_segments: bool
-
-  @property
-  def offset(self) -> int:
-    return self.kv_len - self.q_len
-
-  def visible(self, q_pos, k_pos, q_seg, k_seg):
-    """Bool [bq, bk] for query positions q_pos [bq] and key positions k_pos [bk]."""
-    d = k_pos[None, :] - (q_pos[:, None] + self.offset)
-    ok = k_pos[None, :] < self.kv_len
-    if self.right is not None:
-      ok = ok & (d <= self.right)
-    if self.left is not None:
-      ok = ok & (d >= -self.left)
-    if q_seg is not None:
-      ok = ok & (q_seg[:, None] == k_seg[None, :])
-    return ok
-
-  def kv_blocks(self, q0, bq, bk):
-    """Key blocks for query rows [q0, q0 + bq): (lo, full_lo, full_hi, hi) block indices.
-
-    Blocks in [lo, hi) may hold a visible key; [full_lo, full_hi) are visible in full."""
-    off, n_full = self.offset, self.kv_len // bk
-    lo = 0 if self.left is None else lax.div(jnp.maximum(q0 + off - self.left, 0), bk)
-    hi, full_lo, full_hi = pl.cdiv(self.kv_len, bk), 0, n_full
-    if self.right is not None:
-      last = jnp.clip(q0 + bq + off + self.right, 0, self.kv_len)  # exclusive
-      hi = jnp.maximum(pl.cdiv(last, bk), lo)
-      full_hi = lax.div(jnp.clip(q0 + off + self.right + 1, 0, self.kv_len), bk)
-    if self.left is not None:
-      full_lo = pl.cdiv(jnp.maximum(q0 + bq - 1 + off - self.left, 0), bk)
-    return self._clip(lo, full_lo, full_hi, hi)
-
-  def q_blocks(self, k0, bk, bq):
-    """Query blocks for keys [k0, k0 + bk): (lo, full_lo, full_hi, hi) block indices."""
-    off = self.offset
-    lo = 0 if self.right is None else lax.div(jnp.maximum(k0 - off - self.right, 0), bq)
-    hi, full_lo, full_hi = pl.cdiv(self.q_len, bq), 0, pl.cdiv(self.q_len, bq)
-    if self.left is not None:
-      last = jnp.clip(k0 + bk - off + self.left, 0, self.q_len)  # exclusive
-      hi = jnp.maximum(pl.cdiv(last, bq), lo)
-      full_hi = lax.div(jnp.maximum(k0 - off + self.left + 1, 0), bq)
-    if self.right is not None:
-      full_lo = pl.cdiv(jnp.maximum(k0 + bk - 1 - off - self.right, 0), bq)
-    # A key block that reaches into the padding is never visible in full. (A product, not
-    # jnp.where: Triton lowering mistypes a scalar select of constants, JAX 0.11.2.)
-    full_hi = full_hi * jnp.asarray(k0 + bk <= self.kv_len, jnp.int32)
-    return self._clip(lo, full_lo, full_hi, hi)
-
-  def _clip(self, lo, full_lo, full_hi, hi):
-    if self.has_segments:  # segment ids can hide any entry: every block is masked.
-      return lo, hi, hi, hi
-    full_lo = jnp.clip(full_lo, lo, hi)
-    return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
-
-
-def _masked_loops(body, lo, full_lo, full_hi, hi, carry):
-  """Runs body(i, carry, masked) over [lo, full_lo) masked, [full_lo, full_hi) unmasked and
-  [full_hi, hi) masked."""
-  carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
-  carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
-  return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+def _visible(mask: BlockMask, q_pos, k_pos, q_seg, k_seg):
+  """Bool [bq, bk] tile mask from query positions / ids [bq] and key positions / ids [bk]."""
+  column = lambda x: None if x is None else x[:, None]
+  row = lambda x: None if x is None else x[None, :]
+  return mask.visible(column(q_pos), row(k_pos), column(q_seg), row(k_seg))
 
 
 def _logits(q, k, scale, softcap):
@@ -174,7 +111,7 @@ def _logits(q, k, scale, softcap):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, o_ref, lse_ref, *,
-                mask: _Mask, scale: float, softcap: float | None, block_k: int):
+                mask: BlockMask, scale: float, softcap: float | None, block_k: int):
   """One (query block, batch, head) program. q_ref [bq, D]; k_ref [Tk, D]; v_ref [Tk, Dv];
   q_seg_ref [bq]; kv_seg_ref [Tk]; sink_ref [1]; o_ref [bq, Dv]; lse_ref [bq]."""
   block_q = q_ref.shape[0]
@@ -199,7 +136,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, o_ref, lse
     if masked:
       k_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
       k_pos = j * block_k + jnp.arange(block_k)
-      s = jnp.where(mask.visible(q_pos, k_pos, q_seg, k_seg), s, -jnp.inf)
+      s = jnp.where(_visible(mask, q_pos, k_pos, q_seg, k_seg), s, -jnp.inf)
     m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
     # A row that has seen no key yet has m_new = -inf: subtract 0 instead (exp2 -> 0, no NaN).
     m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -211,14 +148,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, o_ref, lse
     return acc, m_new, l_i
 
   lo, full_lo, full_hi, hi = mask.kv_blocks(q0, block_q, block_k)
-  acc, m_i, l_i = _masked_loops(body, lo, full_lo, full_hi, hi, (acc, m_i, l_i))
+  acc, m_i, l_i = masked_loops(body, lo, full_lo, full_hi, hi, (acc, m_i, l_i))
   # O_i = acc / l_i; a row that saw nothing (l_i = 0) keeps acc = 0.
   o_ref[...] = (acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = (m_i + jnp.log2(l_i)) * _LN2  # -inf + -inf = -inf when l_i = 0.
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, mask: _Mask, scale: float, softcap: float | None, block_k: int):
+               dq_ref, *, mask: BlockMask, scale: float, softcap: float | None, block_k: int):
   """One (query block, batch, head) program: dQ_i = scale * sum_j dS_ij K_j.
   q_ref, do_ref [bq, D|Dv]; k_ref, v_ref [Tk, D|Dv]; lse_ref (base 2), delta_ref [bq]."""
   block_q = q_ref.shape[0]
@@ -235,7 +172,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delt
     if masked:
       k_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
       k_pos = j * block_k + jnp.arange(block_k)
-      s = jnp.where(mask.visible(q_pos, k_pos, q_seg, k_seg), s, -jnp.inf)
+      s = jnp.where(_visible(mask, q_pos, k_pos, q_seg, k_seg), s, -jnp.inf)
     p = jnp.exp2(s - lse)  # P_ij
     dp = plgpu.dot(do, v_ref[keys, :], trans_b=True)  # dP_ij = dO_i · V_j
     ds = p * (dp - delta)  # dS_ij = P_ij (dP_ij - Delta_i)
@@ -245,12 +182,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delt
 
   lo, full_lo, full_hi, hi = mask.kv_blocks(q0, block_q, block_k)
   dq = jnp.zeros(q_ref.shape, jnp.float32)
-  dq = _masked_loops(body, lo, full_lo, full_hi, hi, dq)
+  dq = masked_loops(body, lo, full_lo, full_hi, hi, dq)
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
-                 dk_ref, dv_ref, *, mask: _Mask, scale: float, softcap: float | None,
+                 dk_ref, dv_ref, *, mask: BlockMask, scale: float, softcap: float | None,
                  block_q: int):
   """One (key block, batch, kv head) program: dV_j = sum_i P_ij dO_i and
   dK_j = scale * sum_i dS_ij Q_i over all query heads of the group.
@@ -270,7 +207,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, de
     if masked:
       q_seg = None if q_seg_ref is None else q_seg_ref[rows]
       q_pos = i * block_q + jnp.arange(block_q)
-      s = jnp.where(mask.visible(q_pos, k_pos, q_seg, k_seg), s, -jnp.inf)
+      s = jnp.where(_visible(mask, q_pos, k_pos, q_seg, k_seg), s, -jnp.inf)
     p = jnp.exp2(s - lse_ref[g, rows][:, None])  # P_ij
     dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)  # P_ijᵀ dO_i
     dp = plgpu.dot(do, v, trans_b=True)
@@ -282,7 +219,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, de
   lo, full_lo, full_hi, hi = mask.q_blocks(k0, block_k, block_q)
 
   def group(g, carry):  # Query heads g of this kv head's group, one after the other.
-    return _masked_loops(functools.partial(body, g=g), lo, full_lo, full_hi, hi, carry)
+    return masked_loops(functools.partial(body, g=g), lo, full_lo, full_hi, hi, carry)
 
   dk = jnp.zeros(k_ref.shape, jnp.float32)
   dv = jnp.zeros(v_ref.shape, jnp.float32)
@@ -292,15 +229,17 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, de
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
-  mask: _Mask
+class Config:
+  """The kernels' static arguments."""
+  mask: BlockMask
   scale: float
   softcap: float | None
   blocks: BlockSizes
   interpret: bool
 
 
-def _pad(x, axis, size):
+def pad(x, axis, size):
+  """x zero-padded along `axis` to `size` (None stays None)."""
   if x is None or x.shape[axis] == size:
     return x
   pads = [(0, 0)] * x.ndim
@@ -308,7 +247,8 @@ def _pad(x, axis, size):
   return jnp.pad(x, pads)
 
 
-def _round_up(n, m):
+def round_up(n, m):
+  """n rounded up to a multiple of m."""
   return -(-n // m) * m
 
 
@@ -321,18 +261,18 @@ def _head_dim(d):
   return max(16, pl.next_power_of_2(d))
 
 
-def _forward(q, k, v, q_seg, kv_seg, sinks, st: _Static):
+def _forward(q, k, v, q_seg, kv_seg, sinks, st: Config):
   """Returns out [B, Tq, Hq, Dv] (query dtype) and lse [B, Hq, Tq] float32."""
   batch, q_len, q_heads, head_dim = q.shape
   kv_len, kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
   groups = q_heads // kv_heads
   bq, bk = _block(st.blocks.block_q, q_len), _block(st.blocks.block_k, kv_len)
-  tq, tk = _round_up(q_len, bq), _round_up(kv_len, bk)
+  tq, tk = round_up(q_len, bq), round_up(kv_len, bk)
   dp, dvp = _head_dim(head_dim), _head_dim(v_dim)
-  q = _pad(_pad(q, 1, tq), 3, dp)
-  k = _pad(_pad(k, 1, tk), 3, dp)
-  v = _pad(_pad(v, 1, tk), 3, dvp)
-  q_seg, kv_seg = _pad(q_seg, 1, tq), _pad(kv_seg, 1, tk)
+  q = pad(pad(q, 1, tq), 3, dp)
+  k = pad(pad(k, 1, tk), 3, dp)
+  v = pad(pad(v, 1, tk), 3, dvp)
+  q_seg, kv_seg = pad(q_seg, 1, tq), pad(kv_seg, 1, tk)
 
   in_specs = [
       pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0)),
@@ -359,7 +299,7 @@ def _forward(q, k, v, q_seg, kv_seg, sinks, st: _Static):
   return out[:, :q_len, :, :v_dim], lse[:, :, :q_len]
 
 
-def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, st: _Static):
+def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, st: Config):
   """dq, dk, dv from the log-sum-exp lse and Delta [B, Hq, Tq] (f32, natural base)."""
   batch, q_len, q_heads, head_dim = q.shape
   kv_len, kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
@@ -367,15 +307,15 @@ def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, st: _Static):
   b = st.blocks
   bq_dkv, bk_dkv = _block(b.block_q_dkv, q_len), _block(b.block_kv_dkv, kv_len)
   bq_dq, bk_dq = _block(b.block_q_dq, q_len), _block(b.block_kv_dq, kv_len)
-  tq = _round_up(q_len, max(bq_dkv, bq_dq))
-  tk = _round_up(kv_len, max(bk_dkv, bk_dq))
+  tq = round_up(q_len, max(bq_dkv, bq_dq))
+  tk = round_up(kv_len, max(bk_dkv, bk_dq))
   dp, dvp = _head_dim(head_dim), _head_dim(v_dim)
-  q, do = _pad(_pad(q, 1, tq), 3, dp), _pad(_pad(do, 1, tq), 3, dvp)
-  k, v = _pad(_pad(k, 1, tk), 3, dp), _pad(_pad(v, 1, tk), 3, dvp)
-  q_seg, kv_seg = _pad(q_seg, 1, tq), _pad(kv_seg, 1, tk)
+  q, do = pad(pad(q, 1, tq), 3, dp), pad(pad(do, 1, tq), 3, dvp)
+  k, v = pad(pad(k, 1, tk), 3, dp), pad(pad(v, 1, tk), 3, dvp)
+  q_seg, kv_seg = pad(q_seg, 1, tq), pad(kv_seg, 1, tk)
   # Rows that saw nothing have lse = -inf and all logits -inf: use 0 so P = exp2(-inf) = 0.
-  lse = _pad(jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E), 2, tq)
-  delta = _pad(delta, 2, tq)
+  lse = pad(jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E), 2, tq)
+  delta = pad(delta, 2, tq)
   params = plgpu.CompilerParams(num_warps=b.num_warps_bwd, num_stages=b.num_stages_bwd)
   static = dict(mask=st.mask, scale=st.scale, softcap=st.softcap)
   seg = lambda x, n, index: None if x is None else pl.BlockSpec((None, n), index)
@@ -426,7 +366,9 @@ def _attention_fwd(q, k, v, q_seg, kv_seg, sinks, st):
   return (out, lse), (q, k, v, q_seg, kv_seg, sinks, out, lse)
 
 
-def _attention_bwd(st, res, cotangents):
+def attention_bwd(st: Config, res, cotangents):
+  """dq, dk, dv, dsinks from the residuals (q, k, v, q_seg, kv_seg, sinks, out, lse) and the
+  cotangents (d_out, d_lse); also the backward of `pallas_mosaic_gpu`'s forward kernel."""
   q, k, v, q_seg, kv_seg, sinks, out, lse = res
   d_out, d_lse = cotangents
   # Delta_i = rowsum(dO_i * O_i) - dlse_i: a cotangent on lse adds P_ij dlse_i to dS_ij.
@@ -440,7 +382,7 @@ def _attention_bwd(st, res, cotangents):
   return dq, dk, dv, None, None, d_sinks
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, attention_bwd)
 
 
 def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=None,
@@ -496,10 +438,10 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
   left, right = window
   if is_causal:
     right = 0 if right is None else min(right, 0)
-  mask = _Mask(q_len=q_len, kv_len=kv_len, left=left, right=right,
+  mask = BlockMask(q_len=q_len, kv_len=kv_len, left=left, right=right,
                has_segments=q_segment_ids is not None)
   blocks = block_sizes or BlockSizes.get_default(head_dim, dtype)
-  st = _Static(mask=mask, scale=float(scale),
+  st = Config(mask=mask, scale=float(scale),
                softcap=None if logits_soft_cap is None else float(logits_soft_cap),
                blocks=blocks, interpret=bool(interpret))
   if q_segment_ids is not None:

@@ -1,0 +1,90 @@
+"""Which key/value blocks a block of queries can see, for the flash-attention kernels.
+
+Masks are declarative (causal, window (left, right), segment ids; query and key positions
+aligned at the end of the sequences), so a kernel computes from its block index the range of
+blocks that can hold a visible entry, skips the rest, and runs the blocks visible in full
+without mask arithmetic. Shared by the Triton and Mosaic GPU kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockMask:
+  """Static mask: key j visible to query i iff, with d = j - (i + kv_len - q_len),
+  d <= right (causal folded in) and d >= -left, j < kv_len, and equal segment ids."""
+  q_len: int
+  kv_len: int
+  left: int | None
+  right: int | None
+  has_segments: bool
+
+  @property
+  def offset(self) -> int:
+    return self.kv_len - self.q_len
+
+  def visible(self, q_pos, k_pos, q_seg, k_seg):
+    """Bool [bq, bk] from query positions / segment ids q_pos, q_seg ([bq, 1] or [bq, bk])
+    and key positions / segment ids k_pos, k_seg ([1, bk] or [bq, bk]); segments may be
+    None."""
+    d = k_pos - (q_pos + self.offset)
+    ok = k_pos < self.kv_len
+    if self.right is not None:
+      ok = ok & (d <= self.right)
+    if self.left is not None:
+      ok = ok & (d >= -self.left)
+    if q_seg is not None:
+      ok = ok & (q_seg == k_seg)
+    return ok
+
+  def kv_blocks(self, q0, bq, bk):
+    """Key blocks for query rows [q0, q0 + bq): (lo, full_lo, full_hi, hi) block indices.
+
+    Blocks in [lo, hi) may hold a visible key; [full_lo, full_hi) are visible in full."""
+    off, n_full = self.offset, self.kv_len // bk
+    lo = 0 if self.left is None else lax.div(jnp.maximum(q0 + off - self.left, 0), bk)
+    hi, full_lo, full_hi = pl.cdiv(self.kv_len, bk), 0, n_full
+    if self.right is not None:
+      last = jnp.clip(q0 + bq + off + self.right, 0, self.kv_len)  # exclusive
+      hi = jnp.maximum(pl.cdiv(last, bk), lo)
+      full_hi = lax.div(jnp.clip(q0 + off + self.right + 1, 0, self.kv_len), bk)
+    if self.left is not None:
+      full_lo = pl.cdiv(jnp.maximum(q0 + bq - 1 + off - self.left, 0), bk)
+    return self._clip(lo, full_lo, full_hi, hi)
+
+  def q_blocks(self, k0, bk, bq):
+    """Query blocks for keys [k0, k0 + bk): (lo, full_lo, full_hi, hi) block indices."""
+    off = self.offset
+    lo = 0 if self.right is None else lax.div(jnp.maximum(k0 - off - self.right, 0), bq)
+    hi, full_lo, full_hi = pl.cdiv(self.q_len, bq), 0, pl.cdiv(self.q_len, bq)
+    if self.left is not None:
+      last = jnp.clip(k0 + bk - off + self.left, 0, self.q_len)  # exclusive
+      hi = jnp.maximum(pl.cdiv(last, bq), lo)
+      full_hi = lax.div(jnp.maximum(k0 - off + self.left + 1, 0), bq)
+    if self.right is not None:
+      full_lo = pl.cdiv(jnp.maximum(k0 + bk - 1 - off - self.right, 0), bq)
+    # A key block that reaches into the padding is never visible in full. (A product, not
+    # jnp.where: Triton lowering mistypes a scalar select of constants, JAX 0.11.2.)
+    full_hi = full_hi * jnp.asarray(k0 + bk <= self.kv_len, jnp.int32)
+    return self._clip(lo, full_lo, full_hi, hi)
+
+  def _clip(self, lo, full_lo, full_hi, hi):
+    if self.has_segments:  # segment ids can hide any entry: every block is masked.
+      return lo, hi, hi, hi
+    full_lo = jnp.clip(full_lo, lo, hi)
+    return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
+
+
+def masked_loops(body, lo, full_lo, full_hi, hi, carry):
+  """Runs body(i, carry, masked) over [lo, full_lo) masked, [full_lo, full_hi) unmasked and
+  [full_hi, hi) masked."""
+  carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
