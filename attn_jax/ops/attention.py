@@ -185,6 +185,7 @@ def _kernel_module(name):
 _TABLE = {
     "xla": attention_xla,
     "cudnn": _cudnn,
+    "pallas_mosaic_gpu": _pallas("pallas_mosaic_gpu"),
     "pallas_triton": _pallas("pallas_triton"),
     "pallas_tpu": _pallas("pallas_tpu"),
 }

@@ -53,3 +53,13 @@ def test_attention_kernel_through_the_op_in_interpret_mode(monkeypatch):
   want = ops.dot_product_attention(q, k, v, implementation="xla", **kwargs)
   got = ops.dot_product_attention(q, k, v, implementation="pallas_triton", **kwargs)
   assert rel_err(got, want) < 1e-5
+
+
+def test_mosaic_gpu_attention_through_the_op_in_interpret_mode(monkeypatch):
+  monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
+  q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(heads=2, seq=70, dim=64))
+  want = ops.dot_product_attention(q, k, v, implementation="xla", is_causal=True)
+  got = ops.dot_product_attention(q, k, v, implementation="pallas_mosaic_gpu", is_causal=True)
+  assert rel_err(got, want) < 2e-2
+  with pytest.raises(NotImplementedError, match="pallas_mosaic_gpu supports query/key/value"):
+    ops.dot_product_attention(*_qkv(dim=64), implementation="pallas_mosaic_gpu")
