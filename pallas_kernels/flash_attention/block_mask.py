@@ -3,7 +3,8 @@
 Masks are declarative (causal, window (left, right), segment ids; query and key positions
 aligned at the end of the sequences), so a kernel computes from its block index the range of
 blocks that can hold a visible entry, skips the rest, and runs the blocks visible in full
-without mask arithmetic. Shared by the Triton and Mosaic GPU kernels.
+without mask arithmetic. Shared by the Triton and Mosaic GPU kernels, with the padding of
+sequences to whole blocks.
 """
 
 from __future__ import annotations
@@ -88,3 +89,17 @@ def masked_loops(body, lo, full_lo, full_hi, hi, carry):
   carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
   carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
   return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+
+def pad(x, axis, size):
+  """x zero-padded along `axis` to `size` (None stays None)."""
+  if x is None or x.shape[axis] == size:
+    return x
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pads)
+
+
+def round_up(n, m):
+  """n rounded up to a multiple of m."""
+  return -(-n // m) * m

@@ -1,4 +1,5 @@
-"""FlashAttention-3 forward in Pallas with the Mosaic GPU lowering, for Hopper (sm_90).
+"""FlashAttention-3 in Pallas with the Mosaic GPU lowering, for Hopper (sm_90): the forward
+kernel, the wrapper and its custom VJP.
 
 Algorithm: FlashAttention-3 (Shah et al., 2024, https://arxiv.org/abs/2407.08608), after
 JAX's example kernel (`jax.experimental.pallas.ops.gpu.attention_mgpu`), carried over to every
@@ -18,19 +19,18 @@ mask of `ops.dot_product_attention` and to bfloat16.
 - GQA/MQA: query head h reads key/value head h // groups straight from the [B, T, H, D]
   arrays; nothing is repeated. Sinks start the online softmax (m = sink, l = 1).
 - Sequence lengths are padded to the blocks in the wrapper (padded keys are masked, padded
-  query rows sliced off). The backward pass is the Triton kernels' (`pallas_triton`), fed
-  with this kernel's log-sum-exp.
+  query rows sliced off).
+- Backward: `mosaic_gpu_backward` (dQ and dK/dV kernels of the same structure) for head_dim
+  64 and 128; the Triton kernels (`pallas_triton`) for 256, whose dK/dV accumulators would
+  not fit in registers.
 
-Interpret mode (CPU): JAX's Mosaic GPU interpreter simulates the warpgroups, shared memory,
-TMA copies and barriers, but not wgmma with a register operand nor `run_state`; there the two
-matmuls are plain dots of the same shared-memory tiles. Everything else runs as compiled.
+Interpret mode (CPU): see `mosaic_gpu_parts`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -39,15 +39,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_attention import pallas_triton
-from pallas_kernels.flash_attention.block_mask import BlockMask
+from pallas_kernels.flash_attention import mosaic_gpu_backward
+from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
+from pallas_kernels.flash_attention.block_mask import BlockMask, pad, round_up
 
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 _DTYPES = ("bfloat16", "float16")
 _HEAD_DIMS = (64, 128, 256)
-_COMPUTE_WARPGROUPS = 2
-_ROWS = plgpu.Layout.WGMMA.reduce(1)  # A vector over the query rows of a tile.
-_COLUMNS = plgpu.Layout.WGMMA.reduce(0)  # A vector over the key columns of a tile.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +71,11 @@ class BlockSizes:
     return _TUNING[head_dim]
 
 
-# head_dim -> block sizes: the largest key block whose two slots of K and V fit in shared
-# memory next to Q (as in JAX's example kernel); not yet swept on our shapes.
+# head_dim -> forward block sizes: the largest key block whose two slots of K and V fit in
+# shared memory next to Q. Sweep on one H100 (bf16, 16 heads, T 4096, full and causal;
+# docs/perf/runs/2026-11-23c-h100-tune-mosaic_gpu-forward.json): these won or tied against
+# 64-key blocks, 3-4 slots and no schedule barrier; 3 slots of 128 keys at D 128 overflow
+# shared memory. The backward kernels use 64-row tiles and 2 slots (not swept).
 _TUNING = {
     64: BlockSizes(64, 256),
     128: BlockSizes(64, 128),
@@ -94,38 +94,6 @@ class _Static:
   interpret: bool
 
 
-def _logits(s, st: _Static):
-  """Base-2 logits log2(e) * softcap(scale * s) of the f32 tile s."""
-  if st.softcap is None:
-    return s * (st.scale * _LOG2E)
-  return jnp.tanh(s * (st.scale / st.softcap)) * (st.softcap * _LOG2E)
-
-
-def _qk(q_smem, k_smem, while_running, interpret):
-  """q_smem [bq, D] · k_smem [bk, D]ᵀ in f32; while_running() runs while wgmma computes."""
-  if interpret:
-    s = lax.dot_general(q_smem[...], k_smem[...], (((1,), (1,)), ((), ())),
-                        preferred_element_type=jnp.float32)
-    while_running()
-    return s
-
-  def compute(acc_ref):
-    plgpu.wgmma(acc_ref, q_smem, k_smem.transpose((1, 0)))
-    while_running()
-    return acc_ref[...]
-  return pl.run_scoped(compute, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
-
-
-def _pv(acc, p, v_smem, interpret):
-  """acc [bq, Dv] f32 + p [bq, bk] (registers) · v_smem [bk, Dv]."""
-  if interpret:
-    return acc + jnp.dot(p, v_smem[...], preferred_element_type=jnp.float32)
-
-  def compute(acc_ref):
-    plgpu.wgmma(acc_ref, p, v_smem)
-  return pl.run_state(compute)(plgpu.ACC.init(acc))
-
-
 def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, out_ref, lse_ref,
                     smem, barriers, *, st: _Static):
   """One CTA: 2 * block_q query rows of one (batch, head). q_ref, out_ref [B, Tq, Hq, D];
@@ -137,19 +105,36 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, out_re
   has_segments = q_seg_ref is not None
   batch, head = lax.axis_index("batch"), lax.axis_index("heads")
   wg = lax.axis_index("wg")
-  cta_q0 = lax.axis_index("q_seq") * (_COMPUTE_WARPGROUPS * bq)
+  cta_q0 = lax.axis_index("q_seq") * (parts.COMPUTE_WARPGROUPS * bq)
   # Key blocks [cta_lo, cta_hi) hold every key either warpgroup can see.
-  cta_lo, _, _, cta_hi = st.mask.kv_blocks(cta_q0, _COMPUTE_WARPGROUPS * bq, bk)
+  cta_lo, _, _, cta_hi = st.mask.kv_blocks(cta_q0, parts.COMPUTE_WARPGROUPS * bq, bk)
+
+  kv_head = lax.div(head, jnp.int32(st.groups))
 
   def slot_of(j):
     return lax.rem(j - cta_lo, jnp.int32(slots))
+
+  def load_keys(t, slot):  # Step t of the stream is key block cta_lo + t.
+    keys = pl.ds((cta_lo + t) * bk, bk)
+    plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem.at[slot],
+                            k_barriers.at[slot])
+    if has_segments:
+      plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], kv_seg_smem.at[slot],
+                              k_barriers.at[slot])
+
+  def load_values(t, slot):
+    plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds((cta_lo + t) * bk, bk), kv_head],
+                            v_smem.at[slot], v_barriers.at[slot])
+
+  # Keys are released after S = Q Kᵀ, values after O += P V.
+  queues = [(load_keys, k_barriers, k_free), (load_values, v_barriers, v_free)]
 
   def take_turn():
     if st.blocks.schedule_barrier:
       plgpu.barrier_arrive(schedule)
       plgpu.barrier_wait(schedule)
 
-  @pl.when(wg < _COMPUTE_WARPGROUPS)
+  @pl.when(wg < parts.COMPUTE_WARPGROUPS)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
     q0 = cta_q0 + wg * bq
@@ -162,15 +147,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, out_re
     if st.has_sinks:
       plgpu.copy_gmem_to_smem(sink_ref.at[head], sink_smem2.at[wg], q_barriers.at[wg])
     plgpu.barrier_wait(q_barriers.at[wg])
-    q_seg = plgpu.load(q_seg_smem2.at[wg], layout=_ROWS) if has_segments else None
+    q_seg = plgpu.load(q_seg_smem2.at[wg], layout=parts.ROWS) if has_segments else None
 
     # m_i, l_i: running row max (base 2) and softmax denominator; acc: unnormalised output.
     if st.has_sinks:  # The sink column first: m_i = sink, l_i = exp2(sink - m_i) = 1.
-      m_i = plgpu.load(sink_smem2.at[wg], layout=_ROWS)
-      l_i = plgpu.layout_cast(jnp.full((bq,), 1.0, jnp.float32), _ROWS)
+      m_i = plgpu.load(sink_smem2.at[wg], layout=parts.ROWS)
+      l_i = plgpu.layout_cast(jnp.full((bq,), 1.0, jnp.float32), parts.ROWS)
     else:
-      m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), _ROWS)
-      l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), _ROWS)
+      m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), parts.ROWS)
+      l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), parts.ROWS)
     acc = plgpu.layout_cast(jnp.full((bq, v_smem.shape[-1]), 0.0, jnp.float32),
                             plgpu.Layout.WGMMA)
 
@@ -178,25 +163,23 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, out_re
       acc, m_i, l_i = carry
       slot = slot_of(j)
       plgpu.barrier_wait(k_barriers.at[slot])
-      s = _qk(q_smem, k_smem.at[slot], take_turn, st.interpret)
+      s, = parts.products_t([(q_smem, k_smem.at[slot])], st.interpret, take_turn)
       if masked and has_segments:
-        kv_seg = plgpu.load(kv_seg_smem.at[slot], layout=_COLUMNS)
+        kv_seg = plgpu.load(kv_seg_smem.at[slot], layout=parts.COLUMNS)
       plgpu.barrier_arrive(k_free.at[slot])
-      s = _logits(s, st)
+      s, c = parts.logits(s, st.scale, st.softcap)
       if masked:
-        q_pos = q0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-        k_pos = j * bk + plgpu.broadcasted_iota(jnp.int32, s.shape, 1,
-                                                layout=plgpu.Layout.WGMMA)
+        q_pos, k_pos = q0 + parts.iota(s.shape, 0), j * bk + parts.iota(s.shape, 1)
         segments = (None, None)
         if has_segments:
           segments = (lax.broadcast_in_dim(q_seg, s.shape, [0]),
                       lax.broadcast_in_dim(kv_seg, s.shape, [1]))
         s = jnp.where(st.mask.visible(q_pos, k_pos, *segments), s, -jnp.inf)
-      m_new = jnp.maximum(m_i, s.max(axis=1))
+      m_new = jnp.maximum(m_i, s.max(axis=1) * c)
       # A row that has seen no key yet has m_new = -inf: subtract 0 instead (exp2 -> 0).
       m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
       alpha = jnp.exp2(m_i - m_ref)  # Rescales what was accumulated under the old max.
-      p = jnp.exp2(s - lax.broadcast_in_dim(m_ref, s.shape, [0]))
+      p = jnp.exp2(s * c - lax.broadcast_in_dim(m_ref, s.shape, [0]))
       l_i = l_i * alpha + p.sum(axis=1)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
       p = p.astype(q_smem.dtype)
@@ -206,17 +189,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, out_re
       plgpu.barrier_wait(v_barriers.at[slot])
       if st.blocks.schedule_barrier:
         plgpu.barrier_wait(schedule)
-      acc = _pv(acc, p, v_smem.at[slot], st.interpret)
+      acc, = parts.accumulate([(acc, p, v_smem.at[slot])], st.interpret)
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_new, l_i
 
-    def pass_over(j, carry):  # A block the other warpgroup needs: release it unread.
-      slot = slot_of(j)
-      plgpu.barrier_wait(k_barriers.at[slot])
-      plgpu.barrier_arrive(k_free.at[slot])
+    def pass_over(j, carry):  # A block only the other warpgroup needs.
+      parts.pass_over(slot_of(j), queues)
       take_turn()
-      plgpu.barrier_wait(v_barriers.at[slot])
-      plgpu.barrier_arrive(v_free.at[slot])
       take_turn()
       return carry
 
@@ -234,47 +213,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, out_re
     # O = acc / l; a row that saw nothing (l = 0) keeps acc = 0 and gets lse = -inf.
     l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
     q_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(q_smem.dtype)
-    lse_smem2.at[wg][...] = m_i * _LN2 + jnp.log(l_i)
+    lse_smem2.at[wg][...] = m_i * parts.LN2 + jnp.log(l_i)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, rows, head])
     plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[batch, head, rows])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == _COMPUTE_WARPGROUPS)
+  @pl.when(wg == parts.COMPUTE_WARPGROUPS)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
-    kv_head = lax.div(head, jnp.int32(st.groups))
-
-    def load_keys(j, slot):
-      keys = pl.ds(j * bk, bk)
-      plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem.at[slot],
-                              k_barriers.at[slot])
-      if has_segments:
-        plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], kv_seg_smem.at[slot],
-                                k_barriers.at[slot])
-
-    def load_values(j, slot):
-      plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds(j * bk, bk), kv_head], v_smem.at[slot],
-                              v_barriers.at[slot])
-
-    for i in range(min(slots, k_ref.shape[1] // bk)):
-      @pl.when(cta_lo + i < cta_hi)
-      def _fill():
-        load_keys(cta_lo + i, i)
-        load_values(cta_lo + i, i)
-
-    @pl.loop(cta_lo + slots, cta_hi)
-    def _refill(j):
-      slot = slot_of(j)
-      plgpu.barrier_wait(k_free.at[slot])
-      load_keys(j, slot)
-      plgpu.barrier_wait(v_free.at[slot])
-      load_values(j, slot)
-
-    @pl.loop(jnp.maximum(cta_lo, cta_hi - slots), cta_hi)
-    def _drain(j):  # Observe the last releases too: no barrier phase is left unseen.
-      plgpu.barrier_wait(k_free.at[slot_of(j)])
-      plgpu.barrier_wait(v_free.at[slot_of(j)])
+    parts.stream(cta_hi - cta_lo, queues, slots, k_ref.shape[1] // bk)
 
 
 def _forward(q, k, v, q_seg, kv_seg, sinks, st: _Static):
@@ -282,21 +229,20 @@ def _forward(q, k, v, q_seg, kv_seg, sinks, st: _Static):
   batch, q_len, q_heads, head_dim = q.shape
   kv_len = k.shape[1]
   bq, bk, slots = st.blocks.block_q, st.blocks.block_kv, st.blocks.max_concurrent_steps
-  rows_per_cta = _COMPUTE_WARPGROUPS * bq
-  tq, tk = pallas_triton.round_up(q_len, rows_per_cta), pallas_triton.round_up(kv_len, bk)
-  q, q_seg = pallas_triton.pad(q, 1, tq), pallas_triton.pad(q_seg, 1, tq)
-  k, v, kv_seg = (pallas_triton.pad(x, 1, tk) for x in (k, v, kv_seg))
+  rows_per_cta = parts.COMPUTE_WARPGROUPS * bq
+  tq, tk = round_up(q_len, rows_per_cta), round_up(kv_len, bk)
+  q, q_seg = pad(q, 1, tq), pad(q_seg, 1, tq)
+  k, v, kv_seg = (pad(x, 1, tk) for x in (k, v, kv_seg))
   sink_rows = None
   if sinks is not None:
-    sink_rows = jnp.broadcast_to(sinks.astype(jnp.float32)[:, None] * _LOG2E, (q_heads, bq))
+    sink_rows = jnp.broadcast_to(sinks.astype(jnp.float32)[:, None] * parts.LOG2E, (q_heads, bq))
 
   dtype = q.dtype
-  tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  wgs = _COMPUTE_WARPGROUPS
+  wgs = parts.COMPUTE_WARPGROUPS
   smem = (
-      plgpu.SMEM((wgs, bq, head_dim), dtype, transforms=tiles),  # Q, then O
-      plgpu.SMEM((slots, bk, head_dim), dtype, transforms=tiles),  # K
-      plgpu.SMEM((slots, bk, head_dim), dtype, transforms=tiles),  # V
+      plgpu.SMEM((wgs, bq, head_dim), dtype, transforms=parts.TILED),  # Q, then O
+      plgpu.SMEM((slots, bk, head_dim), dtype, transforms=parts.TILED),  # K
+      plgpu.SMEM((slots, bk, head_dim), dtype, transforms=parts.TILED),  # V
       plgpu.SMEM((wgs, bq), jnp.float32),  # lse
       None if q_seg is None else plgpu.SMEM((wgs, bq), jnp.int32),
       None if kv_seg is None else plgpu.SMEM((slots, bk), jnp.int32),
@@ -311,36 +257,13 @@ def _forward(q, k, v, q_seg, kv_seg, sinks, st: _Static):
       plgpu.Barrier(num_arrivals=wgs, num_barriers=slots),  # V slot free
       plgpu.Barrier(num_arrivals=wgs),  # tensor-core turns
   )
-  inputs = (q, k, v, q_seg, kv_seg, sink_rows)
-  present = tuple(x is not None for x in inputs)
-
-  def entry(*refs):
-    it = iter(refs)
-    in_refs = [next(it) if p else None for p in present]
-    out_ref, lse_ref = next(it), next(it)
-    pl.run_scoped(
-        lambda smem, barriers: _forward_kernel(*in_refs, out_ref, lse_ref, smem, barriers,
-                                               st=st),
-        smem, barriers, collective_axes="wg")
-
-  out, lse = plgpu.kernel(
-      entry,
-      out_type=(jax.ShapeDtypeStruct((batch, tq, q_heads, head_dim), dtype),
-                jax.ShapeDtypeStruct((batch, q_heads, tq), jnp.float32)),
-      grid=(q_heads, tq // rows_per_cta, batch),
-      grid_names=("heads", "q_seq", "batch"),
-      num_threads=wgs + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=plgpu.InterpretGPUParams() if st.interpret else None,
-  )(*(x for x in inputs if x is not None))
+  out, lse = parts.launch(
+      functools.partial(_forward_kernel, st=st), (q, k, v, q_seg, kv_seg, sink_rows),
+      (jax.ShapeDtypeStruct((batch, tq, q_heads, head_dim), dtype),
+       jax.ShapeDtypeStruct((batch, q_heads, tq), jnp.float32)),
+      smem, barriers, grid=(q_heads, tq // rows_per_cta, batch),
+      grid_names=("heads", "q_seq", "batch"), interpret=st.interpret)
   return out[:, :q_len], lse[:, :, :q_len]
-
-
-def _triton_config(st: _Static, head_dim, dtype) -> pallas_triton.Config:
-  return pallas_triton.Config(
-      mask=st.mask, scale=st.scale, softcap=st.softcap,
-      blocks=pallas_triton.BlockSizes.get_default(head_dim, dtype), interpret=st.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -354,9 +277,20 @@ def _attention_fwd(q, k, v, q_seg, kv_seg, sinks, st):
 
 
 def _attention_bwd(st, res, cotangents):
-  q = res[0]
-  return pallas_triton.attention_bwd(_triton_config(st, q.shape[-1], q.dtype), res,
-                                     cotangents)
+  q, k, v, q_seg, kv_seg, sinks, out, lse = res
+  d_out, d_lse = cotangents
+  head_dim = q.shape[-1]
+  if head_dim not in mosaic_gpu_backward.HEAD_DIMS:  # The Triton kernels serve D = 256.
+    config = pallas_triton.Config(
+        mask=st.mask, scale=st.scale, softcap=st.softcap,
+        blocks=pallas_triton.BlockSizes.get_default(head_dim, q.dtype), interpret=st.interpret)
+    return pallas_triton.attention_bwd(config, res, cotangents)
+  delta = pallas_triton.softmax_delta(out, d_out, d_lse)
+  config = mosaic_gpu_backward.Config(mask=st.mask, scale=st.scale, softcap=st.softcap,
+                                      groups=st.groups, interpret=st.interpret)
+  dq, dk, dv = mosaic_gpu_backward.backward(q, k, v, q_seg, kv_seg, lse, delta,
+                                            d_out.astype(q.dtype), config)
+  return dq, dk, dv, None, None, pallas_triton.sink_gradient(sinks, lse, delta)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

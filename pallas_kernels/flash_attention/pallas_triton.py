@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.block_mask import BlockMask, masked_loops
+from pallas_kernels.flash_attention.block_mask import BlockMask, masked_loops, pad, round_up
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -238,20 +238,6 @@ class Config:
   interpret: bool
 
 
-def pad(x, axis, size):
-  """x zero-padded along `axis` to `size` (None stays None)."""
-  if x is None or x.shape[axis] == size:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pads)
-
-
-def round_up(n, m):
-  """n rounded up to a multiple of m."""
-  return -(-n // m) * m
-
-
 def _block(b, n):
   """Block size b shrunk to a short sequence n (still a power of two >= 16)."""
   return min(b, max(16, pl.next_power_of_2(n)))
@@ -371,15 +357,25 @@ def attention_bwd(st: Config, res, cotangents):
   cotangents (d_out, d_lse); also the backward of `pallas_mosaic_gpu`'s forward kernel."""
   q, k, v, q_seg, kv_seg, sinks, out, lse = res
   d_out, d_lse = cotangents
-  # Delta_i = rowsum(dO_i * O_i) - dlse_i: a cotangent on lse adds P_ij dlse_i to dS_ij.
-  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  delta = delta - d_lse
+  delta = softmax_delta(out, d_out, d_lse)
   dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, lse, delta, d_out.astype(q.dtype), st)
-  d_sinks = None
-  if sinks is not None:  # d sink_h = -sum_i p_sink_i Delta_i, p_sink_i = exp(sink_h - lse_i).
-    p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse)
-    d_sinks = (-jnp.sum(p_sink * delta, axis=(0, 2))).astype(sinks.dtype)
-  return dq, dk, dv, None, None, d_sinks
+  return dq, dk, dv, None, None, sink_gradient(sinks, lse, delta)
+
+
+def softmax_delta(out, d_out, d_lse):
+  """Delta_i = rowsum(dO_i * O_i) - dlse_i [B, Hq, Tq] f32: with it dS_ij = P_ij (dP_ij -
+  Delta_i), a cotangent on the log-sum-exp included."""
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  return delta - d_lse
+
+
+def sink_gradient(sinks, lse, delta):
+  """d sink_h = -sum_i p_sink_i Delta_i with p_sink_i = exp(sink_h - lse_i); None without
+  sinks."""
+  if sinks is None:
+    return None
+  p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse)
+  return (-jnp.sum(p_sink * delta, axis=(0, 2))).astype(sinks.dtype)
 
 
 _attention.defvjp(_attention_fwd, attention_bwd)

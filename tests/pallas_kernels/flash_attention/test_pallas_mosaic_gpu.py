@@ -1,9 +1,10 @@
-"""`pallas_kernels.flash_attention.pallas_mosaic_gpu` in JAX's Mosaic GPU interpreter (CPU),
-against the float32 XLA reference: output, log-sum-exp and the gradients of q, k, v and sinks.
+"""`pallas_kernels.flash_attention.pallas_mosaic_gpu` (forward and `mosaic_gpu_backward`) in
+JAX's Mosaic GPU interpreter (CPU), against the float32 XLA reference: output, log-sum-exp and
+the gradients of q, k, v and sinks (head_dim 256: the Triton backward).
 
-The interpreter runs the kernel's warpgroups, shared memory, TMA copies and mbarriers as
-written, but not wgmma with a register operand nor `run_state`, so there the kernel's two
-matmuls are plain dots of the same shared-memory tiles. The same cases run compiled, wgmma
+The interpreter runs the kernels' warpgroups, shared memory, TMA copies and mbarriers as
+written, but not wgmma with a register operand nor `run_state`, so there the kernels'
+matmuls are plain dots of the same shared-memory tiles (`mosaic_gpu_parts`). The same cases run compiled, wgmma
 included, on a Hopper GPU (`gpu_only` below: `JAX_PLATFORMS=cuda pytest -m gpu_only ...`).
 """
 
