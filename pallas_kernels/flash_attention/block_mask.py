@@ -83,6 +83,30 @@ class BlockMask:
     return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
 
 
+def kernel_mask(query, key, *, q_segment_ids, kv_segment_ids, sinks, is_causal: bool,
+                window) -> BlockMask:
+  """The BlockMask of a flash-attention kernel call ([B, T, H, D] query and key), after the
+  checks every kernel makes: heads divide, segment ids given together, sinks of shape [Hq].
+
+  Raises:
+    ValueError: naming the argument that is malformed.
+  """
+  q_len, q_heads = query.shape[1], query.shape[2]
+  kv_len, kv_heads = key.shape[1], key.shape[2]
+  if q_heads % kv_heads:
+    raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads "
+                     f"({kv_heads}).")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
+  if sinks is not None and sinks.shape != (q_heads,):
+    raise ValueError(f"sinks must have shape ({q_heads},); got {sinks.shape}.")
+  left, right = window
+  if is_causal:
+    right = 0 if right is None else min(right, 0)
+  return BlockMask(q_len=q_len, kv_len=kv_len, left=left, right=right,
+                   has_segments=q_segment_ids is not None)
+
+
 def masked_loops(body, lo, full_lo, full_hi, hi, carry):
   """Runs body(i, carry, masked) over [lo, full_lo) masked, [full_lo, full_hi) unmasked and
   [full_hi, hi) masked."""

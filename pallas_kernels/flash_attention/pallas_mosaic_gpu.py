@@ -41,7 +41,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.flash_attention import pallas_triton
 from pallas_kernels.flash_attention import mosaic_gpu_backward
 from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
-from pallas_kernels.flash_attention.block_mask import BlockMask, pad, round_up
+from pallas_kernels.flash_attention.block_mask import BlockMask, kernel_mask, pad, round_up
 
 _DTYPES = ("bfloat16", "float16")
 _HEAD_DIMS = (64, 128, 256)
@@ -324,18 +324,8 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
   if q_len == 0 or kv_len == 0:
     raise NotImplementedError(f"pallas_mosaic_gpu needs q_seq, kv_seq >= 1; got "
                               f"q_seq={q_len}, kv_seq={kv_len}.")
-  if q_heads % kv_heads:
-    raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads "
-                     f"({kv_heads}).")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
-  if sinks is not None and sinks.shape != (q_heads,):
-    raise ValueError(f"sinks must have shape ({q_heads},); got {sinks.shape}.")
-  left, right = window
-  if is_causal:
-    right = 0 if right is None else min(right, 0)
-  mask = BlockMask(q_len=q_len, kv_len=kv_len, left=left, right=right,
-                   has_segments=q_segment_ids is not None)
+  mask = kernel_mask(query, key, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                     sinks=sinks, is_causal=is_causal, window=window)
   st = _Static(mask=mask, scale=float(scale),
                softcap=None if logits_soft_cap is None else float(logits_soft_cap),
                groups=q_heads // kv_heads, has_sinks=sinks is not None,

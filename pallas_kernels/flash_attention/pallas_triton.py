@@ -38,7 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.block_mask import BlockMask, masked_loops, pad, round_up
+from pallas_kernels.flash_attention.block_mask import (BlockMask, kernel_mask, masked_loops, pad,
+                                                      round_up)
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -419,27 +420,16 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
     if d > _MAX_HEAD_DIM:
       raise NotImplementedError(f"pallas_triton supports {name} <= {_MAX_HEAD_DIM}; "
                                 f"got {d}.")
-  batch, q_len, q_heads, head_dim = query.shape
-  kv_len, kv_heads = key.shape[1], key.shape[2]
+  q_len, head_dim, kv_len = query.shape[1], query.shape[3], key.shape[1]
   if q_len == 0 or kv_len == 0:
     raise NotImplementedError(f"pallas_triton needs q_seq, kv_seq >= 1; got q_seq={q_len}, "
                               f"kv_seq={kv_len}.")
-  if q_heads % kv_heads:
-    raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads "
-                     f"({kv_heads}).")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
-  if sinks is not None and sinks.shape != (q_heads,):
-    raise ValueError(f"sinks must have shape ({q_heads},); got {sinks.shape}.")
-  left, right = window
-  if is_causal:
-    right = 0 if right is None else min(right, 0)
-  mask = BlockMask(q_len=q_len, kv_len=kv_len, left=left, right=right,
-               has_segments=q_segment_ids is not None)
+  mask = kernel_mask(query, key, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                     sinks=sinks, is_causal=is_causal, window=window)
   blocks = block_sizes or BlockSizes.get_default(head_dim, dtype)
   st = Config(mask=mask, scale=float(scale),
-               softcap=None if logits_soft_cap is None else float(logits_soft_cap),
-               blocks=blocks, interpret=bool(interpret))
+              softcap=None if logits_soft_cap is None else float(logits_soft_cap),
+              blocks=blocks, interpret=bool(interpret))
   if q_segment_ids is not None:
     q_segment_ids = q_segment_ids.astype(jnp.int32)
     kv_segment_ids = kv_segment_ids.astype(jnp.int32)
