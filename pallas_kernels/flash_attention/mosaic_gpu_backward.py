@@ -44,9 +44,18 @@ class Config:
   interpret: bool = False
 
 
-def _masked(x, mask: BlockMask, q_pos, k_pos, q_seg, k_seg):
-  """x with -inf where the tile's (query, key) pairs are hidden; segments may be None."""
-  return jnp.where(mask.visible(q_pos, k_pos, q_seg, k_seg), x, -jnp.inf)
+def _probabilities_and_ds(s, dp, lse, delta, q_axis: int, cf: Config, hide):
+  """P and dS = P (dP - Delta) of one tile from S = q kᵀ and dP = dO vᵀ (f32, queries along
+  q_axis); lse (base 2) and delta: vectors along q_axis; hide: None (tile visible in full)
+  or the masking of the base-2 logits."""
+  x, c = parts.logits(s, cf.scale, cf.softcap)
+  slope = None if cf.softcap is None else parts.softcap_slope(x, cf.softcap)
+  if hide is not None:
+    x = hide(x)
+  along_queries = lambda v: lax.broadcast_in_dim(v, s.shape, [q_axis])
+  p = jnp.exp2(x * c - along_queries(lse))
+  ds = p * (dp - along_queries(delta))
+  return p, ds if slope is None else ds * slope
 
 
 def _block_loops(step, pass_over, cta_lo, cta_hi, ranges, carry):
@@ -110,20 +119,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
       plgpu.barrier_wait(ready.at[slot])
       s, dp = parts.products_t([(q_smem, k_smem.at[slot]), (do_smem, v_smem.at[slot])],
                                cf.interpret)
-      x, c = parts.logits(s, cf.scale, cf.softcap)
-      slope = None if cf.softcap is None else parts.softcap_slope(x, cf.softcap)
+      hide = None
       if masked:
-        segments = (None, None)
+        kv_seg = None
         if has_segments:
           kv_seg = plgpu.load(kv_seg_smem.at[slot], layout=parts.COLUMNS)
-          segments = (lax.broadcast_in_dim(q_seg, s.shape, [0]),
-                      lax.broadcast_in_dim(kv_seg, s.shape, [1]))
-        x = _masked(x, cf.mask, q0 + parts.iota(s.shape, 0), j * b + parts.iota(s.shape, 1),
-                    *segments)
-      p = jnp.exp2(x * c - lax.broadcast_in_dim(lse, s.shape, [0]))
-      ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
-      if slope is not None:
-        ds = ds * slope
+        hide = lambda x: parts.hide(x, cf.mask, q0, j * b, 0, q_seg, kv_seg)
+      _, ds = _probabilities_and_ds(s, dp, lse, delta, 0, cf, hide)
       dq, = parts.accumulate([(dq, ds.astype(k_smem.dtype), k_smem.at[slot])], cf.interpret)
       plgpu.barrier_arrive(free.at[slot])
       return dq
@@ -190,22 +192,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
       plgpu.barrier_wait(ready.at[slot])
       s, dp = parts.products_t([(k_smem, q_smem.at[slot]), (v_smem, do_smem.at[slot])],
                                cf.interpret)
-      x, c = parts.logits(s, cf.scale, cf.softcap)
-      slope = None if cf.softcap is None else parts.softcap_slope(x, cf.softcap)
+      hide = None
       if masked:
-        segments = (None, None)
+        q_seg = None
         if has_segments:
           q_seg = plgpu.load(q_seg_smem.at[slot], layout=parts.COLUMNS)
-          segments = (lax.broadcast_in_dim(q_seg, s.shape, [1]),
-                      lax.broadcast_in_dim(kv_seg, s.shape, [0]))
-        x = _masked(x, cf.mask, i * b + parts.iota(s.shape, 1), k0 + parts.iota(s.shape, 0),
-                    *segments)
+        hide = lambda x: parts.hide(x, cf.mask, i * b, k0, 1, q_seg, kv_seg)
       lse = plgpu.load(lse_smem.at[slot], layout=parts.COLUMNS)
       delta = plgpu.load(delta_smem.at[slot], layout=parts.COLUMNS)
-      p = jnp.exp2(x * c - lax.broadcast_in_dim(lse, s.shape, [1]))
-      ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [1]))
-      if slope is not None:
-        ds = ds * slope
+      p, ds = _probabilities_and_ds(s, dp, lse, delta, 1, cf, hide)
       dv, dk = parts.accumulate([(dv, p.astype(q_smem.dtype), do_smem.at[slot]),
                                  (dk, ds.astype(q_smem.dtype), q_smem.at[slot])],
                                 cf.interpret)

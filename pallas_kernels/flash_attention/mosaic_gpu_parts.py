@@ -30,6 +30,19 @@ def iota(shape, dimension):
   return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
 
 
+def hide(x, mask, q0, k0, q_axis: int, q_seg=None, k_seg=None):
+  """x with -inf where `mask` (a BlockMask) hides the (query, key) pair. The tile's queries
+  run along q_axis (0 or 1) from position q0, its keys along the other axis from k0; q_seg,
+  k_seg: segment-id vectors along those axes, or None."""
+  k_axis = 1 - q_axis
+  segments = (None, None)
+  if q_seg is not None:
+    segments = (lax.broadcast_in_dim(q_seg, x.shape, [q_axis]),
+                lax.broadcast_in_dim(k_seg, x.shape, [k_axis]))
+  visible = mask.visible(q0 + iota(x.shape, q_axis), k0 + iota(x.shape, k_axis), *segments)
+  return jnp.where(visible, x, -jnp.inf)
+
+
 def logits(s, scale: float, softcap: float | None):
   """(x, c) with base-2 logits c * x = log2(e) * softcap(scale * s) for the f32 tile s.
 

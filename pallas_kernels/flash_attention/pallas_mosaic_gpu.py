@@ -169,12 +169,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, out_re
       plgpu.barrier_arrive(k_free.at[slot])
       s, c = parts.logits(s, st.scale, st.softcap)
       if masked:
-        q_pos, k_pos = q0 + parts.iota(s.shape, 0), j * bk + parts.iota(s.shape, 1)
-        segments = (None, None)
-        if has_segments:
-          segments = (lax.broadcast_in_dim(q_seg, s.shape, [0]),
-                      lax.broadcast_in_dim(kv_seg, s.shape, [1]))
-        s = jnp.where(st.mask.visible(q_pos, k_pos, *segments), s, -jnp.inf)
+        s = parts.hide(s, st.mask, q0, j * bk, 0, q_seg, kv_seg if has_segments else None)
       m_new = jnp.maximum(m_i, s.max(axis=1) * c)
       # A row that has seen no key yet has m_new = -inf: subtract 0 instead (exp2 -> 0).
       m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
