@@ -13,12 +13,16 @@ decay inside a chunk (b_i = Σ_{j≤i} g_j, falling, ≤ 0) and h_n the state en
   o_i     = scale · [ Σ_{j≤i} (q_i ⊙ e^{b_i − b_j})ᵀ k_j v_j + (q_i ⊙ e^{b_i})ᵀ h_n ]
   h_{n+1} = e^{b_C} ⊙ h_n + Σ_j (k_j ⊙ e^{b_C − b_j}) v_jᵀ
 
-Every exponent is ≤ 0, so nothing overflows however strong the decay. For a vector gate
-the pairwise decay e^{b_i − b_j} differs per key column, so it cannot sit outside a
-matmul; the chunk's rows are split into sub-blocks of 16 (as in fla's GLA kernels): pairs
-in different sub-blocks go through a reference point r (b just before the later block,
-or at the end of the earlier one), `(q_i e^{b_i − r}) · (k_j e^{r − b_j})`, both factors
-≤ 1; pairs inside one sub-block use the exact [16, K] decay, one key row at a time.
+For a scalar gate every exponent is ≤ 0, so nothing overflows however strong the decay.
+A vector gate's pairwise decay e^{b_i − b_j} differs per key column, so it cannot sit
+outside a matmul. A chunk whose log decay falls by at most FACTORED_RANGE (60) in every
+channel is factored, `(q_i e^{b_i}) · (k_j e^{−b_j})` (the key factor ≤ e^60, finite;
+GLA's gates fall by about 0.1-1 per token, so chunks of 64 take this form), and costs a
+scalar gate's matmuls. A chunk with stronger decay is split into row blocks of 16 (as in
+fla's GLA kernels): pairs in different blocks go through a reference point r (b just
+before the later block, or at the end of the earlier one), `(q_i e^{b_i − r}) · (k_j
+e^{r − b_j})`, both factors ≤ 1; pairs inside one block use the exact [16, K] decay, one
+key row at a time — every exponent ≤ 0 again, at several times the cost.
 
 Resets are masks, never decays (log 0 would poison the factorisations): `rel`, the number
 of resets so far inside the chunk, tells a token's run. Token i reads the incoming state
@@ -26,25 +30,21 @@ only while rel_i = 0; key j feeds the outgoing state only if it is in the chunk'
 run; the state passes a chunk only if the chunk has no reset; pairs (i, j) interact only
 within one run.
 
-Kernels. The forward for a scalar gate (and so fixed decay and none) is one pass,
-Lightning Attention-2's: `_fused_output_kernel`, one program per (batch, head, sequence
-piece, value block), walks the chunks in order with the state on chip and writes o, so
-the chunk states never touch memory. The vector-gate forward and every backward use the
-classic three-pass design of flash-linear-attention `ops/common/chunk_h.py` and
-`ops/gla/chunk.py`, written anew:
+Kernels. The forward is one pass, Lightning Attention-2's: `_fused_output_kernel`, one
+program per (batch, head, sequence piece, value block), walks the chunks in order with
+the state on chip and writes o, so the chunk states never touch memory. The backward uses the classic design of
+flash-linear-attention `ops/common/chunk_h.py` and `ops/gla/chunk.py`, written anew:
 
   1. `_state_kernel`: one program per (batch, head, sequence piece, key block, value
      block) walks the chunks in order (fori_loop), storing each chunk's incoming state
      h_n and the piece's end state. Run in reverse over q and dO it is also the
      backward state pass: dh_n, the gradient with respect to the state leaving chunk n.
-  2. `_output_kernel` (vector gate): one program per (batch, head, chunk, row block,
-     value block): intra-chunk masked quadratic form plus q·h_n.
-  3. `_gradient_kernel`: one program per (batch, head, chunk, row block, value block)
-     gives dq, dk, dv of its rows from h_n and dh_n, and the per-token parts of the
-     decay gradient (all but dv summed over the value blocks, by default one).
+  2. `_gradient_kernel`: one program per (batch, head, chunk, value block) gives dq, dk,
+     dv of the chunk from h_n and dh_n, and the per-token parts of the decay gradient
+     (all but dv summed over the value blocks, by default one).
 
-Sequence pieces: when batch × heads × state blocks is too small to fill the GPU, the
-state passes and the fused forward split the sequence into P pieces that run in
+Sequence pieces: when batch × heads × value blocks is too small to fill the GPU, the
+forward and the state passes split the sequence into P pieces that run in
 parallel. The end state of a piece is affine in its start state, S_end = M ⊙ S_start +
 E, with M = e^{Σ g} over the piece (zero if the piece holds a reset). A first launch
 gives every E from a zero start, a scan over P in XLA chains the starts, and a second
@@ -90,6 +90,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 SUBCHUNK = 16  # rows per exact-decay block for the vector gate
+# A vector-gate chunk whose log decay falls by at most this much in every key channel is
+# factored like a scalar gate's: (q_i e^{b_i}) · (k_j e^{−b_j}), the key factor at most
+# e^60 ≈ 1e26 (finite in f32 and bf16, its products with the ≥ e^-60 query factors too).
+FACTORED_RANGE = 60.0
 MIN_DOT = 16  # tl.dot needs every dimension ≥ 16
 TARGET_PROGRAMS = 256  # about two state-pass programs per SM of an H100 (132 SMs)
 MIN_PIECE_CHUNKS = 4  # shorter pieces cost more in the second launch than they save
@@ -114,8 +118,8 @@ class BlockSizes:
 
   Attributes:
     block_k: key rows of the state per program in the state passes.
-    block_v: value columns of the state per program in the state passes, and of the
-      output per program in the output kernel.
+    block_v: value columns of the state and the output per program in the forward and
+      the state passes.
     num_warps, num_stages: Triton launch settings for every kernel.
     pieces: sequence pieces the state passes run in parallel; None picks enough to give
       about `TARGET_PROGRAMS` programs, each piece at least `MIN_PIECE_CHUNKS` chunks.
@@ -197,12 +201,23 @@ def _state_kernel(x_ref, y_ref, b_ref, rel_ref, start_ref, *out_refs, chunk, chu
   end_ref[...] = lax.fori_loop(0, chunks, body, start_ref[...])
 
 
-def _scalar_scores(q, b, rel, k, b_all, rel_all):
-  """Σ_k q_ik k_jk e^{b_i − b_j} for j ≤ i in one run; the whole chunk, scalar gate."""
-  mask = (_iota(b.shape[:1] + b_all.shape, 0) >= _iota(b.shape[:1] + b_all.shape, 1))
-  mask &= rel[:, None] == rel_all[None, :]
-  decay = jnp.exp(jnp.where(mask, b - b_all[None, :], -jnp.inf))
+def _pairs(rel, strict=False):
+  """[C, C] bool over a whole chunk: key j reaches query i (j ≤ i, or j < i if strict)
+  within one run."""
+  rows, cols = _iota((rel.shape[0], 1), 0), _iota((1, rel.shape[0]), 1)
+  return ((rows > cols) if strict else (rows >= cols)) & (rel[:, None] == rel[None, :])
+
+
+def _scalar_scores(q, b, rel, k, b_all):
+  """Σ_k q_ik k_jk e^{b_i − b_j} for j ≤ i in one run, and the decays; the whole chunk,
+  scalar gate (b `[C, 1]`, b_all `[C]`)."""
+  decay = jnp.exp(jnp.where(_pairs(rel), b - b_all[None, :], -jnp.inf))
   return _dot(q, k, "nt", q.dtype) * decay, decay
+
+
+def _factored(b_last):
+  """Whether a vector-gate chunk may use the factored form (see FACTORED_RANGE)."""
+  return jnp.min(b_last) >= -FACTORED_RANGE
 
 
 def _vector_diag(q, b, rel, k_ref, b_ref, row0, d_scores=None):
@@ -236,70 +251,92 @@ def _vector_diag(q, b, rel, k_ref, b_ref, row0, d_scores=None):
   return jnp.where(mask, scores, 0.0), dq, dk
 
 
-def _earlier(b, k_ref, b_ref, row0):
-  """Vector gate, a row block against the keys before it, through r = b just before it.
+def _earlier(b, r, k_all, b_all, start):
+  """Vector gate, a row block against the chunk's keys before it (rows < start), through
+  r = b just before the block `[1, K]`.
 
   Returns the query factor e^{b_i − r} `[s, K]` and the keys k_j e^{r − b_j} `[C, K]`
-  (zero for j ≥ row0); both factors are ≤ 1 and their product is e^{b_i − b_j}.
+  (zero for j ≥ start); both factors are ≤ 1 and their product is e^{b_i − b_j}.
   """
-  r = b_ref[pl.ds(jnp.maximum(row0 - 1, 0), 1), :]
-  earlier = _iota((k_ref.shape[0], 1), 0) < row0
-  return jnp.exp(b - r), k_ref[...] * jnp.exp(jnp.where(earlier, r - b_ref[...], -jnp.inf))
+  earlier = _iota((k_all.shape[0], 1), 0) < start
+  return jnp.exp(b - r), k_all * jnp.exp(jnp.where(earlier, r - b_all, -jnp.inf))
 
 
-def _later(b, q_ref, b_ref, row0, sub):
-  """Vector gate, a row block's keys against the queries after it, through r = b at the
-  block's last row: the key factor e^{r − b_j} `[s, K]` and the queries q_i e^{b_i − r}
-  `[C, K]` (zero for i inside or before the block)."""
-  r = b_ref[pl.ds(row0 + sub - 1, 1), :]
-  later = _iota((q_ref.shape[0], 1), 0) >= row0 + sub
-  return jnp.exp(r - b), q_ref[...] * jnp.exp(jnp.where(later, b_ref[...] - r, -jnp.inf))
+def _later(b, r, q_all, b_all, end):
+  """Vector gate, a row block's keys against the chunk's queries after it (rows ≥ end),
+  through r = b at the block's last row: the key factor e^{r − b_j} `[s, K]` and the
+  queries q_i e^{b_i − r} `[C, K]` (zero for i < end)."""
+  later = _iota((q_all.shape[0], 1), 0) >= end
+  return jnp.exp(r - b), q_all * jnp.exp(jnp.where(later, b_all - r, -jnp.inf))
 
 
-def _output_kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, h_ref, o_ref, *, scale, sub):
-  """Vector gate: o for one row block of one chunk and one value block, q·h_n plus the
-  intra-chunk part (the scalar gate's forward is `_fused_output_kernel`).
-
-  Refs hold the whole chunk (q, k `[C, K]`, v `[C, bv]`, b `[C, K]`, rel) and h_n
-  `[K, bv]`; the row block is program 3 of the grid.
+def _vector_block_output(q_ref, k_ref, v_ref, b_ref, rel_ref, s, base, chunk, start, sub):
+  """Vector gate: o (before `scale`) of the rows start … start + sub − 1 of the chunk of
+  `chunk` rows that begins at row `base` of the refs, from the state entering the chunk
+  s `[K, bv]`: q·s, the exact diagonal block, and the chunk's earlier rows through a
+  reference point (the whole chunk is read and masked: Triton tiles are powers of two).
   """
-  row0 = pl.program_id(3) * sub
-  rows = pl.ds(row0, sub)
+  rows = pl.ds(base + start, sub)
   q, b, rel = q_ref[rows, :], b_ref[rows, :], rel_ref[rows]
   dtype = q.dtype
   # Tokens still in the run that entered the chunk read the carried state.
-  out = _dot(jnp.where(rel[:, None] == 0, q * jnp.exp(b), 0.0), h_ref[...], "nn", dtype)
-  scores, _, _ = _vector_diag(q, b, rel, k_ref, b_ref, row0)
+  out = _dot(jnp.where(rel[:, None] == 0, q * jnp.exp(b), 0.0), s, "nn", dtype)
+  scores, _, _ = _vector_diag(q, b, rel, k_ref, b_ref, base + start)
   out += _dot(scores, v_ref[rows, :], "nn", dtype)
-  if q_ref.shape[0] > sub:
-    q_factor, k_r = _earlier(b, k_ref, b_ref, row0)
-    same_run = rel[:, None] == rel_ref[...][None, :]
+  if start > 0:
+    whole = pl.ds(base, chunk)
+    r = b_ref[pl.ds(base + start - 1, 1), :]
+    q_factor, k_r = _earlier(b, r, k_ref[whole, :], b_ref[whole, :], start)
+    same_run = rel[:, None] == rel_ref[whole][None, :]
     scores = jnp.where(same_run, _dot(q * q_factor, k_r, "nt", dtype), 0.0)
-    out += _dot(scores, v_ref[...], "nn", dtype)
-  o_ref[...] = (scale * out).astype(o_ref.dtype)
+    out += _dot(scores, v_ref[whole, :], "nn", dtype)
+  return out
 
 
 def _fused_output_kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, o_ref, end_ref, *,
-                         chunk, chunks, scale):
-  """The whole forward for one sequence piece and one value block, scalar gate: walks the
-  chunks in order carrying h `[K, bv]` on chip (f32), writing
-    o_i = scale · [ (q_i e^{b_i})ᵀ h_n + Σ_{j≤i} q_i·k_j e^{b_i − b_j} v_j ]
-  and then h ← e^{b_C} h + Σ_j (k_j e^{b_C − b_j}) v_jᵀ, with the masks of
-  `_output_kernel` and `_state_kernel`; end_ref gets the state leaving the piece.
+                         chunk, chunks, scale, sub):
+  """The whole forward for one sequence piece and one value block: walks the chunks in
+  order carrying h `[K, bv]` on chip (f32), writing
+    o_i = scale · [ (q_i ⊙ e^{b_i})ᵀ h_n + Σ_{j≤i} (q_i ⊙ e^{b_i − b_j})ᵀ k_j v_j ]
+  and then h ← e^{b_C} ⊙ h + Σ_j (k_j ⊙ e^{b_C − b_j}) v_jᵀ, with the masks of
+  `_state_kernel`; end_ref gets the state leaving the piece. A scalar gate takes a chunk
+  as one `[C, C]` score tile, a vector gate in row blocks of `sub`
+  (`_vector_block_output`).
   """
+  vector = len(b_ref.shape) == 2
 
   def body(t, s):
-    rows = pl.ds(t * chunk, chunk)
-    last = t * chunk + chunk - 1
-    q, k, v, b, rel = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], b_ref[rows], rel_ref[rows]
-    b_last, rel_last = b_ref[last], rel_ref[last]
-    dtype = q.dtype
-    scores, _ = _scalar_scores(q, b[:, None], rel, k, b, rel)
-    out = _dot(jnp.where(rel[:, None] == 0, q * jnp.exp(b)[:, None], 0.0), s, "nn", dtype)
-    out += _dot(scores, v, "nn", dtype)
-    o_ref[rows, :] = (scale * out).astype(o_ref.dtype)
-    weight = jnp.where(rel == rel_last, jnp.exp(b_last - b), 0.0)[:, None]
-    decay = jnp.where(rel_last == 0, jnp.exp(b_last), 0.0)
+    base = t * chunk
+    rows = pl.ds(base, chunk)
+    k, v, rel = k_ref[rows, :], v_ref[rows, :], rel_ref[rows]
+    b = _gate(b_ref, rows)  # [C, K] | [C, 1]
+    b_last = _gate(b_ref, pl.ds(base + chunk - 1, 1)).reshape(1, -1)
+    rel_last = rel_ref[base + chunk - 1]
+    dtype = k.dtype
+    if vector:
+      @pl.when(_factored(b_last))
+      def _factored_chunk():
+        q = q_ref[rows, :]
+        q_decayed = q * jnp.exp(b)
+        scores = jnp.where(_pairs(rel), _dot(q_decayed, k * jnp.exp(-b), "nt", dtype), 0.0)
+        out = _dot(jnp.where(rel[:, None] == 0, q_decayed, 0.0), s, "nn", dtype)
+        out += _dot(scores, v, "nn", dtype)
+        o_ref[rows, :] = (scale * out).astype(o_ref.dtype)
+
+      @pl.when(jnp.logical_not(_factored(b_last)))
+      def _exact_chunk():
+        for start in range(0, chunk, sub):
+          out = _vector_block_output(q_ref, k_ref, v_ref, b_ref, rel_ref, s, base, chunk,
+                                     start, sub)
+          o_ref[pl.ds(base + start, sub), :] = (scale * out).astype(o_ref.dtype)
+    else:
+      q = q_ref[rows, :]
+      scores, _ = _scalar_scores(q, b, rel, k, b_ref[rows])
+      out = _dot(jnp.where(rel[:, None] == 0, q * jnp.exp(b), 0.0), s, "nn", dtype)
+      out += _dot(scores, v, "nn", dtype)
+      o_ref[rows, :] = (scale * out).astype(o_ref.dtype)
+    weight = jnp.where(rel[:, None] == rel_last, jnp.exp(b_last - b), 0.0)
+    decay = jnp.where(rel_last == 0, jnp.exp(b_last), 0.0).reshape(-1, 1)  # rows of h
     return decay * s + _dot(k * weight, v, "tn", dtype)
 
   end_ref[...] = lax.fori_loop(0, chunks, body, start_ref[...])
@@ -307,8 +344,9 @@ def _fused_output_kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, o_ref, 
 
 def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
                      dq_ref, dk_ref, dv_ref, db_ref, dkeys_ref, *, scale, sub):
-  """dq, dk, dv and the decay-gradient parts for one row block of one chunk (all but dv:
-  this value head's share).
+  """dq, dk, dv and the decay-gradient parts for one chunk (all but dv: this value head's
+  share): in one piece for a scalar gate and a factored vector-gate chunk, in row blocks
+  of `sub` for a vector-gate chunk whose decay is too strong to factor.
 
   h_n is the state entering the chunk, dh_n the gradient w.r.t. the state leaving it.
   Each pair (query i, key j < i) adds its share P_ij to dL/dB_i and takes it from
@@ -318,54 +356,71 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
   dominate them and leave only rounding noise.
   """
   chunk = q_ref.shape[0]
-  row0 = pl.program_id(3) * sub
-  rows = pl.ds(row0, sub)
-  q, k, v, do = (ref[rows, :] for ref in (q_ref, k_ref, v_ref, do_ref))
-  b, rel = _gate(b_ref, rows), rel_ref[rows]
-  dtype = q.dtype
-  # Inter-chunk: o_i ∋ scale (q_i e^{b_i})ᵀ h_n and h_{n+1} ∋ (k_j e^{b_C − b_j}) v_jᵀ.
+  vector = len(b_ref.shape) == 2
   b_last = _gate(b_ref, pl.ds(chunk - 1, 1)).reshape(1, -1)
-  q_decay = jnp.where(rel[:, None] == 0, jnp.exp(b), 0.0)
-  k_decay = jnp.where(rel[:, None] == rel_ref[chunk - 1], jnp.exp(b_last - b), 0.0)
-  dh = dh_ref[...]
-  dq = scale * q_decay * _dot(do, h_ref[...], "nt", dtype)
-  dk_state = k_decay * _dot(v, dh, "nt", dtype)
-  dk = jnp.zeros_like(dk_state)
-  dv = _dot(k * k_decay, dh, "nn", dtype)
-  # Intra-chunk, the diagonal block: o_i ∋ scale Σ_j scores_ij v_j (pairs j < i here).
-  d_scores = scale * _dot(do, v, "nt", dtype)
-  if len(b_ref.shape) == 1:
-    scores, decay = _scalar_scores(q, b, rel, k, b_ref[...], rel)
-    d_scores = jnp.where(_iota(decay.shape, 0) > _iota(decay.shape, 1), d_scores * decay, 0.)
-    dq += _dot(d_scores, k, "nn", dtype)
-    dk += _dot(d_scores, q, "tn", dtype)
-  else:
-    scores, dq_diag, dk_diag = _vector_diag(q, b, rel, k_ref, b_ref, row0, d_scores)
-    dq += dq_diag
-    dk += dk_diag
-  dv += _dot(scale * scores, do, "tn", dtype)
-  if len(b_ref.shape) == 2 and chunk > sub:
-    rel_all = rel_ref[...]
-    # This block's queries against the earlier keys of the chunk.
-    q_factor, k_r = _earlier(b, k_ref, b_ref, row0)
-    d_scores = scale * _dot(do, v_ref[...], "nt", dtype)
-    d_scores = jnp.where(rel[:, None] == rel_all[None, :], d_scores, 0.0)
-    dq += q_factor * _dot(d_scores, k_r, "nn", dtype)
-    # This block's keys against the later queries.
-    k_factor, q_r = _later(b, q_ref, b_ref, row0, sub)
-    same_run = rel_all[:, None] == rel[None, :]  # [C, s]
-    scores = jnp.where(same_run, scale * _dot(q_r, k * k_factor, "nt", dtype), 0.0)
-    d_scores = jnp.where(same_run, scale * _dot(do_ref[...], v, "nt", dtype), 0.0)
-    dv += _dot(scores, do_ref[...], "tn", dtype)
-    dk += k_factor * _dot(d_scores, q_r, "tn", dtype)
-  q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-  per_token = (lambda x: x) if len(db_ref.shape) == 2 else (lambda x: jnp.sum(x, axis=1))
-  db_ref[...] = per_token(q * dq - k * dk)
-  dkeys_ref[...] = per_token(k * dk_state)
-  own = scale * jnp.sum(do.astype(jnp.float32) * v.astype(jnp.float32), axis=1, keepdims=True)
-  dq_ref[...] = (dq + own * k).astype(dq_ref.dtype)
-  dk_ref[...] = (dk + dk_state + own * q).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  h, dh = h_ref[...], dh_ref[...]
+
+  def rows_gradients(start, size, form):  # form: "scalar", "factored" or "exact"
+    rows = pl.ds(start, size)
+    q, k, v, do = (ref[rows, :] for ref in (q_ref, k_ref, v_ref, do_ref))
+    b, rel = _gate(b_ref, rows), rel_ref[rows]
+    dtype = q.dtype
+    # Inter-chunk: o_i ∋ scale (q_i e^{b_i})ᵀ h_n and h_{n+1} ∋ (k_j e^{b_C − b_j}) v_jᵀ.
+    q_decay = jnp.where(rel[:, None] == 0, jnp.exp(b), 0.0)
+    k_decay = jnp.where(rel[:, None] == rel_ref[chunk - 1], jnp.exp(b_last - b), 0.0)
+    dq = scale * q_decay * _dot(do, h, "nt", dtype)
+    dk_state = k_decay * _dot(v, dh, "nt", dtype)
+    dv = _dot(k * k_decay, dh, "nn", dtype)
+    # Intra-chunk, the rows' own block: o_i ∋ scale Σ_j scores_ij v_j (pairs j < i here).
+    d_scores = scale * _dot(do, v, "nt", dtype)
+    if form == "scalar":
+      scores, decay = _scalar_scores(q, b, rel, k, b_ref[...])
+      d_scores = jnp.where(_pairs(rel, strict=True), d_scores * decay, 0.0)
+      dq += _dot(d_scores, k, "nn", dtype)
+      dk = _dot(d_scores, q, "tn", dtype)
+    elif form == "factored":
+      q_decayed, k_grown = q * jnp.exp(b), k * jnp.exp(-b)
+      scores = jnp.where(_pairs(rel), _dot(q_decayed, k_grown, "nt", dtype), 0.0)
+      d_scores = jnp.where(_pairs(rel, strict=True), d_scores, 0.0)
+      dq += jnp.exp(b) * _dot(d_scores, k_grown, "nn", dtype)
+      dk = jnp.exp(-b) * _dot(d_scores, q_decayed, "tn", dtype)
+    else:
+      scores, dq_diag, dk = _vector_diag(q, b, rel, k_ref, b_ref, start, d_scores)
+      dq += dq_diag
+    dv += _dot(scale * scores, do, "tn", dtype)
+    if form == "exact" and start > 0:  # the rows' queries against the earlier keys
+      r = b_ref[pl.ds(start - 1, 1), :]
+      q_factor, k_r = _earlier(b, r, k_ref[...], b_ref[...], start)
+      d_scores = scale * _dot(do, v_ref[...], "nt", dtype)
+      d_scores = jnp.where(rel[:, None] == rel_ref[...][None, :], d_scores, 0.0)
+      dq += q_factor * _dot(d_scores, k_r, "nn", dtype)
+    if form == "exact" and start + size < chunk:  # the rows' keys against later queries
+      r = b_ref[pl.ds(start + size - 1, 1), :]
+      k_factor, q_r = _later(b, r, q_ref[...], b_ref[...], start + size)
+      same_run = rel_ref[...][:, None] == rel[None, :]  # [C, s]
+      scores = jnp.where(same_run, scale * _dot(q_r, k * k_factor, "nt", dtype), 0.0)
+      d_scores = jnp.where(same_run, scale * _dot(do_ref[...], v, "nt", dtype), 0.0)
+      dv += _dot(scores, do_ref[...], "tn", dtype)
+      dk += k_factor * _dot(d_scores, q_r, "tn", dtype)
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    per_token = (lambda x: x) if vector else (lambda x: jnp.sum(x, axis=1))
+    db_ref[rows] = per_token(q * dq - k * dk)
+    dkeys_ref[rows] = per_token(k * dk_state)
+    own = scale * jnp.sum(do.astype(jnp.float32) * v.astype(jnp.float32), axis=1,
+                          keepdims=True)
+    dq_ref[rows, :] = (dq + own * k).astype(dq_ref.dtype)
+    dk_ref[rows, :] = (dk + dk_state + own * q).astype(dk_ref.dtype)
+    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+
+  if not vector:
+    rows_gradients(0, chunk, "scalar")
+    return
+  pl.when(_factored(b_last))(lambda: rows_gradients(0, chunk, "factored"))
+
+  @pl.when(jnp.logical_not(_factored(b_last)))
+  def _exact_chunk():
+    for start in range(0, chunk, sub):
+      rows_gradients(start, sub, "exact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,7 +428,7 @@ class _Plan:
   """Static configuration of one call (hashable: the custom_vjp's non-diff argument)."""
   scale: float
   chunk: int
-  sub: int  # rows per program in the output and gradient kernels
+  sub: int  # rows per block of the vector gate's intra-chunk part
   pieces: int
   chunks_per_piece: int
   block_k: int
@@ -464,35 +519,19 @@ def _state_pass(x, y, b, rel, boundary, piece_decay, plan, *, reverse):
 
 
 def _chunk_specs(q, v, b, chunk, width):
-  """BlockSpecs over a (batch, head, chunk, row block, value block) grid: whole-chunk
-  q/k (by key head), v-like arrays and states `width` columns wide, b and rel."""
+  """BlockSpecs over a (batch, head, chunk, value block) grid: whole-chunk q/k (by key
+  head), v-like arrays and states `width` columns wide, b and rel."""
   ratio = v.shape[2] // q.shape[2]
   key_dim = q.shape[-1]
-  qk = pl.BlockSpec((None, chunk, None, key_dim), lambda n, h, t, r, j: (n, t, h // ratio, 0))
-  vv = pl.BlockSpec((None, chunk, None, width), lambda n, h, t, r, j: (n, t, h, j))
+  qk = pl.BlockSpec((None, chunk, None, key_dim), lambda n, h, t, j: (n, t, h // ratio, 0))
+  vv = pl.BlockSpec((None, chunk, None, width), lambda n, h, t, j: (n, t, h, j))
   if b.ndim == 4:
-    bb = pl.BlockSpec((None, chunk, None, key_dim), lambda n, h, t, r, j: (n, t, h, 0))
+    bb = pl.BlockSpec((None, chunk, None, key_dim), lambda n, h, t, j: (n, t, h, 0))
   else:
-    bb = pl.BlockSpec((None, chunk, None), lambda n, h, t, r, j: (n, t, h))
-  rel = pl.BlockSpec((None, chunk), lambda n, h, t, r, j: (n, t))
-  state = pl.BlockSpec((None, None, None, key_dim, width),
-                       lambda n, h, t, r, j: (n, h, t, 0, j))
+    bb = pl.BlockSpec((None, chunk, None), lambda n, h, t, j: (n, t, h))
+  rel = pl.BlockSpec((None, chunk), lambda n, h, t, j: (n, t))
+  state = pl.BlockSpec((None, None, None, key_dim, width), lambda n, h, t, j: (n, h, t, 0, j))
   return qk, vv, bb, rel, state
-
-
-def _output_call(q, k, v, b, rel, states, plan):
-  batch, _, heads, value_dim = v.shape
-  bv, sub = plan.block_v, plan.sub
-  blocks = plan.chunk // sub
-  qk, vv, bb, rr, state = _chunk_specs(q, v, b, plan.chunk, bv)
-  out_spec = pl.BlockSpec((None, sub, None, bv),
-                          lambda n, h, t, r, j: (n, t * blocks + r, h, j))
-  kernel = functools.partial(_output_kernel, scale=plan.scale, sub=sub)
-  return plan.call(
-      kernel, "linear_attention_output",
-      grid=(batch, heads, plan.chunks, blocks, value_dim // bv),
-      in_specs=[qk, qk, vv, bb, rr, state], out_specs=out_spec,
-      out_shape=jax.ShapeDtypeStruct(v.shape, q.dtype))(q, k, v, b, rel, states)
 
 
 def _fused_output_call(q, k, v, b, rel, starts, plan):
@@ -504,14 +543,18 @@ def _fused_output_call(q, k, v, b, rel, starts, plan):
   bv, piece = plan.block_v, plan.chunks_per_piece * plan.chunk
   qk = pl.BlockSpec((None, piece, None, key_dim), lambda n, h, p, j: (n, p, h // ratio, 0))
   vo = pl.BlockSpec((None, piece, None, bv), lambda n, h, p, j: (n, p, h, j))
+  if b.ndim == 4:
+    bb = pl.BlockSpec((None, piece, None, key_dim), lambda n, h, p, j: (n, p, h, 0))
+  else:
+    bb = pl.BlockSpec((None, piece, None), lambda n, h, p, j: (n, p, h))
   state = pl.BlockSpec((None, None, None, key_dim, bv), lambda n, h, p, j: (n, h, p, 0, j))
   kernel = functools.partial(_fused_output_kernel, chunk=plan.chunk,
-                             chunks=plan.chunks_per_piece, scale=plan.scale)
+                             chunks=plan.chunks_per_piece, scale=plan.scale, sub=plan.sub)
   return plan.call(
       kernel, "linear_attention_fused_fwd",
       grid=(batch, heads, plan.pieces, value_dim // bv),
-      in_specs=[qk, qk, vo, pl.BlockSpec((None, piece, None), lambda n, h, p, j: (n, p, h)),
-                pl.BlockSpec((None, piece), lambda n, h, p, j: (n, p)), state],
+      in_specs=[qk, qk, vo, bb, pl.BlockSpec((None, piece), lambda n, h, p, j: (n, p)),
+                state],
       out_specs=[vo, state],
       out_shape=[jax.ShapeDtypeStruct(v.shape, q.dtype),
                  jax.ShapeDtypeStruct(starts.shape, jnp.float32)],
@@ -519,36 +562,33 @@ def _fused_output_call(q, k, v, b, rel, starts, plan):
 
 
 def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
-  """Launches `_gradient_kernel` over (batch, head, chunk, row block, value block).
+  """Launches `_gradient_kernel` over (batch, head, chunk, value block).
 
   Returns dq, dk per value head `[B, T, H, K]`, dv, and the decay-gradient parts; all but
   dv are partial sums over one value block, summed here when there are several.
   """
-  batch, t_pad, heads, value_dim = v.shape
-  key_dim, sub, bv = k.shape[-1], plan.sub, plan.gradient_block_v
-  blocks, splits = plan.chunk // sub, value_dim // bv
-  qk, vv, bb, rr, state = _chunk_specs(q, v, b, plan.chunk, bv)
-  token = lambda t, r: t * blocks + r
+  batch, _, heads, value_dim = v.shape
+  key_dim, chunk, bv = k.shape[-1], plan.chunk, plan.gradient_block_v
+  splits = value_dim // bv
+  qk, vv, bb, rr, state = _chunk_specs(q, v, b, chunk, bv)
   partial = lambda shape, dtype: jax.ShapeDtypeStruct((splits,) + shape, dtype)
   # dq, dk per value head; f32 when summed over value blocks or over a group of value
   # heads that share a key head.
   sums = splits > 1 or heads != q.shape[2]
-  per_head = partial((batch, t_pad, heads, key_dim),
+  per_head = partial(k.shape[:2] + (heads, key_dim),
                      jnp.float32 if sums else _storage_dtype(q.dtype))
-  dqk_spec = pl.BlockSpec((None, None, sub, None, key_dim),
-                          lambda n, h, t, r, j: (j, n, token(t, r), h, 0))
+  dqk_spec = pl.BlockSpec((None, None, chunk, None, key_dim),
+                          lambda n, h, t, j: (j, n, t, h, 0))
   if b.ndim == 4:
     db_spec = dqk_spec
   else:
-    db_spec = pl.BlockSpec((None, None, sub, None),
-                           lambda n, h, t, r, j: (j, n, token(t, r), h))
-  dv_spec = pl.BlockSpec((None, sub, None, bv), lambda n, h, t, r, j: (n, token(t, r), h, j))
-  kernel = functools.partial(_gradient_kernel, scale=plan.scale, sub=sub)
+    db_spec = pl.BlockSpec((None, None, chunk, None), lambda n, h, t, j: (j, n, t, h))
+  kernel = functools.partial(_gradient_kernel, scale=plan.scale, sub=plan.sub)
   dq, dk, dv, d_b, d_keys = plan.call(
       kernel, "linear_attention_gradients", num_warps=plan.gradient_num_warps,
-      grid=(batch, heads, plan.chunks, blocks, splits),
+      grid=(batch, heads, plan.chunks, splits),
       in_specs=[qk, qk, vv, vv, bb, rr, state, state],
-      out_specs=[dqk_spec, dqk_spec, dv_spec, db_spec, db_spec],
+      out_specs=[dqk_spec, dqk_spec, vv, db_spec, db_spec],
       out_shape=[per_head, per_head, jax.ShapeDtypeStruct(v.shape, v.dtype),
                  partial(b.shape, jnp.float32), partial(b.shape, jnp.float32)],
   )(q, k, v, do, b, rel, states, d_states)
@@ -618,13 +658,10 @@ def _linear_attention(q, k, v, g, h0, resets, plan):
 
 def _forward(q, k, v, g, h0, resets, plan):
   qp, kp, vp, b, rel, _, decay = _prepare(q, k, v, g, resets, plan)
-  if b.ndim == 3:  # scalar gate: one pass, the chunk states never leave the chip
-    starts = _piece_starts(kp, vp, b, rel, h0, decay, plan, reverse=False)
-    out, ends = _fused_output_call(qp, kp, vp, b, rel, starts, plan)
-    final = ends[:, :, -1]
-  else:
-    states, final = _state_pass(kp, vp, b, rel, h0, decay, plan, reverse=False)
-    out = _output_call(qp, kp, vp, b, rel, states, plan)
+  # One pass: the chunk states never leave the chip.
+  starts = _piece_starts(kp, vp, b, rel, h0, decay, plan, reverse=False)
+  out, ends = _fused_output_call(qp, kp, vp, b, rel, starts, plan)
+  final = ends[:, :, -1]
   return (out[:, :k.shape[1]], final), (q, k, v, g, h0, resets, final)
 
 
@@ -667,8 +704,8 @@ def _make_plan(batch, seq, heads, key_dim, value_dim, dtype, vector, scale, chun
   chunks = -(-seq // chunk_size)
   pieces = blocks.pieces
   if pieces is None:
-    # The fused forward (scalar gate) keeps whole key rows; the state passes split them.
-    programs = batch * heads * (value_dim // block_v) * (key_dim // block_k if vector else 1)
+    # Counted for the fused forward, which keeps whole key rows.
+    programs = batch * heads * (value_dim // block_v)
     pieces = min(TARGET_PROGRAMS // programs, chunks // MIN_PIECE_CHUNKS)
   per_piece = -(-chunks // max(1, min(pieces, chunks)))
   return _Plan(scale=float(scale), chunk=chunk_size,

@@ -141,7 +141,26 @@ def _value_and_grads(fn, args, cotangents):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_recurrence(case):
-  args, resets, cotangents = _inputs(case)
+  _check_against_reference(case, *_inputs(case))
+
+
+def test_vector_gate_chunks_factored_and_exact():
+  """Vector-gate chunks on both sides of FACTORED_RANGE in one call: mild decay (factored
+  form), strong decay in every channel, and strong decay in some channels only (the exact
+  row-block form)."""
+  case = Case(batch=1, seq=48, gate="vector", chunk_size=16, resets=True)
+  (q, k, v, g, h0), resets, cotangents = _inputs(case)
+  strong = jnp.asarray(RNG.uniform(-10.0, -6.0, g.shape).astype(np.float32))
+  some_channels = jnp.arange(case.key_dim) % 2 == 0
+  g = jnp.concatenate([0.1 * g[:, :16], strong[:, 16:32],
+                       jnp.where(some_channels, strong, g)[:, 32:]], axis=1)
+  falls = (-g).reshape(1, 3, 16, case.value_heads, case.key_dim).sum(2).max(-1)
+  assert bool((falls[:, 0] < pt.FACTORED_RANGE).all())
+  assert bool((falls[:, 1:] > pt.FACTORED_RANGE).all())
+  _check_against_reference(case, (q, k, v, g, h0), resets, cotangents)
+
+
+def _check_against_reference(case, args, resets, cotangents):
   out, final, grads = _value_and_grads(_kernel(case, resets), args, cotangents)
   ref_out, ref_final, ref_grads = _value_and_grads(_reference(case, resets), args,
                                                    cotangents)
