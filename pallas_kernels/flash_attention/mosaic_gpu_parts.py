@@ -81,16 +81,20 @@ def products_t(pairs, interpret: bool, while_running=lambda: None):
   return list(pl.run_state(compute)(zeros))
 
 
-def accumulate(terms, interpret: bool):
+def accumulate(terms, interpret: bool, while_running=lambda: None):
   """[acc + a · b for (acc, a, b) in terms]: acc [M, N] f32, a [M, K] in registers, b [K, N]
-  a shared-memory tile; issued together."""
+  a shared-memory tile; issued together; while_running() runs while the tensor cores
+  compute."""
   if interpret:
-    return [acc + jnp.dot(a, b[...], preferred_element_type=jnp.float32)
-            for acc, a, b in terms]
+    out = [acc + jnp.dot(a, b[...], preferred_element_type=jnp.float32)
+           for acc, a, b in terms]
+    while_running()
+    return out
 
   def compute(acc_refs):
     for acc_ref, (_, a, b) in zip(acc_refs, terms):
       plgpu.wgmma(acc_ref, a, b)
+    while_running()
   return list(pl.run_state(compute)([plgpu.ACC.init(acc) for acc, _, _ in terms]))
 
 

@@ -159,10 +159,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, out_re
     acc = plgpu.layout_cast(jnp.full((bq, v_smem.shape[-1]), 0.0, jnp.float32),
                             plgpu.Layout.WGMMA)
 
-    def step(j, carry, masked):
+    lo, full_lo, full_hi, hi = st.mask.kv_blocks(q0, bq, bk)
+    lo = jnp.clip(lo, cta_lo, cta_hi)
+    full_lo, full_hi, hi = (jnp.clip(x, lo, cta_hi) for x in (full_lo, full_hi, hi))
+
+    def wait_keys(j):  # Block j's keys, if this warpgroup computes block j.
+      @pl.when(j < hi)
+      def _wait():
+        plgpu.barrier_wait(k_barriers.at[slot_of(j)])
+
+    def step(j, carry, masked):  # Block j's keys have been awaited (wait_keys).
       acc, m_i, l_i = carry
       slot = slot_of(j)
-      plgpu.barrier_wait(k_barriers.at[slot])
       s, = parts.products_t([(q_smem, k_smem.at[slot])], st.interpret, take_turn)
       if masked and has_segments:
         kv_seg = plgpu.load(kv_seg_smem.at[slot], layout=parts.COLUMNS)
@@ -184,7 +192,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, out_re
       plgpu.barrier_wait(v_barriers.at[slot])
       if st.blocks.schedule_barrier:
         plgpu.barrier_wait(schedule)
-      acc, = parts.accumulate([(acc, p, v_smem.at[slot])], st.interpret)
+      # The next block's keys are awaited while the tensor cores run P V (as FA3).
+      acc, = parts.accumulate([(acc, p, v_smem.at[slot])], st.interpret,
+                              lambda: wait_keys(j + 1))
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_new, l_i
 
@@ -194,11 +204,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, out_re
       take_turn()
       return carry
 
-    lo, full_lo, full_hi, hi = st.mask.kv_blocks(q0, bq, bk)
-    lo = jnp.clip(lo, cta_lo, cta_hi)
-    full_lo, full_hi, hi = (jnp.clip(x, lo, cta_hi) for x in (full_lo, full_hi, hi))
     pl.when(wg == 1)(take_turn)
     carry = lax.fori_loop(cta_lo, lo, pass_over, (acc, m_i, l_i))
+    wait_keys(lo)
     carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
     carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
     carry = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
