@@ -49,7 +49,8 @@ _TRIALS = flags.DEFINE_integer("trials", 10, "Timed trials per row (median repor
 def _block_sizes():
   """Every combination of the listed settings, as BlockSizes over the default."""
   default = pallas_triton.BlockSizes.get_default(_KEY_DIM.value, _VALUE_DIM.value,
-                                                 jnp.dtype(_DTYPE.value))
+                                                 jnp.dtype(_DTYPE.value),
+                                                 vector=_FORM.value == "vector")
   swept = {name: [int(v) or None for v in flag.value]
            for name, flag in _SETTINGS.items() if flag.value}
   for values in itertools.product(*swept.values()):

@@ -208,9 +208,11 @@ def test_unsupported_arguments_raise_not_implemented():
 
 
 def test_default_block_sizes_come_from_the_table():
-  for key_dim, value_dim, dtype in [(64, 64, jnp.bfloat16), (128, 128, jnp.float32),
-                                    (128, 256, jnp.float16), (16, 32, jnp.float32)]:
-    blocks = BlockSizes.get_default(key_dim, value_dim, dtype)
+  for key_dim, value_dim, dtype, vector in [
+      (64, 64, jnp.bfloat16, False), (128, 128, jnp.float32, False),
+      (128, 256, jnp.float16, False), (16, 32, jnp.float32, True),
+      (128, 128, jnp.bfloat16, True), (64, 64, jnp.bfloat16, True)]:
+    blocks = BlockSizes.get_default(key_dim, value_dim, dtype, vector)
     for block, dim in ((blocks.block_k, key_dim), (blocks.block_v, value_dim)):
       assert block <= dim and dim % block == 0 and block & (block - 1) == 0
     assert blocks.pieces is None
