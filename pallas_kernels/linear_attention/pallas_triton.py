@@ -389,7 +389,8 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
       dq += _dot(d_scores, k, "nn", dtype)
       dk = _dot(d_scores, q, "tn", dtype)
     elif form == "factored":
-      q_decayed, k_grown = q * jnp.exp(b), k * jnp.exp(-b)
+      # The dot operands in the input dtype at once: fewer [C, K] f32 tiles held.
+      q_decayed, k_grown = ((x * jnp.exp(y)).astype(dtype) for x, y in ((q, b), (k, -b)))
       scores = jnp.where(_pairs(rel), _dot(q_decayed, k_grown, "nt", dtype), 0.0)
       d_scores = jnp.where(_pairs(rel, strict=True), d_scores, 0.0)
       dq += jnp.exp(b) * _dot(d_scores, k_grown, "nn", dtype)
