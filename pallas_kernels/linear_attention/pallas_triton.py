@@ -32,8 +32,9 @@ within one run.
 
 Kernels. The forward is one pass, Lightning Attention-2's: `_fused_output_kernel`, one
 program per (batch, head, sequence piece, value block), walks the chunks in order with
-the state on chip and writes o, so the chunk states never touch memory. The backward uses the classic design of
-flash-linear-attention `ops/common/chunk_h.py` and `ops/gla/chunk.py`, written anew:
+the state on chip and writes o, so the chunk states never touch memory. The backward
+uses the classic design of flash-linear-attention `ops/common/chunk_h.py` and
+`ops/gla/chunk.py`, written anew:
 
   1. `_state_kernel`: one program per (batch, head, sequence piece, key block, value
      block) walks the chunks in order (fori_loop), storing each chunk's incoming state
