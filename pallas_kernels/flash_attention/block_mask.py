@@ -83,16 +83,21 @@ class BlockMask:
     return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
 
 
-def kernel_mask(query, key, *, q_segment_ids, kv_segment_ids, sinks, is_causal: bool,
-                window) -> BlockMask:
-  """The BlockMask of a flash-attention kernel call ([B, T, H, D] query and key), after the
-  checks every kernel makes: heads divide, segment ids given together, sinks of shape [Hq].
+def kernel_arguments(kernel: str, query, key, *, q_segment_ids, kv_segment_ids, sinks,
+                     is_causal: bool, window):
+  """The BlockMask of a flash-attention kernel call ([B, T, H, D] query and key) and its
+  segment ids as int32 (or None), after the checks every kernel makes: both sequences
+  non-empty, heads divide, segment ids given together, sinks of shape [Hq].
 
   Raises:
+    NotImplementedError: an empty sequence (`kernel` names the kernel in the message).
     ValueError: naming the argument that is malformed.
   """
   q_len, q_heads = query.shape[1], query.shape[2]
   kv_len, kv_heads = key.shape[1], key.shape[2]
+  if q_len == 0 or kv_len == 0:
+    raise NotImplementedError(f"{kernel} needs q_seq, kv_seq >= 1; got q_seq={q_len}, "
+                              f"kv_seq={kv_len}.")
   if q_heads % kv_heads:
     raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads "
                      f"({kv_heads}).")
@@ -103,8 +108,11 @@ def kernel_mask(query, key, *, q_segment_ids, kv_segment_ids, sinks, is_causal: 
   left, right = window
   if is_causal:
     right = 0 if right is None else min(right, 0)
-  return BlockMask(q_len=q_len, kv_len=kv_len, left=left, right=right,
+  mask = BlockMask(q_len=q_len, kv_len=kv_len, left=left, right=right,
                    has_segments=q_segment_ids is not None)
+  if q_segment_ids is None:
+    return mask, None, None
+  return mask, q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
 
 
 def masked_loops(body, lo, full_lo, full_hi, hi, carry):

@@ -72,6 +72,27 @@ def _block_loops(step, pass_over, cta_lo, cta_hi, ranges, carry):
   return lax.fori_loop(hi, cta_hi, skip, carry)
 
 
+def _copy_rows(sources, targets, index, barrier):
+  """TMA copies of one block's inputs from `sources` (gmem refs) into `targets`[index]
+  (shared-memory tiles), arriving on barrier. targets may run longer than sources: a
+  trailing segment-id tile is not copied when there are no segment ids."""
+  for src, dst in zip(sources, targets):
+    plgpu.copy_gmem_to_smem(src, dst.at[index], barrier)
+
+
+def _query_rows(q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, batch, head, rows):
+  """The query-side inputs of `rows` of one head: Q, dO, lse, Delta (and segment ids)."""
+  sources = [q_ref.at[batch, rows, head], do_ref.at[batch, rows, head],
+             lse_ref.at[batch, head, rows], delta_ref.at[batch, head, rows]]
+  return sources + ([] if q_seg_ref is None else [q_seg_ref.at[batch, rows]])
+
+
+def _key_rows(k_ref, v_ref, kv_seg_ref, batch, kv_head, keys):
+  """The key-side inputs of `keys` of one key/value head: K, V (and segment ids)."""
+  sources = [k_ref.at[batch, keys, kv_head], v_ref.at[batch, keys, kv_head]]
+  return sources + ([] if kv_seg_ref is None else [kv_seg_ref.at[batch, keys]])
+
+
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
                dq_ref, smem, barriers, *, cf: Config):
   """One CTA: 2 * block query rows of one (batch, query head). lse_ref (base 2, 0 for rows
@@ -88,11 +109,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
 
   def load(t, slot):  # Step t is key/value block cta_lo + t.
     keys = pl.ds((cta_lo + t) * b, b)
-    plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem.at[slot], ready.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem.at[slot], ready.at[slot])
-    if has_segments:
-      plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], kv_seg_smem.at[slot],
-                              ready.at[slot])
+    _copy_rows(_key_rows(k_ref, v_ref, kv_seg_ref, batch, kv_head, keys),
+               (k_smem, v_smem, kv_seg_smem), slot, ready.at[slot])
 
   queues = [(load, ready, free)]
 
@@ -102,13 +120,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
     q0 = cta_q0 + wg * b
     rows = pl.ds(q0, b)
     q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
-    copies = [(q_ref.at[batch, rows, head], q_smem), (do_ref.at[batch, rows, head], do_smem),
-              (lse_ref.at[batch, head, rows], lse_smem2.at[wg]),
-              (delta_ref.at[batch, head, rows], delta_smem2.at[wg])]
-    if has_segments:
-      copies.append((q_seg_ref.at[batch, rows], q_seg_smem2.at[wg]))
-    for src, dst in copies:
-      plgpu.copy_gmem_to_smem(src, dst, row_barriers.at[wg])
+    _copy_rows(_query_rows(q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, batch, head, rows),
+               (q_smem2, do_smem2, lse_smem2, delta_smem2, q_seg_smem2), wg,
+               row_barriers.at[wg])
     plgpu.barrier_wait(row_barriers.at[wg])
     lse = plgpu.load(lse_smem2.at[wg], layout=parts.ROWS)
     delta = plgpu.load(delta_smem2.at[wg], layout=parts.ROWS)
@@ -161,13 +175,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
     per_head = jnp.asarray(blocks, jnp.int32)
     head = kv_head * cf.groups + lax.div(t, per_head)
     rows = pl.ds((cta_lo + lax.rem(t, per_head)) * b, b)
-    copies = [(q_ref.at[batch, rows, head], q_smem), (do_ref.at[batch, rows, head], do_smem),
-              (lse_ref.at[batch, head, rows], lse_smem),
-              (delta_ref.at[batch, head, rows], delta_smem)]
-    if has_segments:
-      copies.append((q_seg_ref.at[batch, rows], q_seg_smem))
-    for src, dst in copies:
-      plgpu.copy_gmem_to_smem(src, dst.at[slot], ready.at[slot])
+    _copy_rows(_query_rows(q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, batch, head, rows),
+               (q_smem, do_smem, lse_smem, delta_smem, q_seg_smem), slot, ready.at[slot])
 
   queues = [(load, ready, free)]
 
@@ -177,11 +186,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
     k0 = cta_k0 + wg * b
     keys = pl.ds(k0, b)
     k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-    plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem, own_barriers.at[wg])
-    plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem, own_barriers.at[wg])
-    if has_segments:
-      plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], kv_seg_smem2.at[wg],
-                              own_barriers.at[wg])
+    _copy_rows(_key_rows(k_ref, v_ref, kv_seg_ref, batch, kv_head, keys),
+               (k_smem2, v_smem2, kv_seg_smem2), wg, own_barriers.at[wg])
     plgpu.barrier_wait(own_barriers.at[wg])
     kv_seg = plgpu.load(kv_seg_smem2.at[wg], layout=parts.ROWS) if has_segments else None
     ranges = cf.mask.q_blocks(k0, b, b)

@@ -41,7 +41,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.flash_attention import pallas_triton
 from pallas_kernels.flash_attention import mosaic_gpu_backward
 from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
-from pallas_kernels.flash_attention.block_mask import BlockMask, kernel_mask, pad, round_up
+from pallas_kernels.flash_attention.block_mask import BlockMask, kernel_arguments, pad, round_up
 
 _DTYPES = ("bfloat16", "float16")
 _HEAD_DIMS = (64, 128, 256)
@@ -318,24 +318,18 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
     raise NotImplementedError(
         f"pallas_mosaic_gpu supports query/key/value dtype in {_DTYPES} (all equal); got "
         f"{query.dtype}, {key.dtype}, {value.dtype}. Use 'pallas_triton' for float32.")
-  batch, q_len, q_heads, head_dim = query.shape
-  kv_len, kv_heads = key.shape[1], key.shape[2]
+  head_dim = query.shape[-1]
   if head_dim not in _HEAD_DIMS or value.shape[-1] != head_dim:
     raise NotImplementedError(
         f"pallas_mosaic_gpu supports head_dim in {_HEAD_DIMS} with value head_dim equal to "
         f"it; got {head_dim} and {value.shape[-1]}. Use 'pallas_triton'.")
-  if q_len == 0 or kv_len == 0:
-    raise NotImplementedError(f"pallas_mosaic_gpu needs q_seq, kv_seq >= 1; got "
-                              f"q_seq={q_len}, kv_seq={kv_len}.")
-  mask = kernel_mask(query, key, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                     sinks=sinks, is_causal=is_causal, window=window)
+  mask, q_segment_ids, kv_segment_ids = kernel_arguments(
+      "pallas_mosaic_gpu", query, key, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, sinks=sinks, is_causal=is_causal, window=window)
   st = _Static(mask=mask, scale=float(scale),
                softcap=None if logits_soft_cap is None else float(logits_soft_cap),
-               groups=q_heads // kv_heads, has_sinks=sinks is not None,
+               groups=query.shape[2] // key.shape[2], has_sinks=sinks is not None,
                blocks=block_sizes or BlockSizes.get_default(head_dim),
                interpret=bool(interpret))
-  if q_segment_ids is not None:
-    q_segment_ids = q_segment_ids.astype(jnp.int32)
-    kv_segment_ids = kv_segment_ids.astype(jnp.int32)
   out, lse = _attention(query, key, value, q_segment_ids, kv_segment_ids, sinks, st)
   return (out, lse) if return_residuals else out

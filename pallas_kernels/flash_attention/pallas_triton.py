@@ -38,8 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.block_mask import (BlockMask, kernel_mask, masked_loops, pad,
-                                                      round_up)
+from pallas_kernels.flash_attention.block_mask import (BlockMask, kernel_arguments, masked_loops,
+                                                      pad, round_up)
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -420,19 +420,13 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
     if d > _MAX_HEAD_DIM:
       raise NotImplementedError(f"pallas_triton supports {name} <= {_MAX_HEAD_DIM}; "
                                 f"got {d}.")
-  q_len, head_dim, kv_len = query.shape[1], query.shape[3], key.shape[1]
-  if q_len == 0 or kv_len == 0:
-    raise NotImplementedError(f"pallas_triton needs q_seq, kv_seq >= 1; got q_seq={q_len}, "
-                              f"kv_seq={kv_len}.")
-  mask = kernel_mask(query, key, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                     sinks=sinks, is_causal=is_causal, window=window)
-  blocks = block_sizes or BlockSizes.get_default(head_dim, dtype)
+  mask, q_segment_ids, kv_segment_ids = kernel_arguments(
+      "pallas_triton", query, key, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, sinks=sinks, is_causal=is_causal, window=window)
+  blocks = block_sizes or BlockSizes.get_default(query.shape[3], dtype)
   st = Config(mask=mask, scale=float(scale),
               softcap=None if logits_soft_cap is None else float(logits_soft_cap),
               blocks=blocks, interpret=bool(interpret))
-  if q_segment_ids is not None:
-    q_segment_ids = q_segment_ids.astype(jnp.int32)
-    kv_segment_ids = kv_segment_ids.astype(jnp.int32)
   out, lse = _attention(query, key, value, q_segment_ids, kv_segment_ids, sinks, st)
   return (out, lse) if return_residuals else out
 
