@@ -193,7 +193,7 @@ _TABLE = {
 
 def _auto_order():
   # On an H100 (docs/perf/flash_attention.md) cuDNN and the Mosaic GPU kernel are level
-  # (0.92-1.19x cuDNN forward + backward; cuDNN ahead on long full-mask rows); the kernels
+  # (0.92-1.20x cuDNN forward + backward; cuDNN ahead on long rows); the kernels
   # serve what cuDNN cannot (segment ids, soft-cap, sinks, log-sum-exp, right windows),
   # Mosaic GPU on Hopper, Triton elsewhere.
   return {"gpu": ("cudnn", "pallas_mosaic_gpu", "pallas_triton", "xla"),

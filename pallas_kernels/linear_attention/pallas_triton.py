@@ -325,7 +325,9 @@ def _fused_output_kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, o_ref, 
     rel_last = rel_ref[base + chunk - 1]
     dtype = k.dtype
     if vector:
-      @pl.when(_factored(b_last))
+      factored = _factored(b_last)
+
+      @pl.when(factored)
       def _factored_chunk():
         q = q_ref[rows, :]
         q_decayed = q * jnp.exp(b)
@@ -334,7 +336,7 @@ def _fused_output_kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, o_ref, 
         out += _dot(scores, v, "nn", dtype)
         o_ref[rows, :] = (scale * out).astype(o_ref.dtype)
 
-      @pl.when(jnp.logical_not(_factored(b_last)))
+      @pl.when(jnp.logical_not(factored))
       def _exact_chunk():
         for start in range(0, chunk, sub):
           out = _vector_block_output(q_ref, k_ref, v_ref, b_ref, rel_ref, s, base, chunk,
@@ -427,9 +429,10 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
   if not vector:
     rows_gradients(0, chunk, "scalar")
     return
-  pl.when(_factored(b_last))(lambda: rows_gradients(0, chunk, "factored"))
+  factored = _factored(b_last)
+  pl.when(factored)(lambda: rows_gradients(0, chunk, "factored"))
 
-  @pl.when(jnp.logical_not(_factored(b_last)))
+  @pl.when(jnp.logical_not(factored))
   def _exact_chunk():
     for start in range(0, chunk, sub):
       rows_gradients(start, sub, "exact")
