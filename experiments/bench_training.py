@@ -4,6 +4,7 @@ r"""Training throughput and MFU of a decoder LM: `python -m experiments.bench_tr
     python -m experiments.bench_training --mixers=lightning,lightning,lightning,softmax
     python -m experiments.bench_training --size=tiny --seq_len=128 --global_batch_size=8 \
         --steps=3                                             # a CPU smoke test
+    python -m experiments.bench_training --profile_dir=/tmp/prof  # + a kernel breakdown
 
 Times the real jit'd train step (`attn_jax.train.step`, AdamW, sharded by the mesh flags)
 on random tokens, after compilation and warm-up, and prints one JSON line.
@@ -41,6 +42,12 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.",
                                lower_bound=0)
 _MESH = flags.DEFINE_string("mesh", "data=-1", "Mesh sizes, e.g. 'fsdp=8' or "
                             "'data=2,tensor=4'.")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", None, "If set, profile --profile_steps more steps after timing into "
+    "this folder (a Perfetto trace; `python -m experiments.trace_summary DIR` reads it) "
+    "and print where the device's time went.")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps under the profiler.",
+                                      lower_bound=1)
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak bf16 TFLOP/s per device (default: "
                            "from the device kind).")
 
@@ -130,6 +137,14 @@ def main(argv):
       "loss": float(metrics["loss"]), "peak_tflops": peak,
   }
   print(json.dumps(result), flush=True)
+  if _PROFILE_DIR.value:
+    from experiments import trace_summary  # pylint: disable=g-import-not-at-top
+    with jax.profiler.trace(_PROFILE_DIR.value, create_perfetto_trace=True):
+      for _ in range(_PROFILE_STEPS.value):
+        state, metrics = train_step(state, batch)
+      jax.block_until_ready(metrics)
+    print(f"{_PROFILE_STEPS.value} steps profiled:", flush=True)
+    print(trace_summary.summarize(_PROFILE_DIR.value), flush=True)
 
 
 def run():

@@ -16,14 +16,21 @@ _NO_COST_ANALYSIS = "import jax; jax.stages.Lowered.cost_analysis = lambda self:
 
 
 @pytest.mark.parametrize("cost_analysis", [True, False], ids=["xla_count", "no_xla_count"])
-def test_prints_one_json_line_with_mfu(cost_analysis):
+def test_prints_one_json_line_with_mfu(cost_analysis, tmp_path):
+  # The second case also profiles: a trace is written and summarised (no device lines on
+  # the CPU).
+  args = _ARGS + ([] if cost_analysis else [f"--profile_dir={tmp_path}", "--profile_steps=1"])
   code = ("" if cost_analysis else _NO_COST_ANALYSIS) + (
       "import sys; from experiments import bench_training; "
-      f"sys.argv = ['bench_training'] + {_ARGS!r}; bench_training.run()")
+      f"sys.argv = ['bench_training'] + {args!r}; bench_training.run()")
   done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         cwd=_ROOT, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
-  result = json.loads(done.stdout.strip().splitlines()[-1])
+  lines = done.stdout.strip().splitlines()
+  result = json.loads(next(line for line in lines if line.startswith("{")))
+  if not cost_analysis:
+    assert list(tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz"))
+    assert "no device lines" in lines[-1]
   assert result["step_s"] > 0 and result["tokens_per_s"] > 0 and result["params"] > 0
   assert 0 < result["mfu"] < result["mfu_palm"]
   assert (result["xla_tflops_per_step"] is None) != cost_analysis
