@@ -130,3 +130,43 @@ def test_mixer_pattern_and_options():
   untied = make(["softmax"], tie_embeddings=False)
   assert untied.head.kernel.shape == (32, VOCAB)
   assert jax.eval_shape(untied, tokens()).shape == (2, SEQ, VOCAB)
+
+
+def _dot_operand_dtypes(fn, *args):
+  """The operand dtypes of every dot_general in fn's jaxpr, inner jaxprs included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(tuple(v.aval.dtype.name for v in eqn.invars))
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (list, tuple)) else (param,):
+          inner = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_logits_matmul_backward_runs_in_the_operands_dtype():
+  """Tied-embedding logits: float32 forward, and a backward whose two matmuls take bf16
+  operands (plain autodiff promoted them to float32); gradients match float32."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  table = jax.random.normal(jax.random.key(1), (40, 16))
+  d_logits = jax.random.normal(jax.random.key(2), (2, 5, 40))
+  loss = lambda f: (lambda x, t: jnp.sum(f(x, t) * d_logits))
+  plain = lambda x, t: jnp.einsum("bsd,vd->bsv", x, t, preferred_element_type=jnp.float32)
+  for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)):
+    args = (x.astype(dtype), table.astype(dtype))
+    out = models.blocks.logits_matmul(*args)
+    assert out.dtype == jnp.float32
+    assert rel_err(out, plain(x, table)) < tol
+    grads = jax.grad(loss(models.blocks.logits_matmul), argnums=(0, 1))(*args)
+    expected = jax.grad(loss(plain), argnums=(0, 1))(x, table)
+    for g, e in zip(grads, expected):
+      assert g.dtype == dtype and rel_err(g, e) < tol
+    dots = _dot_operand_dtypes(jax.grad(loss(models.blocks.logits_matmul), argnums=(0, 1)),
+                               *args)
+    assert len(dots) == 3 and all(d == (jnp.dtype(dtype).name,) * 2 for d in dots), dots
