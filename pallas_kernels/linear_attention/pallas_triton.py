@@ -41,8 +41,9 @@ uses the classic design of flash-linear-attention `ops/common/chunk_h.py` and
      h_n and the piece's end state. Run in reverse over q and dO it is also the
      backward state pass: dh_n, the gradient with respect to the state leaving chunk n.
   2. `_gradient_kernel`: one program per (batch, head, chunk, value block) gives dq, dk,
-     dv of the chunk from h_n and dh_n, and the per-token parts of the decay gradient
-     (all but dv summed over the value blocks, by default one).
+     dv of the chunk from h_n and dh_n, and the parts of the decay gradient (all but dv
+     summed over the value blocks, by default one). Vector-gate chunks too strongly
+     decayed to factor are left to a second launch of it.
 
 Sequence pieces: when batch × heads × value blocks is too small to fill the GPU, the
 forward and the state passes split the sequence into P pieces that run in
@@ -58,8 +59,9 @@ decay of the sequence, so its share P_ij of the loss moves dL/dg_t for every j <
 in their run; a reset token's own decay multiplies a zeroed state and gets 0. The
 gradient kernel gives per token q ⊙ dq − k ⊙ dk over the pairs inside the chunk and with
 the state entering it, and k ⊙ dk over the pairs with the state leaving it, both without
-the pair (i, i), which cancels exactly. XLA sums them inside each chunk and adds the
-pairs that span the whole chunk, e^{b_C} Σ_v dh_{n+1} ⊙ h_n. No sum runs past a chunk,
+the pair (i, i), which cancels exactly, and per chunk Σ_v dh_n ⊙ h_n; XLA sums the
+first two inside each chunk and adds the pairs that span the whole chunk, e^{b_C} times
+the third. No sum runs past a chunk,
 so rounding does not grow with the sequence: the textbook q ⊙ dq − k ⊙ dk summed over
 the whole sequence lost 2e-3 of a fixed-decay gradient at −2.3 per token and T = 77;
 this form loses 5e-5.
@@ -178,6 +180,17 @@ def _iota(shape, axis):
   return lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
+def _state_update(s, x, y, b, b_last, rel, rel_last, *, reverse, scale):
+  """One chunk of the state recurrence (see `_state_kernel`): s `[bk, bv]` f32; x, y the
+  chunk's `[C, bk]` and `[C, bv]` rows; b `[C, bk|1]`, b_last `[1, bk|1]`, rel `[C, 1]`."""
+  if reverse:
+    weight = jnp.where(rel == 0, scale * jnp.exp(b), 0.0)
+  else:
+    weight = jnp.where(rel == rel_last, jnp.exp(b_last - b), 0.0)
+  decay = jnp.where(rel_last == 0, jnp.exp(b_last), 0.0).reshape(-1, 1)  # rows of s
+  return decay * s + _dot(x * weight, y, "tn", x.dtype)
+
+
 def _state_kernel(x_ref, y_ref, b_ref, rel_ref, start_ref, *out_refs, chunk, chunks,
                   reverse, scale):
   """The chunk-state recurrence over one sequence piece, for one state tile.
@@ -196,18 +209,10 @@ def _state_kernel(x_ref, y_ref, b_ref, rel_ref, start_ref, *out_refs, chunk, chu
     if states_ref:
       states_ref[0][j] = s.astype(states_ref[0].dtype)
     rows = pl.ds(j * chunk, chunk)
-    last = pl.ds(j * chunk + chunk - 1, 1)
-    b = _gate(b_ref, rows)  # [C, bk] | [C, 1]
-    b_last = _gate(b_ref, last).reshape(1, -1)  # [1, bk] | [1, 1]
-    rel = rel_ref[rows][:, None]
-    rel_last = rel_ref[j * chunk + chunk - 1]
-    if reverse:
-      weight = jnp.where(rel == 0, scale * jnp.exp(b), 0.0)
-    else:
-      weight = jnp.where(rel == rel_last, jnp.exp(b_last - b), 0.0)
-    decay = jnp.where(rel_last == 0, jnp.exp(b_last), 0.0).reshape(-1, 1)  # rows of h
-    x = x_ref[rows, :]
-    return decay * s + _dot(x * weight, y_ref[rows, :], "tn", x.dtype)
+    return _state_update(s, x_ref[rows, :], y_ref[rows, :], _gate(b_ref, rows),
+                         _gate(b_ref, pl.ds(j * chunk + chunk - 1, 1)).reshape(1, -1),
+                         rel_ref[rows][:, None], rel_ref[j * chunk + chunk - 1],
+                         reverse=reverse, scale=scale)
 
   end_ref[...] = lax.fori_loop(0, chunks, body, start_ref[...])
 
@@ -348,32 +353,38 @@ def _fused_output_kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, o_ref, 
       out = _dot(jnp.where(rel[:, None] == 0, q * jnp.exp(b), 0.0), s, "nn", dtype)
       out += _dot(scores, v, "nn", dtype)
       o_ref[rows, :] = (scale * out).astype(o_ref.dtype)
-    weight = jnp.where(rel[:, None] == rel_last, jnp.exp(b_last - b), 0.0)
-    decay = jnp.where(rel_last == 0, jnp.exp(b_last), 0.0).reshape(-1, 1)  # rows of h
-    return decay * s + _dot(k * weight, v, "tn", dtype)
+    return _state_update(s, k, v, b, b_last, rel[:, None], rel_last, reverse=False,
+                         scale=scale)
 
   end_ref[...] = lax.fori_loop(0, chunks, body, start_ref[...])
 
 
-def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
-                     dq_ref, dk_ref, dv_ref, db_ref, dkeys_ref, *, scale, sub):
+def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref, *refs,
+                     scale, sub, exact):
   """dq, dk, dv and the decay-gradient parts for one chunk (all but dv: this value head's
   share): in one piece for a scalar gate and a factored vector-gate chunk, in row blocks
   of `sub` for a vector-gate chunk whose decay is too strong to factor.
 
+  The exact row-block form runs as a second launch (`exact=True`) over the first's
+  outputs, aliased to its own, and fills only the chunks the first left: compiled into
+  the same kernel, its code made the vector gate's backward 1.37x slower at seq 1k on an
+  H100 even where no chunk took it. refs: the dq, dk, dv, db, dkeys, through outputs
+  (first launch); the five aliased inputs, then the same five outputs (second).
+
   h_n is the state entering the chunk, dh_n the gradient w.r.t. the state leaving it.
   Each pair (query i, key j < i) adds its share P_ij to dL/dB_i and takes it from
   dL/dB_j. db = q ⊙ dq − k ⊙ dk gets the pairs inside the chunk and those with the
-  state entering it; dkeys = k ⊙ dk gets those with the state leaving it. The pair
-  (i, i) is left out of both: it cancels exactly, and under strong decay it would
-  dominate them and leave only rounding noise.
+  state entering it; dkeys = k ⊙ dk gets those with the state leaving it; through =
+  Σ_v dh_n ⊙ h_n `[K]` those of later queries with keys before the chunk. The pair
+  (i, i) is left out: it cancels exactly, and under strong decay it would dominate the
+  sums and leave only rounding noise.
   """
+  dq_ref, dk_ref, dv_ref, db_ref, dkeys_ref = refs[5:] if exact else refs[:5]
   chunk = q_ref.shape[0]
   vector = len(b_ref.shape) == 2
   b_last = _gate(b_ref, pl.ds(chunk - 1, 1)).reshape(1, -1)
-  h, dh = h_ref[...], dh_ref[...]
 
-  def rows_gradients(start, size, form):  # form: "scalar", "factored" or "exact"
+  def rows_gradients(start, size, form, h, dh):  # form: "scalar", "factored" or "exact"
     rows = pl.ds(start, size)
     q, k, v, do = (ref[rows, :] for ref in (q_ref, k_ref, v_ref, do_ref))
     b, rel = _gate(b_ref, rows), rel_ref[rows]
@@ -426,16 +437,19 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
     dk_ref[rows, :] = (dk + dk_state + own * q).astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
 
-  if not vector:
-    rows_gradients(0, chunk, "scalar")
+  if exact:
+    @pl.when(jnp.logical_not(_factored(b_last)))
+    def _exact_chunk():
+      h, dh = h_ref[...], dh_ref[...]
+      for start in range(0, chunk, sub):
+        rows_gradients(start, sub, "exact", h, dh)
     return
-  factored = _factored(b_last)
-  pl.when(factored)(lambda: rows_gradients(0, chunk, "factored"))
-
-  @pl.when(jnp.logical_not(factored))
-  def _exact_chunk():
-    for start in range(0, chunk, sub):
-      rows_gradients(start, sub, "exact")
+  h, dh = h_ref[...], dh_ref[...]
+  refs[5][...] = jnp.sum(dh.astype(jnp.float32) * h.astype(jnp.float32), axis=1)  # through
+  if vector:
+    pl.when(_factored(b_last))(lambda: rows_gradients(0, chunk, "factored", h, dh))
+  else:
+    rows_gradients(0, chunk, "scalar", h, dh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -579,8 +593,9 @@ def _fused_output_call(q, k, v, b, rel, starts, plan):
 def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
   """Launches `_gradient_kernel` over (batch, head, chunk, value block).
 
-  Returns dq, dk per value head `[B, T, H, K]`, dv, and the decay-gradient parts; all but
-  dv are partial sums over one value block, summed here when there are several.
+  Returns dq, dk per value head `[B, T, H, K]`, dv, and the decay-gradient parts (d_b,
+  d_keys like b, through `[B, H, N, K]`); all but dv are partial sums over one value
+  block, summed here when there are several.
   """
   batch, _, heads, value_dim = v.shape
   key_dim, chunk, bv = k.shape[-1], plan.chunk, plan.gradient_block_v
@@ -598,16 +613,30 @@ def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
     db_spec = dqk_spec
   else:
     db_spec = pl.BlockSpec((None, None, chunk, None), lambda n, h, t, j: (j, n, t, h))
-  kernel = functools.partial(_gradient_kernel, scale=plan.scale, sub=plan.sub)
-  dq, dk, dv, d_b, d_keys = plan.call(
-      kernel, "linear_attention_gradients", num_warps=plan.gradient_num_warps,
-      grid=(batch, heads, plan.chunks, splits),
-      in_specs=[qk, qk, vv, vv, bb, rr, state, state],
-      out_specs=[dqk_spec, dqk_spec, vv, db_spec, db_spec],
-      out_shape=[per_head, per_head, jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 partial(b.shape, jnp.float32), partial(b.shape, jnp.float32)],
-  )(q, k, v, do, b, rel, states, d_states)
-  return (*(x.sum(0) for x in (dq, dk)), dv, *(x.sum(0) for x in (d_b, d_keys)))
+  through_spec = pl.BlockSpec((None, None, None, None, key_dim),
+                              lambda n, h, t, j: (j, n, h, t, 0))
+  in_specs = [qk, qk, vv, vv, bb, rr, state, state]
+  out_specs = [dqk_spec, dqk_spec, vv, db_spec, db_spec]
+  out_shape = [per_head, per_head, jax.ShapeDtypeStruct(v.shape, v.dtype),
+               partial(b.shape, jnp.float32), partial(b.shape, jnp.float32)]
+  launch = lambda exact, **kwargs: plan.call(
+      functools.partial(_gradient_kernel, scale=plan.scale, sub=plan.sub, exact=exact),
+      "linear_attention_gradients" + ("_exact" if exact else ""),
+      num_warps=plan.gradient_num_warps, grid=(batch, heads, plan.chunks, splits),
+      **kwargs)
+  inputs = (q, k, v, do, b, rel, states, d_states)
+  *grads, through = launch(
+      False, in_specs=in_specs, out_specs=out_specs + [through_spec],
+      out_shape=out_shape + [partial((batch, heads, plan.chunks, key_dim), jnp.float32)],
+  )(*inputs)
+  if b.ndim == 4:  # the vector-gate chunks too strongly decayed to factor
+    grads = launch(True, in_specs=in_specs + out_specs, out_specs=out_specs,
+                   out_shape=out_shape,
+                   input_output_aliases={len(inputs) + i: i for i in range(len(grads))},
+                   )(*inputs, *grads)
+  dq, dk, dv, d_b, d_keys = grads
+  return (*(x.sum(0) for x in (dq, dk)), dv,
+          *(x.sum(0) for x in (d_b, d_keys, through)))
 
 
 def _prepare(q, k, v, g, resets, plan):
@@ -642,12 +671,13 @@ def _reverse_cumsum_in_runs(x, resets):
   return jnp.where(expand(resets), 0.0, y)
 
 
-def _log_decay_gradient(b, rel, resets, d_b, d_keys, states, d_states, plan):
+def _log_decay_gradient(b, rel, resets, d_b, d_keys, through, plan):
   """dL/dg_t = Σ of P_ij over the pairs i ≥ t > j in t's run (see `_gradient_kernel`),
   gathered per chunk so that nothing large cancels: the pairs within the chunk or with
   the state entering it (a reverse sum of d_b from t), those of later queries with the
   chunk's keys before t (an exclusive sum of d_keys), and those of later queries with
-  keys before the chunk (e^{b_C} Σ_v dh_{n+1} ⊙ h_n, if the chunk holds no reset)."""
+  keys before the chunk (e^{b_C} through_n, if the chunk holds no reset; through
+  `[B, H, N, K]` is Σ_v dh ⊙ h_n from `_gradient_kernel`)."""
   batch, n, c = b.shape[0], plan.chunks, plan.chunk
   chunked = lambda x: x.reshape(batch, n, c, *x.shape[2:])
   expand = lambda m: m.reshape(m.shape + (1,) * (b.ndim - 2))
@@ -658,7 +688,6 @@ def _log_decay_gradient(b, rel, resets, d_b, d_keys, states, d_states, plan):
   keys = jnp.where(last_run, chunked(d_keys), 0.0)
   before = jnp.concatenate([jnp.zeros_like(keys[:, :, :1]),
                             jnp.cumsum(keys[:, :, :-1], axis=2)], axis=2)
-  through = jnp.sum(d_states.astype(jnp.float32) * states.astype(jnp.float32), axis=-1)
   through = jnp.moveaxis(through if b.ndim == 4 else through.sum(-1), 1, 2)
   carry = expand(rel[:, :, -1] == 0)
   through = jnp.where(carry, jnp.exp(chunked(b)[:, :, -1]) * through, 0.0)[:, :, None]
@@ -689,8 +718,9 @@ def _backward(plan, residuals, cotangents):
   d_out = jnp.pad(d_out.astype(q.dtype), [(0, 0), (0, qp.shape[1] - seq), (0, 0), (0, 0)])
   states, _ = _state_pass(kp, vp, b, rel, h0, decay, plan, reverse=False)
   d_states, d_h0 = _state_pass(qp, d_out, b, rel, d_final, decay, plan, reverse=True)
-  dq, dk, dv, d_b, d_keys = _gradient_call(qp, kp, vp, d_out, b, rel, states, d_states, plan)
-  d_g = _log_decay_gradient(b, rel, resets_p, d_b, d_keys, states, d_states, plan)[:, :seq]
+  dq, dk, dv, d_b, d_keys, through = _gradient_call(qp, kp, vp, d_out, b, rel, states,
+                                                    d_states, plan)
+  d_g = _log_decay_gradient(b, rel, resets_p, d_b, d_keys, through, plan)[:, :seq]
   group = lambda x: x[:, :seq].reshape(batch, seq, key_heads, ratio, key_dim).sum(3)
   return (group(dq).astype(q.dtype), group(dk).astype(k.dtype), dv[:, :seq], d_g, d_h0,
           None)
