@@ -59,9 +59,9 @@ decay of the sequence, so its share P_ij of the loss moves dL/dg_t for every j <
 in their run; a reset token's own decay multiplies a zeroed state and gets 0. The
 gradient kernel gives per token q ⊙ dq − k ⊙ dk over the pairs inside the chunk and with
 the state entering it, and k ⊙ dk over the pairs with the state leaving it, both without
-the pair (i, i), which cancels exactly, and per chunk Σ_v dh_n ⊙ h_n; XLA sums the
-first two inside each chunk and adds the pairs that span the whole chunk, e^{b_C} times
-the third. No sum runs past a chunk,
+the pair (i, i), which cancels exactly, and per chunk Σ_v dh_n ⊙ h_n;
+`_decay_gradient_kernel` sums the first two inside each chunk and adds the pairs that
+span the whole chunk, e^{b_C} times the third. No sum runs past a chunk,
 so rounding does not grow with the sequence: the textbook q ⊙ dq − k ⊙ dk summed over
 the whole sequence lost 2e-3 of a fixed-decay gradient at −2.3 per token and T = 77;
 this form loses 5e-5.
@@ -452,6 +452,51 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
     rows_gradients(0, chunk, "scalar", h, dh)
 
 
+def _chunk_cumsum_kernel(g_ref, b_ref):
+  """b = the cumulative sum of g over one chunk's rows (`[C, K]` or `[C]`), f32."""
+  b_ref[...] = jnp.cumsum(g_ref[...], axis=0)
+
+
+def _decay_gradient_kernel(db_ref, dkeys_ref, through_ref, b_ref, rel_ref, reset_ref,
+                           dg_ref):
+  """dL/dg_t over one chunk from the gradient kernel's parts (see `_log_decay_gradient`):
+
+    inner_t = Σ_{u ≥ t in t's run} db_u                        (0 at a reset token)
+    outer_t = Σ_{u < t} dkeys_u (u in the last run) + e^{b_C} through   (t in the last
+              run, not a reset token; the second term only if the chunk has no reset)
+
+  With forward prefix sums S = cumsum(db): inner_t = E_t − S_t + db_t, E_t the sum up to
+  the end of t's run — the chunk's total when it has no reset, else a masked sum over
+  the runs up to t's (a `[C, C]` matmul for a vector gate, f32 IEEE).
+  """
+  db, rel, reset = db_ref[...], rel_ref[...], reset_ref[...] != 0
+  vector = db.ndim == 2
+  chunk = db.shape[0]
+  rows = (lambda x: x[:, None]) if vector else (lambda x: x)
+  rel_last = rel_ref[chunk - 1]
+  last_run = rows(rel == rel_last)
+  prefix = jnp.cumsum(db, axis=0)
+  keys = jnp.where(last_run, dkeys_ref[...], 0.0)
+  through = through_ref[...]
+  through = through[None, :] if vector else jnp.sum(through)
+  b_last = _gate(b_ref, pl.ds(chunk - 1, 1)).reshape(1, -1) if vector else b_ref[chunk - 1]
+  through = jnp.where(rel_last == 0, jnp.exp(b_last) * through, 0.0)
+  outer = jnp.where(last_run & ~rows(reset), jnp.cumsum(keys, axis=0) - keys + through, 0.0)
+
+  def write(run_end):
+    dg_ref[...] = jnp.where(rows(reset), 0.0, run_end - prefix + db) + outer
+
+  pl.when(rel_last == 0)(lambda: write(jnp.sum(db, axis=0, keepdims=vector)))
+
+  @pl.when(rel_last != 0)
+  def _runs():
+    up_to_run = rel[None, :] <= rel[:, None]  # [t, u]: u in t's run or an earlier one
+    if vector:
+      write(_dot(up_to_run.astype(jnp.float32), db, "nn", jnp.float32))
+    else:
+      write(jnp.sum(jnp.where(up_to_run, db[None, :], 0.0), axis=1))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   """Static configuration of one call (hashable: the custom_vjp's non-diff argument)."""
@@ -641,14 +686,15 @@ def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
 
 def _prepare(q, k, v, g, resets, plan):
   """Pads to whole pieces (zero q, k, v, no decay, no reset: the state is unchanged) and
-  derives b (cumulative log decay inside each chunk), rel (resets so far inside each
-  chunk) and each piece's decay M `[B, H, P, K|1, 1]` (zero if the piece holds a reset)."""
+  derives b (cumulative log decay inside each chunk, `_chunk_cumsum_kernel`: XLA's
+  cumulative sum of a vector gate took a transposed copy of it), rel (resets so far
+  inside each chunk) and each piece's decay M `[B, H, P, K|1, 1]` (zero if the piece holds a reset)."""
   batch, seq = k.shape[:2]
   t_pad = plan.chunks * plan.chunk
   pad = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - seq)] + [(0, 0)] * (x.ndim - 2))
   q, k, v, g, resets = map(pad, (q, k, v, g, resets))
   split = lambda x, n: x.reshape(batch, n, -1, *x.shape[2:])
-  b = jnp.cumsum(split(g, plan.chunks), axis=2).reshape(g.shape)
+  b = _chunk_cumsum(g, plan)
   rel = jnp.cumsum(split(resets.astype(jnp.int32), plan.chunks), axis=2).reshape(resets.shape)
   total = split(g, plan.pieces).sum(axis=2)  # [B, P, H(, K)]
   clean = ~split(resets, plan.pieces).any(axis=2)
@@ -658,17 +704,22 @@ def _prepare(q, k, v, g, resets, plan):
   return q, k, v, b, rel, resets, decay
 
 
-def _reverse_cumsum_in_runs(x, resets):
-  """y_t = Σ_{u ≥ t in t's run} x_u along axis 1 `[n, C, ...]`, and 0 at reset tokens."""
-  ends = jnp.concatenate([resets[:, 1:], jnp.ones_like(resets[:, :1])], axis=1)
-  expand = lambda m: m.reshape(m.shape + (1,) * (x.ndim - 2))
+def _chunk_rows_spec(x, chunk):
+  """BlockSpec of one chunk's rows of `[B, T, H(, K)]` or `[B, T]` over a (batch, chunk,
+  head) grid."""
+  if x.ndim == 2:
+    return pl.BlockSpec((None, chunk), lambda n, t, h: (n, t))
+  if x.ndim == 3:
+    return pl.BlockSpec((None, chunk, None), lambda n, t, h: (n, t, h))
+  return pl.BlockSpec((None, chunk, None, x.shape[3]), lambda n, t, h: (n, t, h, 0))
 
-  def combine(a, b):  # a: the later tokens already summed, b: the next earlier ones
-    (a_end, a_sum), (b_end, b_sum) = a, b
-    return a_end | b_end, jnp.where(b_end, b_sum, a_sum + b_sum)
 
-  _, y = lax.associative_scan(combine, (expand(ends), x), reverse=True, axis=1)
-  return jnp.where(expand(resets), 0.0, y)
+def _chunk_cumsum(g, plan):
+  """b: the cumulative sum of g `[B, T, H(, K)]` (T whole chunks) inside each chunk."""
+  spec = _chunk_rows_spec(g, plan.chunk)
+  return plan.call(_chunk_cumsum_kernel, "linear_attention_chunk_cumsum",
+                   grid=(g.shape[0], plan.chunks, g.shape[2]), in_specs=[spec],
+                   out_specs=spec, out_shape=jax.ShapeDtypeStruct(g.shape, jnp.float32))(g)
 
 
 def _log_decay_gradient(b, rel, resets, d_b, d_keys, through, plan):
@@ -677,22 +728,18 @@ def _log_decay_gradient(b, rel, resets, d_b, d_keys, through, plan):
   the state entering it (a reverse sum of d_b from t), those of later queries with the
   chunk's keys before t (an exclusive sum of d_keys), and those of later queries with
   keys before the chunk (e^{b_C} through_n, if the chunk holds no reset; through
-  `[B, H, N, K]` is Σ_v dh ⊙ h_n from `_gradient_kernel`)."""
-  batch, n, c = b.shape[0], plan.chunks, plan.chunk
-  chunked = lambda x: x.reshape(batch, n, c, *x.shape[2:])
-  expand = lambda m: m.reshape(m.shape + (1,) * (b.ndim - 2))
-  inner = _reverse_cumsum_in_runs(d_b.reshape(batch * n, c, *b.shape[2:]),
-                                  resets.reshape(batch * n, c))
-  rel = chunked(rel)
-  last_run = expand(rel == rel[:, :, -1:])
-  keys = jnp.where(last_run, chunked(d_keys), 0.0)
-  before = jnp.concatenate([jnp.zeros_like(keys[:, :, :1]),
-                            jnp.cumsum(keys[:, :, :-1], axis=2)], axis=2)
-  through = jnp.moveaxis(through if b.ndim == 4 else through.sum(-1), 1, 2)
-  carry = expand(rel[:, :, -1] == 0)
-  through = jnp.where(carry, jnp.exp(chunked(b)[:, :, -1]) * through, 0.0)[:, :, None]
-  outer = jnp.where(last_run & ~expand(chunked(resets)), before + through, 0.0)
-  return inner.reshape(d_b.shape) + outer.reshape(d_b.shape)
+  `[B, H, N, K]` is Σ_v dh ⊙ h_n from `_gradient_kernel`). `_decay_gradient_kernel`,
+  one program per (batch, chunk, head)."""
+  spec = _chunk_rows_spec(b, plan.chunk)
+  rows = _chunk_rows_spec(rel, plan.chunk)
+  through_spec = pl.BlockSpec((None, None, None, through.shape[-1]),
+                              lambda n, t, h: (n, h, t, 0))
+  return plan.call(
+      _decay_gradient_kernel, "linear_attention_decay_gradient",
+      grid=(b.shape[0], plan.chunks, b.shape[2]),
+      in_specs=[spec, spec, through_spec, spec, rows, rows], out_specs=spec,
+      out_shape=jax.ShapeDtypeStruct(b.shape, jnp.float32),
+  )(d_b, d_keys, through, b, rel, resets.astype(jnp.int32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
