@@ -8,6 +8,8 @@ sliding window 1024 at 16k. Each row: median device time, TFLOP/s (only visible 
 pairs count, so causal is about half), ratio to cuDNN and to XLA of the same row, and the
 max relative error against a float32 XLA reference on the first two heads of the first
 batch row (outputs, and for forward+backward the gradients of q, k and v).
+Writes JSON and a markdown table under `--output_dir` after every row (a run stopped by
+a time limit keeps the rows it finished), and a plot at the end.
 """
 
 from __future__ import annotations
@@ -115,6 +117,10 @@ def main(argv):
   for extra in _WINDOW_ROWS.value:
     mask, seq = extra.split("@")
     cases.append((int(seq), mask))
+  columns = ["impl", "mask", "seq", "batch", "pass_", "ms", "tflops", "x_cudnn", "x_xla",
+             "max_rel_err", "error"]
+  header = (f"attention, {_DTYPE.value}, heads {_HEADS.value}, head_dim {_HEAD_DIM.value}, "
+            f"{_TOKENS.value} tokens/batch, {jax.devices()[0].device_kind}")
   rows, key = [], jax.random.key(0)
   for seq, mask in cases:
     for pass_ in _PASSES.value:
@@ -124,13 +130,7 @@ def main(argv):
         for ref in ("cudnn", "xla"):
           if r.get("ms") and base.get(ref):
             r[f"x_{ref}"] = base[ref] / r["ms"]
-        rows.append(r)
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()},
-              flush=True)
-  columns = ["impl", "mask", "seq", "batch", "pass_", "ms", "tflops", "x_cudnn", "x_xla",
-             "max_rel_err", "error"]
-  header = (f"attention, {_DTYPE.value}, heads {_HEADS.value}, head_dim {_HEAD_DIM.value}, "
-            f"{_TOKENS.value} tokens/batch, {jax.devices()[0].device_kind}")
+        benchmarking.record(rows, r, _OUT.value, "bench_attention", columns, header)
   print(benchmarking.write_results(_OUT.value, "bench_attention", rows, columns, header))
   benchmarking.plot(_OUT.value, "bench_attention", [r for r in rows if "tflops" in r],
                     x="seq", y="tflops", series=["impl"], panels=["mask", "pass_"])

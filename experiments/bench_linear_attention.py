@@ -10,6 +10,8 @@ linear attention overtakes it. Each row: median device time, tokens/s, ratio to 
 chunked row, and the max relative error against a float32 XLA reference on the first
 batch row and first two heads (outputs; for forward+backward, the gradients of q, k, v and
 log_decay).
+Writes JSON and a markdown table under `--output_dir` after every row (a run stopped by
+a time limit keeps the rows it finished), and a plot at the end.
 """
 
 from __future__ import annotations
@@ -90,6 +92,11 @@ def main(argv):
   del argv
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
   impls = list(_IMPLS.value) + ([f"softmax:{_SOFTMAX.value}"] if _SOFTMAX.value else [])
+  columns = ["impl", "form", "seq", "batch", "pass_", "ms", "mtok_s", "x_xla", "max_rel_err",
+             "error"]
+  header = (f"linear attention, {_DTYPE.value}, heads {_HEADS.value}, key/value dim "
+            f"{_KEY_DIM.value}/{_VALUE_DIM.value}, {_TOKENS.value} tokens/batch, chunk "
+            f"{_CHUNK.value}, {jax.devices()[0].device_kind}")
   rows, key = [], jax.random.key(0)
   for seq in map(int, _SEQ.value):
     for pass_ in _PASSES.value:
@@ -100,14 +107,7 @@ def main(argv):
         for r in group:
           if r.get("ms") and xla_ms:
             r["x_xla"] = xla_ms / r["ms"]
-          rows.append(r)
-          print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()},
-                flush=True)
-  columns = ["impl", "form", "seq", "batch", "pass_", "ms", "mtok_s", "x_xla", "max_rel_err",
-             "error"]
-  header = (f"linear attention, {_DTYPE.value}, heads {_HEADS.value}, key/value dim "
-            f"{_KEY_DIM.value}/{_VALUE_DIM.value}, {_TOKENS.value} tokens/batch, chunk "
-            f"{_CHUNK.value}, {jax.devices()[0].device_kind}")
+          benchmarking.record(rows, r, _OUT.value, "bench_linear_attention", columns, header)
   print(benchmarking.write_results(_OUT.value, "bench_linear_attention", rows, columns, header))
   benchmarking.plot(_OUT.value, "bench_linear_attention", [r for r in rows if "mtok_s" in r],
                     x="seq", y="mtok_s", series=["impl", "form"], panels=["pass_"])

@@ -78,6 +78,15 @@ def write_results(output_dir: str, name: str, rows: Sequence[dict], columns: Seq
   return table
 
 
+def record(rows: list[dict], row: dict, output_dir: str, name: str, columns: Sequence[str],
+           header: str) -> None:
+  """Appends `row`, prints it, and rewrites the JSON and markdown results with every row so
+  far, so that a run stopped by a time limit leaves the rows it finished."""
+  rows.append(row)
+  print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+  write_results(output_dir, name, rows, columns, header)
+
+
 def plot(output_dir: str, name: str, rows: Sequence[dict], *, x: str, y: str,
          series: Sequence[str], panels: Sequence[str]) -> None:
   """One line per `series` value, one panel per `panels` value, saved as `name.png`."""

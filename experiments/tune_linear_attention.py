@@ -90,16 +90,15 @@ def main(argv):
   interpret = jax.default_backend() != "gpu"
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}"
         + (" (interpret mode)" if interpret else ""))
-  rows = []
-  for seq, pass_, chunk, blocks in itertools.product(
-      map(int, _SEQ.value), _PASSES.value, map(int, _CHUNKS.value), _block_sizes()):
-    rows.append(_row(seq, pass_, chunk, blocks, interpret))
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()},
-          flush=True)
   columns = ["seq", "batch", "pass_", "chunk", *_SETTINGS, "ms", "mtok_s", "error"]
   header = (f"linear attention launch settings, {_FORM.value} decay, {_DTYPE.value}, heads "
             f"{_HEADS.value}, key/value dim {_KEY_DIM.value}/{_VALUE_DIM.value}, "
             f"{_TOKENS.value} tokens/batch, {jax.devices()[0].device_kind}")
+  rows = []
+  for seq, pass_, chunk, blocks in itertools.product(
+      map(int, _SEQ.value), _PASSES.value, map(int, _CHUNKS.value), _block_sizes()):
+    benchmarking.record(rows, _row(seq, pass_, chunk, blocks, interpret), _OUT.value,
+                        "tune_linear_attention", columns, header)
   print(benchmarking.write_results(_OUT.value, "tune_linear_attention", rows, columns, header))
 
 
