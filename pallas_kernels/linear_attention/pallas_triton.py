@@ -379,7 +379,10 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
   (i, i) is left out: it cancels exactly, and under strong decay it would dominate the
   sums and leave only rounding noise.
   """
-  dq_ref, dk_ref, dv_ref, db_ref, dkeys_ref = refs[5:] if exact else refs[:5]
+  if exact:
+    dq_ref, dk_ref, dv_ref, db_ref, dkeys_ref = refs[5:]  # refs[:5]: the same, aliased
+  else:
+    dq_ref, dk_ref, dv_ref, db_ref, dkeys_ref, through_ref = refs
   chunk = q_ref.shape[0]
   vector = len(b_ref.shape) == 2
   b_last = _gate(b_ref, pl.ds(chunk - 1, 1)).reshape(1, -1)
@@ -445,7 +448,7 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
         rows_gradients(start, sub, "exact", h, dh)
     return
   h, dh = h_ref[...], dh_ref[...]
-  refs[5][...] = jnp.sum(dh.astype(jnp.float32) * h.astype(jnp.float32), axis=1)  # through
+  through_ref[...] = jnp.sum(dh.astype(jnp.float32) * h.astype(jnp.float32), axis=1)
   if vector:
     pl.when(_factored(b_last))(lambda: rows_gradients(0, chunk, "factored", h, dh))
   else:
