@@ -131,7 +131,7 @@ def main(argv):
           if r.get("ms") and base.get(ref):
             r[f"x_{ref}"] = base[ref] / r["ms"]
         benchmarking.record(rows, r, _OUT.value, "bench_attention", columns, header)
-  print(benchmarking.write_results(_OUT.value, "bench_attention", rows, columns, header))
+  print(benchmarking.markdown_table(rows, columns))  # the files: written by record
   benchmarking.plot(_OUT.value, "bench_attention", [r for r in rows if "tflops" in r],
                     x="seq", y="tflops", series=["impl"], panels=["mask", "pass_"])
 

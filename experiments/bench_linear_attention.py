@@ -108,7 +108,7 @@ def main(argv):
           if r.get("ms") and xla_ms:
             r["x_xla"] = xla_ms / r["ms"]
           benchmarking.record(rows, r, _OUT.value, "bench_linear_attention", columns, header)
-  print(benchmarking.write_results(_OUT.value, "bench_linear_attention", rows, columns, header))
+  print(benchmarking.markdown_table(rows, columns))  # the files: written by record
   benchmarking.plot(_OUT.value, "bench_linear_attention", [r for r in rows if "mtok_s" in r],
                     x="seq", y="mtok_s", series=["impl", "form"], panels=["pass_"])
 

@@ -63,19 +63,21 @@ def linear_attention_inputs(key, form, batch, seq, heads, key_dim, value_dim, dt
 
 
 def write_results(output_dir: str, name: str, rows: Sequence[dict], columns: Sequence[str],
-                  header: str) -> str:
-  """Writes `name.json` and `name.md` (a markdown table) under output_dir; returns the table."""
+                  header: str) -> None:
+  """Writes `name.json` and `name.md` (a markdown table) under output_dir."""
   os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, f"{name}.json"), "w") as f:
     json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                "rows": list(rows)}, f, indent=1)
+  with open(os.path.join(output_dir, f"{name}.md"), "w") as f:
+    f.write(f"{header}\n\n{markdown_table(rows, columns)}\n")
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
   lines = [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}"]
   for row in rows:
     lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
-  table = "\n".join(lines)
-  with open(os.path.join(output_dir, f"{name}.md"), "w") as f:
-    f.write(f"{header}\n\n{table}\n")
-  return table
+  return "\n".join(lines)
 
 
 def record(rows: list[dict], row: dict, output_dir: str, name: str, columns: Sequence[str],

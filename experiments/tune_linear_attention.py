@@ -99,7 +99,7 @@ def main(argv):
       map(int, _SEQ.value), _PASSES.value, map(int, _CHUNKS.value), _block_sizes()):
     benchmarking.record(rows, _row(seq, pass_, chunk, blocks, interpret), _OUT.value,
                         "tune_linear_attention", columns, header)
-  print(benchmarking.write_results(_OUT.value, "tune_linear_attention", rows, columns, header))
+  print(benchmarking.markdown_table(rows, columns))  # the files: written by record
 
 
 def run():

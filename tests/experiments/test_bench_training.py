@@ -1,14 +1,11 @@
-"""The training benchmark binary on a tiny model (CPU). It runs in a subprocess: its absl
-flags (dtype, ...) share names with other binaries' that tests import."""
+"""The training benchmark binary on a tiny model (CPU), in a subprocess."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-_ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.experiments import run_python
+
 _ARGS = ["--size=tiny", "--seq_len=32", "--global_batch_size=8", "--vocab_size=64",
          "--steps=1", "--warmup=0", "--peak_tflops=1"]
 # As on the CUDA backend of JAX 0.11.2: no cost analysis of the lowered step.
@@ -23,10 +20,7 @@ def test_prints_one_json_line_with_mfu(cost_analysis, tmp_path):
   code = ("" if cost_analysis else _NO_COST_ANALYSIS) + (
       "import sys; from experiments import bench_training; "
       f"sys.argv = ['bench_training'] + {args!r}; bench_training.run()")
-  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        cwd=_ROOT, timeout=600, check=False)
-  assert done.returncode == 0, done.stderr[-2000:]
-  lines = done.stdout.strip().splitlines()
+  lines = run_python("-c", code).strip().splitlines()
   result = json.loads(next(line for line in lines if line.startswith("{")))
   if not cost_analysis:
     assert list(tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz"))

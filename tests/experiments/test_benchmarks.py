@@ -1,21 +1,14 @@
 """The attention and linear-attention benchmark binaries on tiny shapes (CPU: the XLA
-implementations), and the per-row result files. The binaries run in subprocesses: their
-absl flags share names (dtype, heads, ...) with other binaries' that tests import."""
+implementations), and the per-row result files."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 from experiments import benchmarking
-
-_ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.experiments import run_python
 
 
 def _run(module, args, out):
-  done = subprocess.run([sys.executable, "-m", module, f"--output_dir={out}", *args],
-                        capture_output=True, text=True, cwd=_ROOT, timeout=600, check=False)
-  assert done.returncode == 0, done.stderr[-2000:]
+  run_python("-m", module, f"--output_dir={out}", *args)
   with open(out / f"{module.split('.')[-1]}.json") as f:
     return json.load(f)["rows"]
 
