@@ -13,13 +13,13 @@ import optax
 from flax import nnx
 
 from attn_jax import sharding
+from attn_jax.train.cross_entropy import cross_entropy_and_argmax
 
 def token_metrics(logits, targets, loss_mask):
   """Sums over masked positions: `{"loss_sum", "correct", "count"}` (float32 scalars)."""
-  logits = logits.astype(jnp.float32)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  nll, predictions = cross_entropy_and_argmax(logits.astype(jnp.float32), targets)
   mask = loss_mask.astype(jnp.float32)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = (predictions == targets).astype(jnp.float32)
   return {"loss_sum": jnp.sum(nll * mask), "correct": jnp.sum(correct * mask),
           "count": jnp.sum(mask)}
 
