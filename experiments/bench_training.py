@@ -48,6 +48,13 @@ _PROFILE_DIR = flags.DEFINE_string(
     "and print where the device's time went.")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps under the profiler.",
                                       lower_bound=1)
+_IMPLEMENTATION = flags.DEFINE_string(
+    "implementation", None, "Kernel for every mixer that takes `implementation` (e.g. "
+    "pallas_mosaic_gpu); default: each op's auto-selection.")
+_NUM_HEADS = flags.DEFINE_integer("num_heads", None, "Attention heads (default: the "
+                                  "size's; head_dim = d_model / num_heads).", lower_bound=1)
+_DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "If set, write the compiled train "
+                                "step's optimized HLO text to this file.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak bf16 TFLOP/s per device (default: "
                            "from the device kind).")
 
@@ -87,6 +94,10 @@ def main(argv):
   config = common.base_config()
   config.model = common.model_config(_SIZE.value, tuple(_MIXERS.value), dtype=_DTYPE.value,
                                      remat=_REMAT.value)
+  if _NUM_HEADS.value:
+    config.model.num_heads = _NUM_HEADS.value
+  if _IMPLEMENTATION.value:
+    config.model.mixer_options["all"] = {"implementation": _IMPLEMENTATION.value}
   config.train.num_steps = 1000
   mesh_sizes = {k: int(v) for k, v in (kv.split("=") for kv in _MESH.value.split(","))}
   mesh = sharding.make_mesh(mesh_sizes)
@@ -110,6 +121,9 @@ def main(argv):
   xla_flops = (lowered.cost_analysis() or {}).get("flops")  # None where not given (GPU)
   train_step = lowered.compile()
   compile_seconds = time.perf_counter() - start
+  if _DUMP_HLO.value:
+    with open(_DUMP_HLO.value, "w") as f:
+      f.write(train_step.as_text())
   for _ in range(_WARMUP.value):
     state, _ = train_step(state, batch)
   jax.block_until_ready(state)
@@ -127,6 +141,7 @@ def main(argv):
   result = {
       "device": device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape),
       "size": _SIZE.value, "mixers": _MIXERS.value, "params": num_params,
+      "num_heads": config.model.num_heads, "implementation": _IMPLEMENTATION.value,
       "seq_len": _SEQ_LEN.value, "global_batch_size": _BATCH.value, "dtype": _DTYPE.value,
       "remat": _REMAT.value, "compile_s": round(compile_seconds, 1),
       "step_s": step_seconds, "tokens_per_s": tokens_per_sec,
