@@ -16,7 +16,11 @@ _NO_COST_ANALYSIS = "import jax; jax.stages.Lowered.cost_analysis = lambda self:
 def test_prints_one_json_line_with_mfu(cost_analysis, tmp_path):
   # The second case also profiles: a trace is written and summarised (no device lines on
   # the CPU).
-  args = _ARGS + ([] if cost_analysis else [f"--profile_dir={tmp_path}", "--profile_steps=1"])
+  # It also takes the flags that change the model and dumps the compiled step.
+  hlo = tmp_path / "step.hlo"
+  args = _ARGS + ([] if cost_analysis else [
+      f"--profile_dir={tmp_path}", "--profile_steps=1", "--implementation=xla",
+      "--num_heads=1", f"--dump_hlo={hlo}"])
   code = ("" if cost_analysis else _NO_COST_ANALYSIS) + (
       "import sys; from experiments import bench_training; "
       f"sys.argv = ['bench_training'] + {args!r}; bench_training.run()")
@@ -25,6 +29,8 @@ def test_prints_one_json_line_with_mfu(cost_analysis, tmp_path):
   if not cost_analysis:
     assert list(tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz"))
     assert "no device lines" in lines[-1]
+    assert result["num_heads"] == 1 and result["implementation"] == "xla"
+    assert "HloModule" in hlo.read_text()
   assert result["step_s"] > 0 and result["tokens_per_s"] > 0 and result["params"] > 0
   assert 0 < result["mfu"] < result["mfu_palm"]
   assert (result["xla_tflops_per_step"] is None) != cost_analysis
