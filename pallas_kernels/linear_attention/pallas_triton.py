@@ -360,16 +360,20 @@ def _fused_output_kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, o_ref, 
 
 
 def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref, *refs,
-                     scale, sub, exact):
+                     scale, sub, stage):
   """dq, dk, dv and the decay-gradient parts for one chunk (all but dv: this value head's
   share): in one piece for a scalar gate and a factored vector-gate chunk, in row blocks
   of `sub` for a vector-gate chunk whose decay is too strong to factor.
 
-  The exact row-block form runs as a second launch (`exact=True`) over the first's
-  outputs, aliased to its own, and fills only the chunks the first left: compiled into
-  the same kernel, its code made the vector gate's backward 1.37x slower at seq 1k on an
-  H100 even where no chunk took it. refs: the dq, dk, dv, db, dkeys, through outputs
-  (first launch); the five aliased inputs, then the same five outputs (second).
+  `stage` (refs: the outputs, after any aliased inputs):
+    "all"      scalar gate: dq, dk, dv, db, dkeys, through.
+    "queries"  vector gate, factored chunks: dq, and q ⊙ dq into db.
+    "keys"     vector gate, factored chunks: dk, dv, db (−k ⊙ dk added to the aliased
+               input db), dkeys, through. Split from "queries", each program holds
+               fewer `[C, K]` f32 tiles.
+    "exact"    vector gate, the chunks left unfactored: dq, dk, dv, db, dkeys over the
+               first launches' outputs, aliased. Compiled into them, its code made the
+               backward 1.37x slower at seq 1k on an H100 even where no chunk took it.
 
   h_n is the state entering the chunk, dh_n the gradient w.r.t. the state leaving it.
   Each pair (query i, key j < i) adds its share P_ij to dL/dB_i and takes it from
@@ -379,10 +383,16 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
   (i, i) is left out: it cancels exactly, and under strong decay it would dominate the
   sums and leave only rounding noise.
   """
-  if exact:
-    dq_ref, dk_ref, dv_ref, db_ref, dkeys_ref = refs[5:]  # refs[:5]: the same, aliased
-  else:
+  db_in_ref = through_ref = None
+  if stage == "all":
     dq_ref, dk_ref, dv_ref, db_ref, dkeys_ref, through_ref = refs
+  elif stage == "queries":
+    (dq_ref, db_ref), dk_ref = refs, None
+  elif stage == "keys":
+    db_in_ref, dk_ref, dv_ref, db_ref, dkeys_ref, through_ref = refs
+  else:
+    dq_ref, dk_ref, dv_ref, db_ref, dkeys_ref = refs[5:]  # refs[:5]: the same, aliased
+  queries, keys = stage != "keys", stage != "queries"
   chunk = q_ref.shape[0]
   vector = len(b_ref.shape) == 2
   b_last = _gate(b_ref, pl.ds(chunk - 1, 1)).reshape(1, -1)
@@ -393,11 +403,13 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
     b, rel = _gate(b_ref, rows), rel_ref[rows]
     dtype = q.dtype
     # Inter-chunk: o_i ∋ scale (q_i e^{b_i})ᵀ h_n and h_{n+1} ∋ (k_j e^{b_C − b_j}) v_jᵀ.
-    q_decay = jnp.where(rel[:, None] == 0, jnp.exp(b), 0.0)
-    k_decay = jnp.where(rel[:, None] == rel_ref[chunk - 1], jnp.exp(b_last - b), 0.0)
-    dq = scale * q_decay * _dot(do, h, "nt", dtype)
-    dk_state = k_decay * _dot(v, dh, "nt", dtype)
-    dv = _dot(k * k_decay, dh, "nn", dtype)
+    if queries:
+      q_decay = jnp.where(rel[:, None] == 0, jnp.exp(b), 0.0)
+      dq = scale * q_decay * _dot(do, h, "nt", dtype)
+    if keys:
+      k_decay = jnp.where(rel[:, None] == rel_ref[chunk - 1], jnp.exp(b_last - b), 0.0)
+      dk_state = k_decay * _dot(v, dh, "nt", dtype)
+      dv = _dot(k * k_decay, dh, "nn", dtype)
     # Intra-chunk, the rows' own block: o_i ∋ scale Σ_j scores_ij v_j (pairs j < i here).
     d_scores = scale * _dot(do, v, "nt", dtype)
     if form == "scalar":
@@ -408,14 +420,17 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
     elif form == "factored":
       # The dot operands in the input dtype at once: fewer [C, K] f32 tiles held.
       q_decayed, k_grown = ((x * jnp.exp(y)).astype(dtype) for x, y in ((q, b), (k, -b)))
-      scores = jnp.where(_pairs(rel), _dot(q_decayed, k_grown, "nt", dtype), 0.0)
       d_scores = jnp.where(_pairs(rel, strict=True), d_scores, 0.0)
-      dq += jnp.exp(b) * _dot(d_scores, k_grown, "nn", dtype)
-      dk = jnp.exp(-b) * _dot(d_scores, q_decayed, "tn", dtype)
+      if queries:
+        dq += jnp.exp(b) * _dot(d_scores, k_grown, "nn", dtype)
+      if keys:
+        scores = jnp.where(_pairs(rel), _dot(q_decayed, k_grown, "nt", dtype), 0.0)
+        dk = jnp.exp(-b) * _dot(d_scores, q_decayed, "tn", dtype)
     else:
       scores, dq_diag, dk = _vector_diag(q, b, rel, k_ref, b_ref, start, d_scores)
       dq += dq_diag
-    dv += _dot(scale * scores, do, "tn", dtype)
+    if keys:
+      dv += _dot(scale * scores, do, "tn", dtype)
     if form == "exact" and start > 0:  # the rows' queries against the earlier keys
       r = b_ref[pl.ds(start - 1, 1), :]
       q_factor, k_r = _earlier(b, r, k_ref[...], b_ref[...], start)
@@ -432,15 +447,20 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
       dk += k_factor * _dot(d_scores, q_r, "tn", dtype)
     q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     per_token = (lambda x: x) if vector else (lambda x: jnp.sum(x, axis=1))
-    db_ref[rows] = per_token(q * dq - k * dk)
-    dkeys_ref[rows] = per_token(k * dk_state)
     own = scale * jnp.sum(do.astype(jnp.float32) * v.astype(jnp.float32), axis=1,
                           keepdims=True)
-    dq_ref[rows, :] = (dq + own * k).astype(dq_ref.dtype)
+    if queries:
+      dq_ref[rows, :] = (dq + own * k).astype(dq_ref.dtype)
+    if not keys:
+      db_ref[rows] = q * dq
+      return
+    db = db_in_ref[rows] if db_in_ref is not None else 0.0
+    db_ref[rows] = per_token((q * dq if queries else db) - k * dk)
+    dkeys_ref[rows] = per_token(k * dk_state)
     dk_ref[rows, :] = (dk + dk_state + own * q).astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
 
-  if exact:
+  if stage == "exact":
     @pl.when(jnp.logical_not(_factored(b_last)))
     def _exact_chunk():
       h, dh = h_ref[...], dh_ref[...]
@@ -448,7 +468,8 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
         rows_gradients(start, sub, "exact", h, dh)
     return
   h, dh = h_ref[...], dh_ref[...]
-  through_ref[...] = jnp.sum(dh.astype(jnp.float32) * h.astype(jnp.float32), axis=1)
+  if through_ref is not None:
+    through_ref[...] = jnp.sum(dh.astype(jnp.float32) * h.astype(jnp.float32), axis=1)
   if vector:
     pl.when(_factored(b_last))(lambda: rows_gradients(0, chunk, "factored", h, dh))
   else:
@@ -667,21 +688,27 @@ def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
   out_specs = [dqk_spec, dqk_spec, vv, db_spec, db_spec]
   out_shape = [per_head, per_head, jax.ShapeDtypeStruct(v.shape, v.dtype),
                partial(b.shape, jnp.float32), partial(b.shape, jnp.float32)]
-  launch = lambda exact, **kwargs: plan.call(
-      functools.partial(_gradient_kernel, scale=plan.scale, sub=plan.sub, exact=exact),
-      "linear_attention_gradients" + ("_exact" if exact else ""),
+  launch = lambda stage, **kwargs: plan.call(
+      functools.partial(_gradient_kernel, scale=plan.scale, sub=plan.sub, stage=stage),
+      "linear_attention_gradients_" + stage,
       num_warps=plan.gradient_num_warps, grid=(batch, heads, plan.chunks, splits),
       **kwargs)
   inputs = (q, k, v, do, b, rel, states, d_states)
-  *grads, through = launch(
-      False, in_specs=in_specs, out_specs=out_specs + [through_spec],
-      out_shape=out_shape + [partial((batch, heads, plan.chunks, key_dim), jnp.float32)],
-  )(*inputs)
-  if b.ndim == 4:  # the vector-gate chunks too strongly decayed to factor
-    grads = launch(True, in_specs=in_specs + out_specs, out_specs=out_specs,
+  through_shape = partial((batch, heads, plan.chunks, key_dim), jnp.float32)
+  if b.ndim == 3:
+    *grads, through = launch("all", in_specs=in_specs, out_specs=out_specs + [through_spec],
+                             out_shape=out_shape + [through_shape])(*inputs)
+  else:  # vector gate: factored chunks in two launches, then the chunks left unfactored
+    dq, d_b = launch("queries", in_specs=in_specs, out_specs=[dqk_spec, db_spec],
+                     out_shape=[out_shape[0], out_shape[3]])(*inputs)
+    dk, dv, d_b, d_keys, through = launch(
+        "keys", in_specs=in_specs + [db_spec], out_specs=out_specs[1:] + [through_spec],
+        out_shape=out_shape[1:] + [through_shape],
+        input_output_aliases={len(inputs): 2})(*inputs, d_b)
+    grads = launch("exact", in_specs=in_specs + out_specs, out_specs=out_specs,
                    out_shape=out_shape,
-                   input_output_aliases={len(inputs) + i: i for i in range(len(grads))},
-                   )(*inputs, *grads)
+                   input_output_aliases={len(inputs) + i: i for i in range(5)},
+                   )(*inputs, dq, dk, dv, d_b, d_keys)
   dq, dk, dv, d_b, d_keys = grads
   return (*(x.sum(0) for x in (dq, dk)), dv,
           *(x.sum(0) for x in (d_b, d_keys, through)))
