@@ -168,13 +168,17 @@ def _pallas(name):
   def run(query, key, value, q_segment_ids, kv_segment_ids, sinks, *, mask, scale,
           logits_soft_cap, return_residuals):
     interpret = dispatch.require_pallas_platform(name)
-    module = _kernel_module(name)
-    return module.flash_attention(
+    kernel = dispatch.traced_once(_kernel_module(name).flash_attention, _STATIC_ARGS)
+    return kernel(
         query, key, value, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         sinks=sinks, scale=scale, is_causal=mask.is_causal, window=(mask.left, mask.right),
         logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
         interpret=interpret)
   return run
+
+
+_STATIC_ARGS = ("scale", "is_causal", "window", "logits_soft_cap", "return_residuals",
+                "interpret")
 
 
 def _kernel_module(name):

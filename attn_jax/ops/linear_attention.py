@@ -258,8 +258,10 @@ def _pallas(name):
   def run(query, key, value, log_decay, initial_state, resets, *, scale, chunk_size):
     interpret = dispatch.require_pallas_platform(name)
     module = importlib.import_module(f"pallas_kernels.linear_attention.{name}")
-    return module.linear_attention(query, key, value, log_decay, initial_state, resets,
-                                   scale=scale, chunk_size=chunk_size, interpret=interpret)
+    kernel = dispatch.traced_once(module.linear_attention,
+                                  ("scale", "chunk_size", "interpret"))
+    return kernel(query, key, value, log_decay, initial_state, resets, scale=scale,
+                  chunk_size=chunk_size, interpret=interpret)
   return run
 
 

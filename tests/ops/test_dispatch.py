@@ -1,5 +1,6 @@
 """The dispatcher: explicit names, fall-through, interpret mode, clear refusals."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -63,3 +64,20 @@ def test_mosaic_gpu_attention_through_the_op_in_interpret_mode(monkeypatch):
   assert rel_err(got, want) < 2e-2
   with pytest.raises(NotImplementedError, match="pallas_mosaic_gpu supports query/key/value"):
     ops.dot_product_attention(*_qkv(dim=64), implementation="pallas_mosaic_gpu")
+
+
+@pytest.mark.parametrize("op", ["attention", "linear_attention"])
+def test_identical_kernel_calls_share_one_trace(monkeypatch, op):
+  # A model's layers call the kernel with equal shapes and options: one traced (and so
+  # one lowered) kernel serves them all, where each used to lower its own.
+  monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
+  q, k, v = _qkv(dim=16)
+  if op == "attention":
+    call = lambda x: ops.dot_product_attention(x, k, v, is_causal=True,
+                                               implementation="pallas_triton")
+  else:
+    call = lambda x: ops.linear_attention(x, k, v, implementation="pallas_triton",
+                                          chunk_size=16)
+  jaxpr = jax.make_jaxpr(lambda x: call(call(x)))(q)
+  kernels = [e.params["jaxpr"] for e in jaxpr.eqns if e.primitive.name in ("pjit", "jit")]
+  assert len(kernels) == 2 and kernels[0] is kernels[1]
