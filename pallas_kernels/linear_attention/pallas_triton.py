@@ -387,7 +387,7 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
   if stage == "all":
     dq_ref, dk_ref, dv_ref, db_ref, dkeys_ref, through_ref = refs
   elif stage == "queries":
-    (dq_ref, db_ref), dk_ref = refs, None
+    dq_ref, db_ref = refs
   elif stage == "keys":
     db_in_ref, dk_ref, dv_ref, db_ref, dkeys_ref, through_ref = refs
   else:
@@ -451,11 +451,11 @@ def _gradient_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, h_ref, dh_ref,
                           keepdims=True)
     if queries:
       dq_ref[rows, :] = (dq + own * k).astype(dq_ref.dtype)
+    q_part = q * dq if queries else db_in_ref[rows]  # "keys": the "queries" launch's
     if not keys:
-      db_ref[rows] = q * dq
+      db_ref[rows] = q_part
       return
-    db = db_in_ref[rows] if db_in_ref is not None else 0.0
-    db_ref[rows] = per_token((q * dq if queries else db) - k * dk)
+    db_ref[rows] = per_token(q_part - k * dk)
     dkeys_ref[rows] = per_token(k * dk_state)
     dk_ref[rows, :] = (dk + dk_state + own * q).astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
