@@ -22,7 +22,8 @@ def cross_entropy_and_argmax(logits, targets):
 
   nll `[...]` (logits' dtype): `logsumexp(logits) - logits[target]`.
   predictions `[...]` int32: `argmax(logits)` (the first maximum); no gradient.
-  A target outside `[0, vocab)` gives a NaN nll, as `optax`'s version does.
+  Targets index as in numpy (-1 is the last class); one outside `[-vocab, vocab)` gives
+  a NaN nll. Both as `optax.softmax_cross_entropy_with_integer_labels`.
   """
   nll, predictions, _ = _forward(logits, targets)
   return nll, predictions
