@@ -48,7 +48,9 @@ def _fwd(logits, targets):
 def _bwd(residuals, cotangents):
   logits, targets, lse = residuals
   d_nll, _ = cotangents
-  one_hot = jnp.arange(logits.shape[-1]) == targets[..., None]
+  vocab = logits.shape[-1]
+  targets = jnp.where(targets < 0, targets + vocab, targets)  # as the forward's gather
+  one_hot = jnp.arange(vocab) == targets[..., None]
   d_logits = d_nll[..., None] * (jnp.exp(logits - lse[..., None]) - one_hot)
   return d_logits.astype(logits.dtype), None
 

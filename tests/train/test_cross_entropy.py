@@ -32,6 +32,15 @@ def test_matches_optax_and_argmax(shape, vocab, scale):
   np.testing.assert_allclose(ours(logits), theirs(logits), rtol=1e-5, atol=1e-6)
 
 
+def test_negative_targets_index_from_the_end():
+  logits, targets = _inputs((2, 5), 9, 2.0)
+  targets = targets - 9 * (jnp.arange(5) % 2)  # every other target as its negative index
+  ours = jax.grad(lambda l: jnp.sum(cross_entropy_and_argmax(l, targets)[0]))(logits)
+  theirs = jax.grad(lambda l: jnp.sum(
+      optax.softmax_cross_entropy_with_integer_labels(l, targets)))(logits)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_first_maximum_on_ties():
   logits = jnp.array([[0.0, 2.0, 2.0, 1.0], [5.0, 5.0, 5.0, 5.0]])
   _, predictions = cross_entropy_and_argmax(logits, jnp.array([0, 3]))
