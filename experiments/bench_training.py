@@ -97,7 +97,7 @@ def main(argv):
   if _NUM_HEADS.value:
     config.model.num_heads = _NUM_HEADS.value
   if _IMPLEMENTATION.value:
-    config.model.mixer_options["all"] = {"implementation": _IMPLEMENTATION.value}
+    config.model.mixer_options["all"]["implementation"] = _IMPLEMENTATION.value
   config.train.num_steps = 1000
   mesh_sizes = {k: int(v) for k, v in (kv.split("=") for kv in _MESH.value.split(","))}
   mesh = sharding.make_mesh(mesh_sizes)
@@ -124,13 +124,16 @@ def main(argv):
   if _DUMP_HLO.value:
     with open(_DUMP_HLO.value, "w") as f:
       f.write(train_step.as_text())
-  for _ in range(_WARMUP.value):
-    state, _ = train_step(state, batch)
-  jax.block_until_ready(state)
+
+  def run_steps(state, steps):  # returns when the last step is done
+    metrics = None
+    for _ in range(steps):
+      state, metrics = train_step(state, batch)
+    return jax.block_until_ready((state, metrics))
+
+  state, _ = run_steps(state, _WARMUP.value)
   start = time.perf_counter()
-  for _ in range(_STEPS.value):
-    state, metrics = train_step(state, batch)
-  jax.block_until_ready(metrics)
+  state, metrics = run_steps(state, _STEPS.value)
   step_seconds = (time.perf_counter() - start) / _STEPS.value
 
   tokens_per_sec = shape[0] * shape[1] / step_seconds
@@ -155,9 +158,7 @@ def main(argv):
   if _PROFILE_DIR.value:
     from experiments import trace_summary  # pylint: disable=g-import-not-at-top
     with jax.profiler.trace(_PROFILE_DIR.value, create_perfetto_trace=True):
-      for _ in range(_PROFILE_STEPS.value):
-        state, metrics = train_step(state, batch)
-      jax.block_until_ready(metrics)
+      run_steps(state, _PROFILE_STEPS.value)
     print(f"{_PROFILE_STEPS.value} steps profiled:", flush=True)
     print(trace_summary.summarize(_PROFILE_DIR.value), flush=True)
 

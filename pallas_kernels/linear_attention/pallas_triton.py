@@ -685,9 +685,10 @@ def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
   through_spec = pl.BlockSpec((None, None, None, None, key_dim),
                               lambda n, h, t, j: (j, n, h, t, 0))
   in_specs = [qk, qk, vv, vv, bb, rr, state, state]
-  out_specs = [dqk_spec, dqk_spec, vv, db_spec, db_spec]
-  out_shape = [per_head, per_head, jax.ShapeDtypeStruct(v.shape, v.dtype),
-               partial(b.shape, jnp.float32), partial(b.shape, jnp.float32)]
+  db_shape = partial(b.shape, jnp.float32)
+  out_specs = [dqk_spec, dqk_spec, vv, db_spec, db_spec]  # dq, dk, dv, d_b, d_keys
+  out_shape = [per_head, per_head, jax.ShapeDtypeStruct(v.shape, v.dtype), db_shape,
+               db_shape]
   launch = lambda stage, **kwargs: plan.call(
       functools.partial(_gradient_kernel, scale=plan.scale, sub=plan.sub, stage=stage),
       "linear_attention_gradients_" + stage,
@@ -700,7 +701,7 @@ def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
                              out_shape=out_shape + [through_shape])(*inputs)
   else:  # vector gate: factored chunks in two launches, then the chunks left unfactored
     dq, d_b = launch("queries", in_specs=in_specs, out_specs=[dqk_spec, db_spec],
-                     out_shape=[out_shape[0], out_shape[3]])(*inputs)
+                     out_shape=[per_head, db_shape])(*inputs)
     dk, dv, d_b, d_keys, through = launch(
         "keys", in_specs=in_specs + [db_spec], out_specs=out_specs[1:] + [through_spec],
         out_shape=out_shape[1:] + [through_shape],
