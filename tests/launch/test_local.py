@@ -5,6 +5,7 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 
 from tests.launch.conftest import NUM_STEPS, REPO, TINY_RUN_FLAGS, read_metrics, subprocess_env
 
@@ -81,11 +82,15 @@ def test_sigterm_reaches_every_process(tmp_path):
 
 
 def test_processes_join_with_several_devices_each(tmp_path):
-  result = subprocess.run(
-      ["bash", str(REPO / "launch" / "local.sh"), "--num_processes=2",
-       "--devices_per_process=2", "--binary=tests.launch.allreduce_probe",
-       f"--log_dir={tmp_path}"],
-      env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  try:
+    result = subprocess.run(
+        ["bash", str(REPO / "launch" / "local.sh"), "--num_processes=2",
+         "--devices_per_process=2", "--binary=tests.launch.allreduce_probe",
+         f"--log_dir={tmp_path}"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  except subprocess.TimeoutExpired:
+    logs = {log.name: log.read_text() for log in sorted(tmp_path.glob("process_*.log"))}
+    pytest.fail(f"the probe processes did not finish in 120 s; their logs: {logs}")
   assert result.returncode == 0, result.stdout + result.stderr
   assert "process 0/2: 2 local of 4 cpu devices, sum 6 (expected 6)" in result.stdout
   assert "process 1/2: 2 local of 4 cpu devices, sum 6 (expected 6)" in (
