@@ -137,9 +137,10 @@ def pass_over(slot, queues):
     plgpu.barrier_arrive(free.at[slot])
 
 
-def launch(body, inputs, out_type, smem, barriers, grid, grid_names, interpret: bool):
+def launch(body, inputs, out_type, smem, barriers, grid, grid_names, interpret: bool,
+           compute_warpgroups: int = COMPUTE_WARPGROUPS):
   """Runs body(*input refs, *output refs, smem, barriers) over `grid` with
-  COMPUTE_WARPGROUPS + 1 warpgroups (axis "wg"); an input that is None gives a None ref.
+  compute_warpgroups + 1 warpgroups (axis "wg"); an input that is None gives a None ref.
   smem and barriers are pytrees of scratch shapes; returns the outputs."""
   present = [x is not None for x in inputs]
 
@@ -152,7 +153,7 @@ def launch(body, inputs, out_type, smem, barriers, grid, grid_names, interpret: 
 
   return plgpu.kernel(
       entry, out_type=out_type, grid=grid, grid_names=grid_names,
-      num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
+      num_threads=compute_warpgroups + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*(x for x in inputs if x is not None))

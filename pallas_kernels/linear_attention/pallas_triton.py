@@ -871,18 +871,23 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
   """
   batch, seq, key_heads, key_dim = key.shape
   heads, value_dim = value.shape[2:]
-  if heads % key_heads:
-    raise ValueError(f"value heads ({heads}) must be a multiple of key heads ({key_heads}).")
-  if log_decay is None:
-    g = jnp.zeros((batch, seq, heads), jnp.float32)
-  elif log_decay.shape == (heads,):
-    g = jnp.broadcast_to(log_decay.astype(jnp.float32), (batch, seq, heads))
-  elif log_decay.shape in ((batch, seq, heads), (batch, seq, heads, key_dim)):
-    g = log_decay.astype(jnp.float32)
-  else:
-    raise ValueError(f"log_decay has shape {log_decay.shape}; expected None, ({heads},), "
-                     f"{(batch, seq, heads)} or {(batch, seq, heads, key_dim)}.")
+  g = per_token_log_decay(log_decay, batch, seq, key_heads, heads, key_dim)
   plan = _make_plan(batch, seq, heads, key_dim, value_dim, query.dtype, g.ndim == 4, scale,
                     chunk_size, block_sizes, interpret)
   return _linear_attention(query, key, value, g, initial_state.astype(jnp.float32),
                            resets.astype(bool), plan)
+
+
+def per_token_log_decay(log_decay, batch, seq, key_heads, heads, key_dim):
+  """g: log_decay as a float32 gate per token, `[batch, seq, heads]` (None and fixed
+  decays broadcast) or `[batch, seq, heads, key_dim]`; checks the head counts."""
+  if heads % key_heads:
+    raise ValueError(f"value heads ({heads}) must be a multiple of key heads ({key_heads}).")
+  if log_decay is None:
+    return jnp.zeros((batch, seq, heads), jnp.float32)
+  if log_decay.shape == (heads,):
+    return jnp.broadcast_to(log_decay.astype(jnp.float32), (batch, seq, heads))
+  if log_decay.shape in ((batch, seq, heads), (batch, seq, heads, key_dim)):
+    return log_decay.astype(jnp.float32)
+  raise ValueError(f"log_decay has shape {log_decay.shape}; expected None, ({heads},), "
+                   f"{(batch, seq, heads)} or {(batch, seq, heads, key_dim)}.")

@@ -66,6 +66,17 @@ def test_mosaic_gpu_attention_through_the_op_in_interpret_mode(monkeypatch):
     ops.dot_product_attention(*_qkv(dim=64), implementation="pallas_mosaic_gpu")
 
 
+def test_mosaic_gpu_linear_attention_through_the_op_in_interpret_mode(monkeypatch):
+  monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
+  q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(heads=2, seq=70, dim=64))
+  decay = -jnp.linspace(0.1, 1.0, 2)
+  want = ops.linear_attention(q, k, v, log_decay=decay, implementation="xla")
+  got = ops.linear_attention(q, k, v, log_decay=decay, implementation="pallas_mosaic_gpu")
+  assert rel_err(got, want) < 2e-2
+  with pytest.raises(NotImplementedError, match="pallas_mosaic_gpu supports chunk_size=64"):
+    ops.linear_attention(q, k, v, implementation="pallas_mosaic_gpu", chunk_size=32)
+
+
 @pytest.mark.parametrize("op", ["attention", "linear_attention"])
 def test_identical_kernel_calls_share_one_trace(monkeypatch, op):
   # A model's layers call the kernel with equal shapes and options: one traced (and so

@@ -160,8 +160,9 @@ def test_vector_gate_chunks_factored_and_exact():
   _check_against_reference(case, (q, k, v, g, h0), resets, cotangents)
 
 
-def _check_against_reference(case, args, resets, cotangents):
-  out, final, grads = _value_and_grads(_kernel(case, resets), args, cotangents)
+def _check_against_reference(case, args, resets, cotangents, kernel=_kernel):
+  """kernel(case, resets) gives the function under test (default: this file's kernels)."""
+  out, final, grads = _value_and_grads(kernel(case, resets), args, cotangents)
   ref_out, ref_final, ref_grads = _value_and_grads(_reference(case, resets), args,
                                                    cotangents)
   tol = TOLERANCE[case.dtype]

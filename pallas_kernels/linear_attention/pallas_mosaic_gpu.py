@@ -1,0 +1,306 @@
+"""Chunked causal linear attention in Pallas with the Mosaic GPU lowering, for Hopper
+(sm_90): the forward kernel; the backward is the Triton kernels' (`pallas_triton`).
+
+Notation as `pallas_triton`: per value head, chunks of C = 64 tokens, b the cumulative log
+decay inside a chunk (a scalar gate per token; fixed decay and no decay are broadcast to
+it), rel the number of resets so far inside the chunk, h the state entering the chunk
+`[K, V]`. The forward is Lightning Attention-2's single pass, as `pallas_triton`'s
+`_fused_output_kernel`: one CTA per (batch, value head, sequence piece) walks its chunks
+in order with the state on chip and writes
+
+  O = scale · [ wq ⊙ (Q h) + ((Q Kᵀ) ⊙ D) V ],    h ← d · h + Kᵀ (wk ⊙ V),
+
+  D_ij = e^{b_i − b_j} if j ≤ i in one run, else 0;   wq_i = e^{b_i} [rel_i = 0];
+  wk_j = e^{b_C − b_j} [rel_j = rel_C];               d = e^{b_C} [the chunk has no reset].
+
+- Warp-specialised as the flash-attention kernels (`flash_attention.mosaic_gpu_parts`): a
+  memory warpgroup streams each chunk's Q, K, V and vectors (b, rel, wq, wk, d) into
+  shared-memory slots with TMA; one compute warpgroup per 64 value columns keeps its
+  `[K, 64]` slice of h in registers (f32).
+- A compute warpgroup's chunk: Q Kᵀ and Q h together (wgmma; h read from shared memory
+  in the inputs' dtype, as the Triton kernel's dots read it), the decay mask D in
+  registers, O += (Q Kᵀ ⊙ D) V (the scores from registers), O out by TMA; then wk ⊙ V
+  through shared memory and h ← d · h + Kᵀ (wk ⊙ V) (wgmma with Kᵀ a transposed
+  shared-memory operand).
+- Sequence pieces, the chunk quantities (b, rel) and the backward are `pallas_triton`'s:
+  the state entering each piece comes from its state pass and scan.
+
+Scope: bfloat16/float16, scalar gates (and fixed/no decay), key and value head dims 64
+and 128, chunk_size 64 (one wgmma tile of scores). Everything else raises
+NotImplementedError naming the argument; `pallas_triton` serves it.
+
+Interpret mode (CPU): as `mosaic_gpu_parts`, the matmuls are plain dots of the same tiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
+from pallas_kernels.linear_attention import pallas_triton
+
+_DTYPES = ("bfloat16", "float16")
+_HEAD_DIMS = (64, 128)
+CHUNK = 64  # tokens per chunk: the score tile is one 64-row wgmma
+COLUMNS_PER_WARPGROUP = 64
+TARGET_CTAS = 132  # one CTA per SM of an H100 (its shared memory holds one)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """slots: chunks in flight in shared memory (≥ 2); pieces: sequence pieces run in
+  parallel, None for about `TARGET_CTAS` CTAs with pieces of at least
+  `pallas_triton.MIN_PIECE_CHUNKS` chunks."""
+  slots: int = 2
+  pieces: int | None = None
+
+  def __post_init__(self):
+    if not (isinstance(self.slots, int) and self.slots >= 2):
+      raise ValueError(f"BlockSizes.slots must be an int >= 2; got {self.slots!r}.")
+    if self.pieces is not None and not (isinstance(self.pieces, int) and self.pieces >= 1):
+      raise ValueError(f"BlockSizes.pieces must be None or an int >= 1; got {self.pieces!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  scale: float
+  chunks: int  # per piece
+  ratio: int  # value heads per key head
+  warpgroups: int  # compute warpgroups: value_dim // 64
+  slots: int
+  interpret: bool
+
+
+def _matmuls(terms, interpret: bool):
+  """[acc + a · b for (acc, a, b, dims) in terms] in f32, issued together. dims: "nn"
+  a · b, "nt" a · bᵀ, "tn" aᵀ · b; a is in registers ("nn" only) or a shared-memory ref,
+  b a shared-memory ref."""
+  if interpret:
+    contract = {"nn": ((1,), (0,)), "nt": ((1,), (1,)), "tn": ((0,), (0,))}
+    return [acc + lax.dot_general(a[...], b[...], (contract[dims], ((), ())),
+                                  preferred_element_type=jnp.float32)
+            for acc, a, b, dims in terms]
+
+  def compute(acc_refs):
+    for acc_ref, (_, a, b, dims) in zip(acc_refs, terms):
+      plgpu.wgmma(acc_ref, a.transpose((1, 0)) if dims == "tn" else a,
+                  b.transpose((1, 0)) if dims == "nt" else b)
+  return list(pl.run_state(compute)([plgpu.ACC.init(acc) for acc, *_ in terms]))
+
+
+def _zeros(shape):
+  return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _along(vector, shape, axis):
+  return lax.broadcast_in_dim(vector, shape, [axis])
+
+
+def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, wq_ref, wk_ref, d_ref, start_ref,
+            out_ref, end_ref, smem, barriers, *, st: _Static):
+  """One CTA: one (batch, value head, piece). q_ref, k_ref [B, T, Hk, K]; v_ref, out_ref
+  [B, T, H, V]; b_ref, wq_ref, wk_ref [B, H, T] f32; rel_ref [B, T] int32; d_ref
+  [B, H, N, K] f32 (d per chunk, repeated over the state's rows); start_ref, end_ref
+  [B, H, P, K, V] f32."""
+  q_smem, k_smem, v_smem, vectors, own = smem
+  b_smem, b_cols_smem, rel_smem, rel_cols_smem, wq_smem, wk_smem, d_smem = vectors
+  h_smem2, vw_smem2, o_smem2 = own
+  ready, free = barriers
+  batch, head, piece = (lax.axis_index(n) for n in ("batch", "heads", "pieces"))
+  wg = lax.axis_index("wg")
+  key_head = lax.div(head, jnp.int32(st.ratio))
+  first = piece * st.chunks
+  width = COLUMNS_PER_WARPGROUP
+
+  def issue(t, slot):  # Step t of the stream is the piece's chunk t.
+    chunk = first + t
+    rows = pl.ds(chunk * CHUNK, CHUNK)
+    copies = [(q_ref.at[batch, rows, key_head], q_smem.at[slot]),
+              (k_ref.at[batch, rows, key_head], k_smem.at[slot]),
+              (b_ref.at[batch, head, rows], b_smem.at[slot]),
+              (b_ref.at[batch, head, rows], b_cols_smem.at[slot]),
+              (rel_ref.at[batch, rows], rel_smem.at[slot]),
+              (rel_ref.at[batch, rows], rel_cols_smem.at[slot]),
+              (wq_ref.at[batch, head, rows], wq_smem.at[slot]),
+              (wk_ref.at[batch, head, rows], wk_smem.at[slot]),
+              (d_ref.at[batch, head, chunk], d_smem.at[slot])]
+    copies += [(v_ref.at[batch, rows, head, pl.ds(w * width, width)], v_smem.at[slot, w])
+               for w in range(st.warpgroups)]
+    for src, dst in copies:
+      plgpu.copy_gmem_to_smem(src, dst, ready.at[slot])
+
+  @pl.when(wg < st.warpgroups)
+  def _compute():
+    plgpu.set_max_registers(232, action="increase")
+    cols = pl.ds(wg * width, width)
+    h_smem, vw_smem, o_smem = h_smem2.at[wg], vw_smem2.at[wg], o_smem2.at[wg]
+    dtype = q_smem.dtype
+    h = plgpu.load(start_ref.at[batch, head, piece, :, cols], layout=plgpu.Layout.WGMMA,
+                   optimized=False)
+    h_smem[...] = h.astype(dtype)
+    plgpu.commit_smem()
+
+    def chunk_step(t, h):
+      slot = lax.rem(t, jnp.int32(st.slots))
+      rows = pl.ds((first + t) * CHUNK, CHUNK)
+      q, k, v = q_smem.at[slot], k_smem.at[slot], v_smem.at[slot, wg]
+      plgpu.barrier_wait(ready.at[slot])
+      scores, qh = _matmuls([(_zeros((CHUNK, CHUNK)), q, k, "nt"),
+                             (_zeros((CHUNK, width)), q, h_smem, "nn")], st.interpret)
+      b_i = plgpu.load(b_smem.at[slot], layout=parts.ROWS)
+      b_j = plgpu.load(b_cols_smem.at[slot], layout=parts.COLUMNS)
+      rel_i = plgpu.load(rel_smem.at[slot], layout=parts.ROWS)
+      rel_j = plgpu.load(rel_cols_smem.at[slot], layout=parts.COLUMNS)
+      shape = (CHUNK, CHUNK)
+      causal = parts.iota((CHUNK, CHUNK), 0) >= parts.iota((CHUNK, CHUNK), 1)
+      visible = causal & (_along(rel_i, shape, 0) == _along(rel_j, shape, 1))
+      decay = jnp.exp(jnp.where(visible, _along(b_i, shape, 0) - _along(b_j, shape, 1),
+                                -jnp.inf))
+      wq = plgpu.load(wq_smem.at[slot], layout=parts.ROWS)
+      o = qh * _along(wq, qh.shape, 0)
+      o, = _matmuls([(o, (scores * decay).astype(dtype), v, "nn")], st.interpret)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's O has left
+      o_smem[...] = (o * st.scale).astype(dtype)
+      wk = plgpu.load(wk_smem.at[slot], layout=parts.ROWS)
+      v_rows = plgpu.load(v, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+      vw_smem[...] = (v_rows * _along(wk, v_rows.shape, 0)).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, rows, head, cols])
+      d = plgpu.load(d_smem.at[slot], layout=parts.ROWS)
+      h, = _matmuls([(h * _along(d, h.shape, 0), k, vw_smem, "tn")], st.interpret)
+      plgpu.barrier_arrive(free.at[slot])
+      h_smem[...] = h.astype(dtype)
+      plgpu.commit_smem()
+      return h
+
+    h = lax.fori_loop(0, st.chunks, chunk_step, h)
+    end_ref.at[batch, head, piece, :, cols][...] = h
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == st.warpgroups)
+  def _memory():
+    parts.stream(jnp.int32(st.chunks), [(issue, ready, free)], st.slots, st.chunks)
+
+
+def _chunk_vectors(b, rel, key_dim):
+  """From `pallas_triton`'s b `[B, T, H]` and rel `[B, T]` (T whole chunks): b, wq, wk
+  `[B, H, T]` (tokens contiguous, for TMA) and d `[B, H, N, K]` (see the module
+  docstring)."""
+  batch, seq, heads = b.shape
+  chunks = seq // CHUNK
+  b = jnp.moveaxis(b, 2, 1).reshape(batch, heads, chunks, CHUNK)
+  rel = rel.reshape(batch, 1, chunks, CHUNK)
+  b_last, rel_last = b[..., -1:], rel[..., -1:]
+  wq = jnp.where(rel == 0, jnp.exp(b), 0.0)
+  wk = jnp.where(rel == rel_last, jnp.exp(b_last - b), 0.0)
+  d = jnp.where(rel_last == 0, jnp.exp(b_last), 0.0)
+  flat = lambda x: x.reshape(batch, heads, seq)
+  return flat(b), flat(wq), flat(wk), jnp.broadcast_to(d, (batch, heads, chunks, key_dim))
+
+
+def _output_call(q, k, v, b, rel, starts, st: _Static):
+  """Launches `_kernel` over (value head, piece, batch) on whole pieces; starts
+  `[B, H, P, K, V]`. Returns o `[B, T, H, V]` and the state leaving each piece."""
+  batch, _, _, key_dim = q.shape
+  heads, value_dim = v.shape[2:]
+  pieces = starts.shape[2]
+  b, wq, wk, d = _chunk_vectors(b, rel, key_dim)
+  dtype, slots, wgs = q.dtype, st.slots, st.warpgroups
+  tiled = lambda *shape: plgpu.SMEM(shape, dtype, transforms=parts.TILED)
+  vector = lambda length, vdtype=jnp.float32: plgpu.SMEM((slots, length), vdtype)
+  smem = (
+      tiled(slots, CHUNK, key_dim),  # Q
+      tiled(slots, CHUNK, key_dim),  # K
+      tiled(slots, wgs, CHUNK, COLUMNS_PER_WARPGROUP),  # V, by compute warpgroup
+      # b and rel twice: loaded as rows and as columns of the score tile, one layout per ref
+      (vector(CHUNK), vector(CHUNK), vector(CHUNK, jnp.int32), vector(CHUNK, jnp.int32),
+       vector(CHUNK), vector(CHUNK), vector(key_dim)),  # b b rel rel wq wk d
+      (tiled(wgs, key_dim, COLUMNS_PER_WARPGROUP),  # h, read by the tensor cores
+       tiled(wgs, CHUNK, COLUMNS_PER_WARPGROUP),  # wk ⊙ V
+       tiled(wgs, CHUNK, COLUMNS_PER_WARPGROUP)),  # O on its way out
+  )
+  barriers = (plgpu.Barrier(num_arrivals=9 + wgs, num_barriers=slots),  # chunk ready
+              plgpu.Barrier(num_arrivals=wgs, num_barriers=slots))  # slot free
+  return parts.launch(
+      functools.partial(_kernel, st=st), (q, k, v, b, rel, wq, wk, d, starts),
+      (jax.ShapeDtypeStruct(v.shape, dtype), jax.ShapeDtypeStruct(starts.shape, jnp.float32)),
+      smem, barriers, grid=(heads, pieces, batch), grid_names=("heads", "pieces", "batch"),
+      interpret=st.interpret, compute_warpgroups=wgs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _linear_attention(q, k, v, g, h0, resets, plan, st):
+  return _forward(q, k, v, g, h0, resets, plan, st)[0]
+
+
+def _forward(q, k, v, g, h0, resets, plan, st):
+  qp, kp, vp, b, rel, _, decay = pallas_triton._prepare(q, k, v, g, resets, plan)
+  starts = pallas_triton._piece_starts(kp, vp, b, rel, h0, decay, plan, reverse=False)
+  out, ends = _output_call(qp, kp, vp, b, rel, starts, st)
+  final = ends[:, :, -1]
+  return (out[:, :k.shape[1]], final), (q, k, v, g, h0, resets, final)
+
+
+def _backward(plan, st, residuals, cotangents):
+  del st
+  return pallas_triton._backward(plan, residuals, cotangents)
+
+
+_linear_attention.defvjp(_forward, _backward)
+
+
+def linear_attention(query, key, value, log_decay, initial_state, resets, *, scale: float,
+                     chunk_size: int, interpret: bool = False,
+                     block_sizes: BlockSizes | None = None):
+  """Causal linear attention on Hopper: this module's forward, `pallas_triton`'s backward.
+
+  Arguments and results as `pallas_triton.linear_attention`, except: query/key/value are
+  bfloat16 or float16; log_decay is None, fixed `[value_heads]` or a scalar gate
+  `[batch, seq, value_heads]`; key_dim and value_dim in (64, 128); chunk_size 64.
+
+  Raises:
+    NotImplementedError: naming the argument this kernel cannot serve.
+  """
+  batch, seq, key_heads, key_dim = key.shape
+  heads, value_dim = value.shape[2:]
+  dtype = jnp.dtype(query.dtype)
+  if dtype.name not in _DTYPES or key.dtype != dtype or value.dtype != dtype:
+    raise NotImplementedError(
+        f"pallas_mosaic_gpu supports query/key/value dtype in {_DTYPES} (all equal); got "
+        f"{query.dtype}, {key.dtype}, {value.dtype}. Use 'pallas_triton'.")
+  if key_dim not in _HEAD_DIMS or value_dim not in _HEAD_DIMS:
+    raise NotImplementedError(
+        f"pallas_mosaic_gpu supports key_dim and value_dim in {_HEAD_DIMS}; got {key_dim} "
+        f"and {value_dim}. Use 'pallas_triton'.")
+  if chunk_size != CHUNK:
+    raise NotImplementedError(f"pallas_mosaic_gpu supports chunk_size={CHUNK} only (one "
+                              f"wgmma tile of scores); got {chunk_size}.")
+  if log_decay is not None and log_decay.ndim == 4:
+    raise NotImplementedError("pallas_mosaic_gpu supports no decay, fixed decay and scalar "
+                              "gates; got a vector gate (log_decay [batch, seq, heads, "
+                              "key_dim]). Use 'pallas_triton'.")
+  if seq < 1:
+    raise NotImplementedError(f"seq={seq}: an empty sequence has nothing to run.")
+  blocks = block_sizes or BlockSizes()
+  pieces = blocks.pieces
+  if pieces is None:
+    chunks = -(-seq // CHUNK)
+    pieces = max(1, min(TARGET_CTAS // (batch * heads),
+                        chunks // pallas_triton.MIN_PIECE_CHUNKS))
+  triton_blocks = dataclasses.replace(
+      pallas_triton.BlockSizes.get_default(key_dim, value_dim, dtype), pieces=pieces)
+  g = pallas_triton.per_token_log_decay(log_decay, batch, seq, key_heads, heads, key_dim)
+  plan = pallas_triton._make_plan(batch, seq, heads, key_dim, value_dim, dtype, False,
+                                  scale, chunk_size, triton_blocks, interpret)
+  st = _Static(scale=float(scale), chunks=plan.chunks_per_piece, ratio=heads // key_heads,
+               warpgroups=value_dim // COLUMNS_PER_WARPGROUP, slots=blocks.slots,
+               interpret=bool(interpret))
+  return _linear_attention(query, key, value, g, initial_state.astype(jnp.float32),
+                           resets.astype(bool), plan, st)

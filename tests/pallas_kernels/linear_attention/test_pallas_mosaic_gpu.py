@@ -1,0 +1,93 @@
+"""`pallas_kernels.linear_attention.pallas_mosaic_gpu` (its forward; `pallas_triton`'s
+backward) in JAX's Mosaic GPU interpreter (CPU), against the naive recurrence: output,
+final state and the gradients of q, k, v, log decay and initial state.
+
+The interpreter runs the kernel's warpgroups, shared memory, TMA copies and mbarriers as
+written, but its matmuls as plain dots of the same tiles (`_matmuls`). The same cases run
+compiled, wgmma included, on a Hopper GPU (`gpu_only`: `JAX_PLATFORMS=cuda pytest -m
+gpu_only ...`).
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.linear_attention import pallas_mosaic_gpu as pm
+from tests.pallas_kernels.linear_attention import test_pallas_triton as triton_tests
+from tests.pallas_kernels.linear_attention.test_pallas_triton import Case
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicCase(Case):
+  chunk_size: int = 64
+  mosaic_blocks: pm.BlockSizes = pm.BlockSizes()
+
+  def __str__(self):
+    pieces = f"-P{self.mosaic_blocks.pieces}" if self.mosaic_blocks.pieces else ""
+    return super().__str__().replace("-C64", "") + pieces
+
+
+CASES = [
+    # Grouped value heads, two compute warpgroups (V 128), packed sequences, two pieces,
+    # T not a multiple of the chunk.
+    MosaicCase(batch=1, seq=150, heads=1, value_heads=2, key_dim=64, value_dim=128,
+               gate="scalar", max_decay=2.0, resets=True, dtype="bfloat16",
+               mosaic_blocks=pm.BlockSizes(pieces=2)),
+    # Fixed decay, K 128 (the state's 128 rows) and one compute warpgroup (V 64), float16.
+    MosaicCase(batch=2, seq=130, heads=2, value_heads=2, key_dim=128, value_dim=64,
+               gate="fixed", max_decay=1.0, dtype="float16"),
+    # No decay; a sequence shorter than one chunk; three slots.
+    MosaicCase(batch=1, seq=40, heads=1, value_heads=1, key_dim=64, value_dim=64,
+               gate="none", dtype="bfloat16", mosaic_blocks=pm.BlockSizes(slots=3)),
+]
+
+
+def _kernel(case, resets, interpret):
+  def run(q, k, v, g, h0):
+    return pm.linear_attention(q, k, v, g, h0, resets, scale=case.key_dim ** -0.5,
+                               chunk_size=case.chunk_size, interpret=interpret,
+                               block_sizes=case.mosaic_blocks)
+  return run
+
+
+def _check(case, interpret):
+  triton_tests._check_against_reference(
+      case, *triton_tests._inputs(case),
+      kernel=lambda case, resets: _kernel(case, resets, interpret))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_recurrence(case):
+  _check(case, True)
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_compiled_matches_recurrence_on_hopper(case):
+  _check(case, False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dtype=jnp.float32), "dtype"),
+    (dict(key_dim=32), "key_dim"),
+    (dict(chunk_size=128), "chunk_size"),
+    (dict(vector=True), "vector gate"),
+    (dict(seq=0), "seq=0"),
+])
+def test_unsupported_inputs_raise_not_implemented(kwargs, match):
+  seq, key_dim = kwargs.get("seq", 8), kwargs.get("key_dim", 64)
+  dtype = kwargs.get("dtype", jnp.bfloat16)
+  q = jnp.zeros((1, seq, 2, key_dim), dtype)
+  v = jnp.zeros((1, seq, 2, 64), dtype)
+  g = jnp.zeros((1, seq, 2, key_dim)) if kwargs.get("vector") else None
+  with pytest.raises(NotImplementedError, match=match):
+    pm.linear_attention(q, q, v, g, jnp.zeros((1, 2, key_dim, 64)), jnp.zeros((1, seq), bool),
+                        scale=1.0, chunk_size=kwargs.get("chunk_size", 64), interpret=True)
+
+
+def test_block_sizes_are_checked():
+  with pytest.raises(ValueError, match="slots"):
+    pm.BlockSizes(slots=1)
+  with pytest.raises(ValueError, match="pieces"):
+    pm.BlockSizes(pieces=0)
