@@ -146,6 +146,8 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, wq_ref, wk_ref, d_ref, start_re
                    optimized=False)
     h_smem[...] = h.astype(dtype)
     plgpu.commit_smem()
+    shape = (CHUNK, CHUNK)
+    causal = parts.iota(shape, 0) >= parts.iota(shape, 1)
 
     def chunk_step(t, h):
       slot = lax.rem(t, jnp.int32(st.slots))
@@ -158,8 +160,6 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, wq_ref, wk_ref, d_ref, start_re
       b_j = plgpu.load(b_cols_smem.at[slot], layout=parts.COLUMNS)
       rel_i = plgpu.load(rel_smem.at[slot], layout=parts.ROWS)
       rel_j = plgpu.load(rel_cols_smem.at[slot], layout=parts.COLUMNS)
-      shape = (CHUNK, CHUNK)
-      causal = parts.iota((CHUNK, CHUNK), 0) >= parts.iota((CHUNK, CHUNK), 1)
       visible = causal & (_along(rel_i, shape, 0) == _along(rel_j, shape, 1))
       decay = jnp.exp(jnp.where(visible, _along(b_i, shape, 0) - _along(b_j, shape, 1),
                                 -jnp.inf))
@@ -205,14 +205,18 @@ def _chunk_vectors(b, rel, key_dim):
   return flat(b), flat(wq), flat(wk), jnp.broadcast_to(d, (batch, heads, chunks, key_dim))
 
 
-def _output_call(q, k, v, b, rel, starts, st: _Static):
-  """Launches `_kernel` over (value head, piece, batch) on whole pieces; starts
-  `[B, H, P, K, V]`. Returns o `[B, T, H, V]` and the state leaving each piece."""
-  batch, _, _, key_dim = q.shape
+def _output_call(q, k, v, b, rel, starts, plan, slots: int):
+  """Launches `_kernel` over (value head, piece, batch) on whole pieces (`plan`, a
+  `pallas_triton` plan); starts `[B, H, P, K, V]`. Returns o `[B, T, H, V]` and the state
+  leaving each piece."""
+  batch, _, key_heads, key_dim = q.shape
   heads, value_dim = v.shape[2:]
   pieces = starts.shape[2]
+  wgs = value_dim // COLUMNS_PER_WARPGROUP
+  st = _Static(scale=plan.scale, chunks=plan.chunks_per_piece, ratio=heads // key_heads,
+               warpgroups=wgs, slots=slots, interpret=plan.interpret)
   b, wq, wk, d = _chunk_vectors(b, rel, key_dim)
-  dtype, slots, wgs = q.dtype, st.slots, st.warpgroups
+  dtype = q.dtype
   tiled = lambda *shape: plgpu.SMEM(shape, dtype, transforms=parts.TILED)
   vector = lambda length, vdtype=jnp.float32: plgpu.SMEM((slots, length), vdtype)
   smem = (
@@ -236,20 +240,20 @@ def _output_call(q, k, v, b, rel, starts, st: _Static):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _linear_attention(q, k, v, g, h0, resets, plan, st):
-  return _forward(q, k, v, g, h0, resets, plan, st)[0]
+def _linear_attention(q, k, v, g, h0, resets, plan, slots):
+  return _forward(q, k, v, g, h0, resets, plan, slots)[0]
 
 
-def _forward(q, k, v, g, h0, resets, plan, st):
+def _forward(q, k, v, g, h0, resets, plan, slots):
   qp, kp, vp, b, rel, _, decay = pallas_triton._prepare(q, k, v, g, resets, plan)
   starts = pallas_triton._piece_starts(kp, vp, b, rel, h0, decay, plan, reverse=False)
-  out, ends = _output_call(qp, kp, vp, b, rel, starts, st)
+  out, ends = _output_call(qp, kp, vp, b, rel, starts, plan, slots)
   final = ends[:, :, -1]
   return (out[:, :k.shape[1]], final), (q, k, v, g, h0, resets, final)
 
 
-def _backward(plan, st, residuals, cotangents):
-  del st
+def _backward(plan, slots, residuals, cotangents):
+  del slots
   return pallas_triton._backward(plan, residuals, cotangents)
 
 
@@ -299,8 +303,5 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
   g = pallas_triton.per_token_log_decay(log_decay, batch, seq, key_heads, heads, key_dim)
   plan = pallas_triton._make_plan(batch, seq, heads, key_dim, value_dim, dtype, False,
                                   scale, chunk_size, triton_blocks, interpret)
-  st = _Static(scale=float(scale), chunks=plan.chunks_per_piece, ratio=heads // key_heads,
-               warpgroups=value_dim // COLUMNS_PER_WARPGROUP, slots=blocks.slots,
-               interpret=bool(interpret))
   return _linear_attention(query, key, value, g, initial_state.astype(jnp.float32),
-                           resets.astype(bool), plan, st)
+                           resets.astype(bool), plan, blocks.slots)

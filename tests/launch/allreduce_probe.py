@@ -6,8 +6,8 @@
 Takes the flags the scripts pass to experiments/train.py (--coordinator_address,
 --num_processes, --process_id). Every device contributes its process index + 1; the sum
 over all devices must be Σ_p (p + 1) · devices_of(p), counted from jax.devices(). Prints
-one line per process and exits non-zero on a wrong sum. Needs only jax (so it runs on a machine without attn_jax's
-other dependencies).
+one line per process and exits non-zero on a wrong sum. Needs only jax (so it runs on a
+machine without attn_jax's other dependencies).
 """
 
 import argparse
@@ -34,9 +34,8 @@ def main(argv=None):
   # One collective only: a second one (process_allgather, two 2-device cliques) hung about
   # once in 30 runs of a loaded 2-core machine in jaxlib 0.11.2's gloo connect, its
   # other device still connecting at exit.
-  total = jax.block_until_ready(jax.jit(jnp.sum, out_shardings=jax.NamedSharding(
-      mesh, jax.sharding.PartitionSpec()))(values))
-  total = float(total)
+  total = float(jax.block_until_ready(jax.jit(jnp.sum, out_shardings=jax.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))(values)))
   expected = float(sum(device.process_index + 1 for device in jax.devices()))
   print(f"process {jax.process_index()}/{jax.process_count()}: "
         f"{jax.local_device_count()} local of {jax.device_count()} "
