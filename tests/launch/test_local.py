@@ -36,11 +36,17 @@ def test_two_processes_train_like_one(trained_run, tmp_path):
 
 
 FAKE_PYTHON = """#!/bin/bash
-# Stands in for python: process --process_id=I waits, or fails at once if I is $FAIL.
+# Stands in for python: process --process_id=I waits, or fails if I is $FAIL. The failing
+# one waits until all $NUM can take SIGTERM (trap set): a process the launcher stops
+# before that dies without a mark, which says nothing about the launcher.
 for arg; do case $arg in --process_id=*) id=${arg#*=} ;; esac; done
 trap 'kill $!; echo "$id stopped" >> "$MARKS"; exit 0' TERM
+echo "$id" >> "$MARKS.ready"
 echo "process $id started"
-[ "$id" = "${FAIL:-}" ] && exit 3
+if [ "$id" = "${FAIL:-}" ]; then
+  until [ "$(wc -l < "$MARKS.ready")" -ge "$NUM" ]; do sleep 0.05; done
+  exit 3
+fi
 sleep 60 & wait $!
 """
 
@@ -52,7 +58,7 @@ def start_fake_processes(tmp_path, **env):
   return subprocess.Popen(
       ["bash", str(REPO / "launch" / "local.sh"), "--num_processes=3", f"--python={python}",
        f"--log_dir={tmp_path / 'logs'}", "--", "--workdir=unused"],
-      env=subprocess_env(MARKS=str(tmp_path / "marks"), GRACE_SECONDS="10", **env),
+      env=subprocess_env(MARKS=str(tmp_path / "marks"), NUM="3", GRACE_SECONDS="10", **env),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
