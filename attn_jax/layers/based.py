@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from attn_jax.layers.common import Projection, check_positive_int
-from attn_jax.layers.linear import qkv_convs
+from attn_jax.layers.linear import qkv_convs, qkv_projections
 from attn_jax.layers.mixer import Mixer, RecurrentMixer
 from attn_jax.layers.softmax import SlidingWindowAttention
 from attn_jax.ops import feature_maps
@@ -52,10 +52,7 @@ class TaylorLinearAttention(RecurrentMixer):
     self.implementation = implementation
     h, f, hd = self.num_heads, self.feature_dim, self.head_dim
     p = dict(rngs=rngs, param_dtype=param_dtype)
-    names = ("embed", "heads", "head_dim")
-    self.query = Projection((d_model,), (h, f), names, **p)
-    self.key = Projection((d_model,), (h, f), names, **p)
-    self.value = Projection((d_model,), (h, hd), names, **p)
+    self.query, self.key, self.value = qkv_projections(d_model, h, f, hd, **p)
     self.out = Projection((h, hd), (d_model,), ("heads", "head_dim", "embed"), **p)
     self.convs = qkv_convs(conv_size, (h, f), (h, hd), **p)
 
@@ -63,9 +60,7 @@ class TaylorLinearAttention(RecurrentMixer):
     return self.num_heads, 1 + self.feature_dim + self.feature_dim ** 2, self.head_dim
 
   def _inputs(self, x, src, *, positions, segment_ids, conv_state):
-    q, conv_state = self._conv("q", self.query(x), segment_ids, conv_state)
-    k, conv_state = self._conv("k", self.key(src), segment_ids, conv_state)
-    v, conv_state = self._conv("v", self.value(src), segment_ids, conv_state)
+    q, k, v, conv_state = self._conv_qkv(x, src, segment_ids, conv_state)
     phi = feature_maps.taylor_exp
     return phi(q), phi(k), v, None, None, conv_state
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax.layers.common import Norm, Projection, check_positive_int, silu
-from attn_jax.layers.linear import qkv_convs
+from attn_jax.layers.linear import qkv_convs, qkv_projections
 from attn_jax.layers.mixer import RecurrentMixer
 
 
@@ -60,11 +60,8 @@ class GatedLinearAttention(RecurrentMixer):
     h, dk, dv = self.num_heads, self.head_dim, self.v_head_dim
     rank = check_positive_int("gate_rank", gate_rank)
     p = dict(rngs=rngs, param_dtype=param_dtype)
-    names = ("embed", "heads", "head_dim")
-    self.query = Projection((d_model,), (h, dk), names, **p)
-    self.key = Projection((d_model,), (h, dk), names, **p)
-    self.value = Projection((d_model,), (h, dv), names, **p)
-    self.gate = Projection((d_model,), (h, dv), names, **p)
+    self.query, self.key, self.value = qkv_projections(d_model, h, dk, dv, **p)
+    self.gate = Projection((d_model,), (h, dv), ("embed", "heads", "head_dim"), **p)
     self.decay_down = Projection((d_model,), (rank,), ("embed", None), **p)
     self.decay_up = Projection((rank,), (h, dk), (None, "heads", "head_dim"), use_bias=True,
                                **p)
@@ -81,9 +78,7 @@ class GatedLinearAttention(RecurrentMixer):
     return jax.nn.log_sigmoid(logits) / self.gate_temperature
 
   def _inputs(self, x, src, *, positions, segment_ids, conv_state):
-    q, conv_state = self._conv("q", self.query(x), segment_ids, conv_state)
-    k, conv_state = self._conv("k", self.key(src), segment_ids, conv_state)
-    v, conv_state = self._conv("v", self.value(src), segment_ids, conv_state)
+    q, k, v, conv_state = self._conv_qkv(x, src, segment_ids, conv_state)
     return q, k, v, self.log_decay(src), None, conv_state
 
   def _output(self, o, x, aux):

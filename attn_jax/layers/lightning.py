@@ -26,7 +26,7 @@ import math
 import jax.numpy as jnp
 
 from attn_jax.layers.common import Norm, Projection, check_positive_int, silu
-from attn_jax.layers.linear import qkv_convs
+from attn_jax.layers.linear import qkv_convs, qkv_projections
 from attn_jax.layers.mixer import RecurrentMixer
 
 
@@ -81,11 +81,8 @@ class LightningAttention(RecurrentMixer):
     self.implementation = implementation
     h, hd = self.num_heads, self.head_dim
     p = dict(rngs=rngs, param_dtype=param_dtype)
-    names = ("embed", "heads", "head_dim")
-    self.query = Projection((d_model,), (h, hd), names, **p)
-    self.key = Projection((d_model,), (h, hd), names, **p)
-    self.value = Projection((d_model,), (h, hd), names, **p)
-    self.gate = Projection((d_model,), (h, hd), names, **p)
+    self.query, self.key, self.value = qkv_projections(d_model, h, hd, hd, **p)
+    self.gate = Projection((d_model,), (h, hd), ("embed", "heads", "head_dim"), **p)
     self.out = Projection((h, hd), (d_model,), ("heads", "head_dim", "embed"), **p)
     self.norm = Norm((h, hd), ("heads", "head_dim"), axes=2, use_scale=False, **p)
     self.convs = qkv_convs(conv_size, (h, hd), (h, hd), **p)
@@ -94,9 +91,7 @@ class LightningAttention(RecurrentMixer):
     return self.num_heads, self.head_dim, self.head_dim
 
   def _inputs(self, x, src, *, positions, segment_ids, conv_state):
-    q, conv_state = self._conv("q", self.query(x), segment_ids, conv_state)
-    k, conv_state = self._conv("k", self.key(src), segment_ids, conv_state)
-    v, conv_state = self._conv("v", self.value(src), segment_ids, conv_state)
+    q, k, v, conv_state = self._conv_qkv(x, src, segment_ids, conv_state)
     log_decay = jnp.asarray(self.log_decays, jnp.float32)
     return silu(q), silu(k), v, log_decay, None, conv_state
 

@@ -43,6 +43,14 @@ def feature_dim(fn, dim):
   return jax.eval_shape(fn, jax.ShapeDtypeStruct((dim,), jnp.float32)).shape[-1]
 
 
+def qkv_projections(d_model, heads, key_dim, value_dim, *, rngs, param_dtype):
+  """Query and key `[d_model] → [heads, key_dim]`, value `→ [heads, value_dim]`."""
+  names = ("embed", "heads", "head_dim")
+  make = lambda dim: Projection((d_model,), (heads, dim), names, rngs=rngs,
+                                param_dtype=param_dtype)
+  return make(key_dim), make(key_dim), make(value_dim)
+
+
 def qkv_convs(size, key_shape, value_shape, *, rngs, param_dtype, key_names=None,
               activation=jax.nn.silu):
   """Short convolutions on q, k and v (H3/Based/GLA style), or None when size is None."""
@@ -89,10 +97,7 @@ class LinearAttention(RecurrentMixer):
     self.implementation = implementation
     h, hd = self.num_heads, self.head_dim
     p = dict(rngs=rngs, param_dtype=param_dtype)
-    names = ("embed", "heads", "head_dim")
-    self.query = Projection((d_model,), (h, hd), names, **p)
-    self.key = Projection((d_model,), (h, hd), names, **p)
-    self.value = Projection((d_model,), (h, hd), names, **p)
+    self.query, self.key, self.value = qkv_projections(d_model, h, hd, hd, **p)
     self.out = Projection((h, hd), (d_model,), ("heads", "head_dim", "embed"), **p)
     self.convs = qkv_convs(conv_size, (h, hd), (h, hd), **p)
 
@@ -100,9 +105,7 @@ class LinearAttention(RecurrentMixer):
     return self.num_heads, self.feature_dim, self.head_dim
 
   def _inputs(self, x, src, *, positions, segment_ids, conv_state):
-    q, conv_state = self._conv("q", self.query(x), segment_ids, conv_state)
-    k, conv_state = self._conv("k", self.key(src), segment_ids, conv_state)
-    v, conv_state = self._conv("v", self.value(src), segment_ids, conv_state)
+    q, k, v, conv_state = self._conv_qkv(x, src, segment_ids, conv_state)
     return self.feature_map(q), self.feature_map(k), v, None, None, conv_state
 
   def _output(self, o, x, aux):
@@ -128,10 +131,7 @@ class EfficientAttention(RecurrentMixer):
     self.implementation = implementation
     h, hd = self.num_heads, self.head_dim
     p = dict(rngs=rngs, param_dtype=param_dtype)
-    names = ("embed", "heads", "head_dim")
-    self.query = Projection((d_model,), (h, hd), names, **p)
-    self.key = Projection((d_model,), (h, hd), names, **p)
-    self.value = Projection((d_model,), (h, hd), names, **p)
+    self.query, self.key, self.value = qkv_projections(d_model, h, hd, hd, **p)
     self.out = Projection((h, hd), (d_model,), ("heads", "head_dim", "embed"), **p)
 
   def _inputs(self, x, src, *, positions, segment_ids, conv_state):

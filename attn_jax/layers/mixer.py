@@ -194,6 +194,13 @@ class RecurrentMixer(Mixer):
       conv_state = {**conv_state, name: new}
     return y, conv_state
 
+  def _conv_qkv(self, x, src, segment_ids, conv_state):
+    """query(x), key(src), value(src), each through its short convolution if any."""
+    q, conv_state = self._conv("q", self.query(x), segment_ids, conv_state)
+    k, conv_state = self._conv("k", self.key(src), segment_ids, conv_state)
+    v, conv_state = self._conv("v", self.value(src), segment_ids, conv_state)
+    return q, k, v, conv_state
+
   def __call__(self, x, *, context=None, segment_ids=None, context_segment_ids=None):
     """The parallel form; `x [batch, seq, d_model]` → `[batch, seq, d_model]`."""
     pattern = self._pattern(x, context, segment_ids, context_segment_ids)

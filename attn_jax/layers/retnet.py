@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from attn_jax.layers.common import (Norm, Projection, apply_rope, check_positive_int,
                                     check_rope, silu)
-from attn_jax.layers.linear import qkv_convs
+from attn_jax.layers.linear import qkv_convs, qkv_projections
 from attn_jax.layers.mixer import RecurrentMixer
 
 
@@ -65,11 +65,8 @@ class Retention(RecurrentMixer):
     self.implementation = implementation
     h, hd, vd = self.num_heads, self.head_dim, self.v_head_dim
     p = dict(rngs=rngs, param_dtype=param_dtype)
-    names = ("embed", "heads", "head_dim")
-    self.query = Projection((d_model,), (h, hd), names, **p)
-    self.key = Projection((d_model,), (h, hd), names, **p)
-    self.value = Projection((d_model,), (h, vd), names, **p)
-    self.gate = Projection((d_model,), (h, vd), names, **p)
+    self.query, self.key, self.value = qkv_projections(d_model, h, hd, vd, **p)
+    self.gate = Projection((d_model,), (h, vd), ("embed", "heads", "head_dim"), **p)
     self.out = Projection((h, vd), (d_model,), ("heads", "head_dim", "embed"), **p)
     self.group_norm = Norm((h, vd), ("heads", "head_dim"), kind="layer", eps=1e-5, **p)
     self.convs = qkv_convs(conv_size, (h, hd), (h, vd), **p)
@@ -78,9 +75,7 @@ class Retention(RecurrentMixer):
     return self.num_heads, self.head_dim, self.v_head_dim
 
   def _inputs(self, x, src, *, positions, segment_ids, conv_state):
-    q, conv_state = self._conv("q", self.query(x), segment_ids, conv_state)
-    k, conv_state = self._conv("k", self.key(src), segment_ids, conv_state)
-    v, conv_state = self._conv("v", self.value(src), segment_ids, conv_state)
+    q, k, v, conv_state = self._conv_qkv(x, src, segment_ids, conv_state)
     if self.rope and positions is not None:
       rope = dict(base=self.rope_base, scaling=self.rope_scaling)
       q, k = apply_rope(q, positions, **rope), apply_rope(k, positions, **rope)
