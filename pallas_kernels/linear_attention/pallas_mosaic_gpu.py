@@ -245,11 +245,8 @@ def _linear_attention(q, k, v, g, h0, resets, plan, slots):
 
 
 def _forward(q, k, v, g, h0, resets, plan, slots):
-  qp, kp, vp, b, rel, _, decay = pallas_triton._prepare(q, k, v, g, resets, plan)
-  starts = pallas_triton._piece_starts(kp, vp, b, rel, h0, decay, plan, reverse=False)
-  out, ends = _output_call(qp, kp, vp, b, rel, starts, plan, slots)
-  final = ends[:, :, -1]
-  return (out[:, :k.shape[1]], final), (q, k, v, g, h0, resets, final)
+  return pallas_triton._forward(q, k, v, g, h0, resets, plan,
+                                output_call=functools.partial(_output_call, slots=slots))
 
 
 def _backward(plan, slots, residuals, cotangents):

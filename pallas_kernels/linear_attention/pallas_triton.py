@@ -780,11 +780,13 @@ def _linear_attention(q, k, v, g, h0, resets, plan):
   return _forward(q, k, v, g, h0, resets, plan)[0]
 
 
-def _forward(q, k, v, g, h0, resets, plan):
+def _forward(q, k, v, g, h0, resets, plan, output_call=_fused_output_call):
+  """The forward and its residuals; output_call(q, k, v, b, rel, starts, plan) is the
+  one-pass output kernel's launch (`pallas_mosaic_gpu` passes its own)."""
   qp, kp, vp, b, rel, _, decay = _prepare(q, k, v, g, resets, plan)
   # One pass: the chunk states never leave the chip.
   starts = _piece_starts(kp, vp, b, rel, h0, decay, plan, reverse=False)
-  out, ends = _fused_output_call(qp, kp, vp, b, rel, starts, plan)
+  out, ends = output_call(qp, kp, vp, b, rel, starts, plan)
   final = ends[:, :, -1]
   return (out[:, :k.shape[1]], final), (q, k, v, g, h0, resets, final)
 

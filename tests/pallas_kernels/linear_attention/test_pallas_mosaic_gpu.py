@@ -9,6 +9,7 @@ gpu_only ...`).
 """
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import pytest
@@ -21,11 +22,10 @@ from tests.pallas_kernels.linear_attention.test_pallas_triton import Case
 @dataclasses.dataclass(frozen=True)
 class MosaicCase(Case):
   chunk_size: int = 64
-  mosaic_blocks: pm.BlockSizes = pm.BlockSizes()
+  blocks: pm.BlockSizes = pm.BlockSizes()
 
   def __str__(self):
-    pieces = f"-P{self.mosaic_blocks.pieces}" if self.mosaic_blocks.pieces else ""
-    return super().__str__().replace("-C64", "") + pieces
+    return super().__str__().replace("-C64", "")
 
 
 CASES = [
@@ -33,28 +33,20 @@ CASES = [
     # T not a multiple of the chunk.
     MosaicCase(batch=1, seq=150, heads=1, value_heads=2, key_dim=64, value_dim=128,
                gate="scalar", max_decay=2.0, resets=True, dtype="bfloat16",
-               mosaic_blocks=pm.BlockSizes(pieces=2)),
+               blocks=pm.BlockSizes(pieces=2)),
     # Fixed decay, K 128 (the state's 128 rows) and one compute warpgroup (V 64), float16.
     MosaicCase(batch=2, seq=130, heads=2, value_heads=2, key_dim=128, value_dim=64,
                gate="fixed", max_decay=1.0, dtype="float16"),
     # No decay; a sequence shorter than one chunk; three slots.
     MosaicCase(batch=1, seq=40, heads=1, value_heads=1, key_dim=64, value_dim=64,
-               gate="none", dtype="bfloat16", mosaic_blocks=pm.BlockSizes(slots=3)),
+               gate="none", dtype="bfloat16", blocks=pm.BlockSizes(slots=3)),
 ]
-
-
-def _kernel(case, resets, interpret):
-  def run(q, k, v, g, h0):
-    return pm.linear_attention(q, k, v, g, h0, resets, scale=case.key_dim ** -0.5,
-                               chunk_size=case.chunk_size, interpret=interpret,
-                               block_sizes=case.mosaic_blocks)
-  return run
 
 
 def _check(case, interpret):
   triton_tests._check_against_reference(
       case, *triton_tests._inputs(case),
-      kernel=lambda case, resets: _kernel(case, resets, interpret))
+      kernel=functools.partial(triton_tests._kernel, module=pm, interpret=interpret))
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

@@ -106,11 +106,12 @@ def _inputs(case):
   return (q, k, v, g, h0), resets, cotangents
 
 
-def _kernel(case, resets):
+def _kernel(case, resets, module=pt, interpret=INTERPRET):
+  """`module.linear_attention` with the case's settings, as a function of (q, k, v, g, h0)."""
   def run(q, k, v, g, h0):
-    return pt.linear_attention(q, k, v, g, h0, resets, scale=case.key_dim ** -0.5,
-                               chunk_size=case.chunk_size, interpret=INTERPRET,
-                               block_sizes=case.blocks)
+    return module.linear_attention(q, k, v, g, h0, resets, scale=case.key_dim ** -0.5,
+                                   chunk_size=case.chunk_size, interpret=interpret,
+                                   block_sizes=case.blocks)
   return run
 
 
