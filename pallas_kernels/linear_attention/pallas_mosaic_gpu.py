@@ -45,6 +45,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
 from pallas_kernels.linear_attention import pallas_triton
+from pallas_kernels.linear_attention.pallas_mosaic_gpu_gradients import chunk_vectors, gradients
+from pallas_kernels.linear_attention.mosaic_gpu_tiles import along, matmuls, zeros
 
 _DTYPES = ("bfloat16", "float16")
 _HEAD_DIMS = (64, 128)
@@ -76,31 +78,6 @@ class _Static:
   warpgroups: int  # compute warpgroups: value_dim // 64
   slots: int
   interpret: bool
-
-
-def _matmuls(terms, interpret: bool):
-  """[acc + a · b for (acc, a, b, dims) in terms] in f32, issued together. dims: "nn"
-  a · b, "nt" a · bᵀ, "tn" aᵀ · b; a is in registers ("nn" only) or a shared-memory ref,
-  b a shared-memory ref."""
-  if interpret:
-    contract = {"nn": ((1,), (0,)), "nt": ((1,), (1,)), "tn": ((0,), (0,))}
-    return [acc + lax.dot_general(a[...], b[...], (contract[dims], ((), ())),
-                                  preferred_element_type=jnp.float32)
-            for acc, a, b, dims in terms]
-
-  def compute(acc_refs):
-    for acc_ref, (_, a, b, dims) in zip(acc_refs, terms):
-      plgpu.wgmma(acc_ref, a.transpose((1, 0)) if dims == "tn" else a,
-                  b.transpose((1, 0)) if dims == "nt" else b)
-  return list(pl.run_state(compute)([plgpu.ACC.init(acc) for acc, *_ in terms]))
-
-
-def _zeros(shape):
-  return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-
-
-def _along(vector, shape, axis):
-  return lax.broadcast_in_dim(vector, shape, [axis])
 
 
 def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, wq_ref, wk_ref, d_ref, start_ref,
@@ -154,27 +131,27 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, wq_ref, wk_ref, d_ref, start_re
       rows = pl.ds((first + t) * CHUNK, CHUNK)
       q, k, v = q_smem.at[slot], k_smem.at[slot], v_smem.at[slot, wg]
       plgpu.barrier_wait(ready.at[slot])
-      scores, qh = _matmuls([(_zeros((CHUNK, CHUNK)), q, k, "nt"),
-                             (_zeros((CHUNK, width)), q, h_smem, "nn")], st.interpret)
+      scores, qh = matmuls([(zeros((CHUNK, CHUNK)), q, k, "nt"),
+                            (zeros((CHUNK, width)), q, h_smem, "nn")], st.interpret)
       b_i = plgpu.load(b_smem.at[slot], layout=parts.ROWS)
       b_j = plgpu.load(b_cols_smem.at[slot], layout=parts.COLUMNS)
       rel_i = plgpu.load(rel_smem.at[slot], layout=parts.ROWS)
       rel_j = plgpu.load(rel_cols_smem.at[slot], layout=parts.COLUMNS)
-      visible = causal & (_along(rel_i, shape, 0) == _along(rel_j, shape, 1))
-      decay = jnp.exp(jnp.where(visible, _along(b_i, shape, 0) - _along(b_j, shape, 1),
+      visible = causal & (along(rel_i, shape, 0) == along(rel_j, shape, 1))
+      decay = jnp.exp(jnp.where(visible, along(b_i, shape, 0) - along(b_j, shape, 1),
                                 -jnp.inf))
       wq = plgpu.load(wq_smem.at[slot], layout=parts.ROWS)
-      o = qh * _along(wq, qh.shape, 0)
-      o, = _matmuls([(o, (scores * decay).astype(dtype), v, "nn")], st.interpret)
+      o = qh * along(wq, qh.shape, 0)
+      o, = matmuls([(o, (scores * decay).astype(dtype), v, "nn")], st.interpret)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's O has left
       o_smem[...] = (o * st.scale).astype(dtype)
       wk = plgpu.load(wk_smem.at[slot], layout=parts.ROWS)
       v_rows = plgpu.load(v, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-      vw_smem[...] = (v_rows * _along(wk, v_rows.shape, 0)).astype(dtype)
+      vw_smem[...] = (v_rows * along(wk, v_rows.shape, 0)).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, rows, head, cols])
       d = plgpu.load(d_smem.at[slot], layout=parts.ROWS)
-      h, = _matmuls([(h * _along(d, h.shape, 0), k, vw_smem, "tn")], st.interpret)
+      h, = matmuls([(h * along(d, h.shape, 0), k, vw_smem, "tn")], st.interpret)
       plgpu.barrier_arrive(free.at[slot])
       h_smem[...] = h.astype(dtype)
       plgpu.commit_smem()
@@ -189,22 +166,6 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, wq_ref, wk_ref, d_ref, start_re
     parts.stream(jnp.int32(st.chunks), [(issue, ready, free)], st.slots, st.chunks)
 
 
-def _chunk_vectors(b, rel, key_dim):
-  """From `pallas_triton`'s b `[B, T, H]` and rel `[B, T]` (T whole chunks): b, wq, wk
-  `[B, H, T]` (tokens contiguous, for TMA) and d `[B, H, N, K]` (see the module
-  docstring)."""
-  batch, seq, heads = b.shape
-  chunks = seq // CHUNK
-  b = jnp.moveaxis(b, 2, 1).reshape(batch, heads, chunks, CHUNK)
-  rel = rel.reshape(batch, 1, chunks, CHUNK)
-  b_last, rel_last = b[..., -1:], rel[..., -1:]
-  wq = jnp.where(rel == 0, jnp.exp(b), 0.0)
-  wk = jnp.where(rel == rel_last, jnp.exp(b_last - b), 0.0)
-  d = jnp.where(rel_last == 0, jnp.exp(b_last), 0.0)
-  flat = lambda x: x.reshape(batch, heads, seq)
-  return flat(b), flat(wq), flat(wk), jnp.broadcast_to(d, (batch, heads, chunks, key_dim))
-
-
 def _output_call(q, k, v, b, rel, starts, plan, slots: int):
   """Launches `_kernel` over (value head, piece, batch) on whole pieces (`plan`, a
   `pallas_triton` plan); starts `[B, H, P, K, V]`. Returns o `[B, T, H, V]` and the state
@@ -215,7 +176,7 @@ def _output_call(q, k, v, b, rel, starts, plan, slots: int):
   wgs = value_dim // COLUMNS_PER_WARPGROUP
   st = _Static(scale=plan.scale, chunks=plan.chunks_per_piece, ratio=heads // key_heads,
                warpgroups=wgs, slots=slots, interpret=plan.interpret)
-  b, wq, wk, d = _chunk_vectors(b, rel, key_dim)
+  b, wq, wk, d = chunk_vectors(b, rel, key_dim)
   dtype = q.dtype
   tiled = lambda *shape: plgpu.SMEM(shape, dtype, transforms=parts.TILED)
   vector = lambda length, vdtype=jnp.float32: plgpu.SMEM((slots, length), vdtype)
@@ -251,7 +212,7 @@ def _forward(q, k, v, g, h0, resets, plan, slots):
 
 def _backward(plan, slots, residuals, cotangents):
   del slots
-  return pallas_triton._backward(plan, residuals, cotangents)
+  return pallas_triton._backward(plan, residuals, cotangents, gradient_call=gradients)
 
 
 _linear_attention.defvjp(_forward, _backward)

@@ -791,7 +791,9 @@ def _forward(q, k, v, g, h0, resets, plan, output_call=_fused_output_call):
   return (out[:, :k.shape[1]], final), (q, k, v, g, h0, resets, final)
 
 
-def _backward(plan, residuals, cotangents):
+def _backward(plan, residuals, cotangents, gradient_call=_gradient_call):
+  """The VJP; gradient_call has `_gradient_call`'s arguments and results
+  (`pallas_mosaic_gpu` passes its own for a scalar gate)."""
   q, k, v, g, h0, resets, final = residuals
   d_out, d_final = cotangents
   batch, seq, key_heads, key_dim = k.shape
@@ -800,8 +802,8 @@ def _backward(plan, residuals, cotangents):
   d_out = jnp.pad(d_out.astype(q.dtype), [(0, 0), (0, qp.shape[1] - seq), (0, 0), (0, 0)])
   states, _ = _state_pass(kp, vp, b, rel, h0, decay, plan, reverse=False)
   d_states, d_h0 = _state_pass(qp, d_out, b, rel, d_final, decay, plan, reverse=True)
-  dq, dk, dv, d_b, d_keys, through = _gradient_call(qp, kp, vp, d_out, b, rel, states,
-                                                    d_states, plan)
+  dq, dk, dv, d_b, d_keys, through = gradient_call(qp, kp, vp, d_out, b, rel, states,
+                                                   d_states, plan)
   d_g = _log_decay_gradient(b, rel, resets_p, d_b, d_keys, through, plan)[:, :seq]
   group = lambda x: x[:, :seq].reshape(batch, seq, key_heads, ratio, key_dim).sum(3)
   return (group(dq).astype(q.dtype), group(dk).astype(k.dtype), dv[:, :seq], d_g, d_h0,
