@@ -46,6 +46,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
 from pallas_kernels.linear_attention import pallas_triton
 from pallas_kernels.linear_attention.pallas_mosaic_gpu_gradients import chunk_vectors, gradients
+from pallas_kernels.linear_attention.pallas_mosaic_gpu_states import state_call
 from pallas_kernels.linear_attention.mosaic_gpu_tiles import along, matmuls, zeros
 
 _DTYPES = ("bfloat16", "float16")
@@ -205,14 +206,18 @@ def _linear_attention(q, k, v, g, h0, resets, plan, slots):
   return _forward(q, k, v, g, h0, resets, plan, slots)[0]
 
 
+def _launches(slots):
+  return pallas_triton.Launches(
+      output=functools.partial(_output_call, slots=slots),
+      state=functools.partial(state_call, slots=slots), gradients=gradients)
+
+
 def _forward(q, k, v, g, h0, resets, plan, slots):
-  return pallas_triton._forward(q, k, v, g, h0, resets, plan,
-                                output_call=functools.partial(_output_call, slots=slots))
+  return pallas_triton._forward(q, k, v, g, h0, resets, plan, _launches(slots))
 
 
 def _backward(plan, slots, residuals, cotangents):
-  del slots
-  return pallas_triton._backward(plan, residuals, cotangents, gradient_call=gradients)
+  return pallas_triton._backward(plan, residuals, cotangents, _launches(slots))
 
 
 _linear_attention.defvjp(_forward, _backward)

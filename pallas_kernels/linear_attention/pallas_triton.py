@@ -85,6 +85,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -583,17 +585,18 @@ def _state_call(x, y, b, rel, start, plan, *, reverse, write_states):
       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape)(x, y, b, rel, start)
 
 
-def _piece_starts(x, y, b, rel, boundary, piece_decay, plan, *, reverse):
+def _piece_starts(x, y, b, rel, boundary, piece_decay, plan, *, reverse, state_call):
   """The state entering each sequence piece (leaving it, in reverse) `[B, H, P, K, V]`.
 
   boundary is the initial state (dL/d(final state) in reverse); piece_decay
   `[B, H, P, K|1, 1]` is each piece's M. With P > 1 a first launch gives each piece's E
-  from a zero start and a scan over P chains them.
+  from a zero start and a scan over P chains them. state_call: `_state_call` or a launch
+  with its arguments and results.
   """
   if plan.pieces == 1:
     return boundary[:, :, None]
   zeros = jnp.zeros(boundary.shape[:2] + (plan.pieces,) + boundary.shape[2:], jnp.float32)
-  (partial,) = _state_call(x, y, b, rel, zeros, plan, reverse=reverse, write_states=False)
+  (partial,) = state_call(x, y, b, rel, zeros, plan, reverse=reverse, write_states=False)
 
   def chain(s, xs):  # S_end = M ⊙ S_start + E, piece by piece
     decay, end = xs
@@ -604,15 +607,16 @@ def _piece_starts(x, y, b, rel, boundary, piece_decay, plan, *, reverse):
   return jnp.moveaxis(starts, 0, 2)
 
 
-def _state_pass(x, y, b, rel, boundary, piece_decay, plan, *, reverse):
+def _state_pass(x, y, b, rel, boundary, piece_decay, plan, *, reverse, state_call):
   """The state recurrence over the whole sequence, pieces in parallel.
 
   Forward: boundary is the initial state; returns h_n for every chunk and the final state.
   Backward (x = q, y = dO): boundary is dL/d(final state); returns dh_n and
   dL/d(initial state).
   """
-  starts = _piece_starts(x, y, b, rel, boundary, piece_decay, plan, reverse=reverse)
-  states, ends = _state_call(x, y, b, rel, starts, plan, reverse=reverse, write_states=True)
+  starts = _piece_starts(x, y, b, rel, boundary, piece_decay, plan, reverse=reverse,
+                         state_call=state_call)
+  states, ends = state_call(x, y, b, rel, starts, plan, reverse=reverse, write_states=True)
   return states, ends[:, :, 0 if reverse else -1]
 
 
@@ -780,30 +784,41 @@ def _linear_attention(q, k, v, g, h0, resets, plan):
   return _forward(q, k, v, g, h0, resets, plan)[0]
 
 
-def _forward(q, k, v, g, h0, resets, plan, output_call=_fused_output_call):
-  """The forward and its residuals; output_call(q, k, v, b, rel, starts, plan) is the
-  one-pass output kernel's launch (`pallas_mosaic_gpu` passes its own)."""
+class Launches(NamedTuple):
+  """The kernel launches that `_forward` and `_backward` run: this module's, or others
+  with the same arguments and results (`pallas_mosaic_gpu` passes its own)."""
+  output: Callable[..., Any]  # `_fused_output_call`
+  state: Callable[..., Any]  # `_state_call`
+  gradients: Callable[..., Any]  # `_gradient_call`
+
+
+TRITON_LAUNCHES = Launches(_fused_output_call, _state_call, _gradient_call)
+
+
+def _forward(q, k, v, g, h0, resets, plan, launches=TRITON_LAUNCHES):
+  """The forward and its residuals."""
   qp, kp, vp, b, rel, _, decay = _prepare(q, k, v, g, resets, plan)
   # One pass: the chunk states never leave the chip.
-  starts = _piece_starts(kp, vp, b, rel, h0, decay, plan, reverse=False)
-  out, ends = output_call(qp, kp, vp, b, rel, starts, plan)
+  starts = _piece_starts(kp, vp, b, rel, h0, decay, plan, reverse=False,
+                         state_call=launches.state)
+  out, ends = launches.output(qp, kp, vp, b, rel, starts, plan)
   final = ends[:, :, -1]
   return (out[:, :k.shape[1]], final), (q, k, v, g, h0, resets, final)
 
 
-def _backward(plan, residuals, cotangents, gradient_call=_gradient_call):
-  """The VJP; gradient_call has `_gradient_call`'s arguments and results
-  (`pallas_mosaic_gpu` passes its own for a scalar gate)."""
+def _backward(plan, residuals, cotangents, launches=TRITON_LAUNCHES):
   q, k, v, g, h0, resets, final = residuals
   d_out, d_final = cotangents
   batch, seq, key_heads, key_dim = k.shape
   ratio = v.shape[2] // key_heads
   qp, kp, vp, b, rel, resets_p, decay = _prepare(q, k, v, g, resets, plan)
   d_out = jnp.pad(d_out.astype(q.dtype), [(0, 0), (0, qp.shape[1] - seq), (0, 0), (0, 0)])
-  states, _ = _state_pass(kp, vp, b, rel, h0, decay, plan, reverse=False)
-  d_states, d_h0 = _state_pass(qp, d_out, b, rel, d_final, decay, plan, reverse=True)
-  dq, dk, dv, d_b, d_keys, through = gradient_call(qp, kp, vp, d_out, b, rel, states,
-                                                   d_states, plan)
+  states, _ = _state_pass(kp, vp, b, rel, h0, decay, plan, reverse=False,
+                          state_call=launches.state)
+  d_states, d_h0 = _state_pass(qp, d_out, b, rel, d_final, decay, plan, reverse=True,
+                               state_call=launches.state)
+  dq, dk, dv, d_b, d_keys, through = launches.gradients(qp, kp, vp, d_out, b, rel, states,
+                                                        d_states, plan)
   d_g = _log_decay_gradient(b, rel, resets_p, d_b, d_keys, through, plan)[:, :seq]
   group = lambda x: x[:, :seq].reshape(batch, seq, key_heads, ratio, key_dim).sum(3)
   return (group(dq).astype(q.dtype), group(dk).astype(k.dtype), dv[:, :seq], d_g, d_h0,

@@ -1,6 +1,7 @@
-"""`pallas_kernels.linear_attention.pallas_mosaic_gpu` (its forward; `pallas_triton`'s
-backward) in JAX's Mosaic GPU interpreter (CPU), against the naive recurrence: output,
-final state and the gradients of q, k, v, log decay and initial state.
+"""`pallas_kernels.linear_attention.pallas_mosaic_gpu` (the forward, the state passes and
+the gradient kernel; `pallas_triton`'s decay-gradient sums) in JAX's Mosaic GPU
+interpreter (CPU), against the naive recurrence: output, final state and the gradients of
+q, k, v, log decay and initial state.
 
 The interpreter runs the kernel's warpgroups, shared memory, TMA copies and mbarriers as
 written, but its matmuls as plain dots of the same tiles (`_matmuls`). The same cases run
@@ -37,6 +38,10 @@ CASES = [
     # Fixed decay, K 128 (the state's 128 rows) and one compute warpgroup (V 64), float16.
     MosaicCase(batch=2, seq=130, heads=2, value_heads=2, key_dim=128, value_dim=64,
                gate="fixed", max_decay=1.0, dtype="float16"),
+    # Weak decay over four chunks: the chunk states (forward and reverse state passes)
+    # carry most of every gradient.
+    MosaicCase(batch=1, seq=256, heads=2, value_heads=2, key_dim=64, value_dim=64,
+               gate="scalar", max_decay=0.02, dtype="bfloat16"),
     # No decay; a sequence shorter than one chunk; three slots.
     MosaicCase(batch=1, seq=40, heads=1, value_heads=1, key_dim=64, value_dim=64,
                gate="none", dtype="bfloat16", blocks=pm.BlockSizes(slots=3)),
