@@ -4,10 +4,16 @@
 
 Default sweep (issue 3): bf16, head_dim 128, 16 heads, 16,384 tokens per batch
 (batch = 16384 / seq), seq 1k–16k, causal and not, forward and forward+backward, plus causal
-sliding window 1024 at 16k. Each row: median device time, TFLOP/s (only visible query-key
-pairs count, so causal is about half), ratio to cuDNN and to XLA of the same row, and the
-max relative error against a float32 XLA reference on the first two heads of the first
-batch row (outputs, and for forward+backward the gradients of q, k and v).
+sliding window 1024 at 16k (`--extra_rows`: rows MASK@SEQ, each with its own head counts
+or head dim if given, e.g. `causal@8192/kv_heads=2`, `causal@4096/head_dim=256`). Each
+row: median device time, TFLOP/s (only visible query-key pairs count, so causal is about
+half), ratio to cuDNN and to XLA of the same row, and the max relative error against a
+float32 XLA reference on the first two heads of the first batch row (outputs, and for
+forward+backward the gradients of q, k and v).
+`--peers=cudnn,flash_attn3_jax,tokamax` also times other libraries' kernels on the same
+inputs in the same process (`experiments/peers.py`; `pip install -e '.[bench]'`), as rows
+`peer:NAME`, and gives our rows `vs_best_peer` = the fastest peer's time / ours (above 1,
+ours is faster). A peer that is not installed or refuses a row is skipped with a note.
 Writes JSON and a markdown table under `--output_dir` after every row (a run stopped by
 a time limit keeps the rows it finished), and a plot at the end.
 """
@@ -22,7 +28,7 @@ from absl import app, flags
 
 from attn_jax import ops
 from attn_jax.ops.attention_mask import AttentionMask
-from experiments import benchmarking
+from experiments import benchmarking, peers
 
 _SEQ = flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths.")
 _TOKENS = flags.DEFINE_integer("tokens_per_batch", 16384, "batch = tokens_per_batch // seq.")
@@ -32,11 +38,14 @@ _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Input dtype.")
 _MASKS = flags.DEFINE_list("masks", ["full", "causal"],
                            "Masks: full, causal, window:<left> (causal + left window).")
-_WINDOW_ROWS = flags.DEFINE_list("window_rows", ["causal_window:1024@16384"],
-                                 "Extra rows MASK@SEQ, e.g. causal_window:1024@16384.")
+_EXTRA_ROWS = flags.DEFINE_list(
+    "extra_rows", ["causal_window:1024@16384"],
+    "Extra rows MASK@SEQ[/heads=N][/kv_heads=N][/head_dim=N], e.g. causal_window:1024@16384 "
+    "or causal@8192/kv_heads=2 (unnamed: the flags' values).")
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
 _IMPLS = flags.DEFINE_list("implementations", ["cudnn", "xla", "pallas_triton"],
                            "Implementations to time.")
+_PEERS = flags.DEFINE_list("peers", [], f"Peers to time beside ours: {', '.join(peers.SOFTMAX)}.")
 _OUT = flags.DEFINE_string("output_dir", "/tmp/bench_attention", "Where JSON/markdown/plot go.")
 _TRIALS = flags.DEFINE_integer("trials", 15, "Timed trials per row (median reported).")
 
@@ -60,14 +69,31 @@ def _visible_pairs(seq: int, kwargs: dict) -> int:
   return sum(min(i + 1, width) for i in range(seq))
 
 
-def _runner(impl: str, kwargs: dict, pass_: str):
-  attn = functools.partial(ops.dot_product_attention, implementation=impl, **kwargs)
-  if pass_ == "fwd":
-    return jax.jit(attn)
+def _cases() -> list[tuple[int, str, dict]]:
+  """(seq, mask, shape) of every row: --seq_lens × --masks, then --extra_rows."""
+  base = dict(heads=_HEADS.value, kv_heads=_KV_HEADS.value, head_dim=_HEAD_DIM.value)
+  cases = [(int(s), m, base) for s in _SEQ.value for m in _MASKS.value]
+  for extra in _EXTRA_ROWS.value:
+    spec, *options = extra.split("/")
+    mask, seq = spec.split("@")
+    shape = dict(base)
+    for option in options:
+      name, value = option.split("=")
+      if name not in shape:
+        raise ValueError(f"--extra_rows entry {extra!r}: {name!r} is not one of {list(shape)}.")
+      shape[name] = int(value)
+    cases.append((int(seq), mask, shape))
+  return [(s, m, dict(shape, kv_heads=shape["kv_heads"] or shape["heads"]))
+          for s, m, shape in cases]
 
-  def loss(q, k, v, do):
-    return jnp.sum(attn(q, k, v).astype(jnp.float32) * do)
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+def _runner(impl: str, kwargs: dict, pass_: str):
+  """Ours (`ops.dot_product_attention`) or, for `peer:NAME`, the peer's."""
+  if impl.startswith("peer:"):
+    attn = peers.softmax_attention(impl.removeprefix("peer:"), **kwargs)
+  else:
+    attn = functools.partial(ops.dot_product_attention, implementation=impl, **kwargs)
+  return benchmarking.jit_pass(attn, pass_, argnums=(0, 1, 2))
 
 
 def _reference(q, k, v, do, kwargs, pass_):
@@ -80,9 +106,9 @@ def _reference(q, k, v, do, kwargs, pass_):
   return _runner("xla", kwargs, pass_)(*args[:3 if pass_ == "fwd" else 4]), heads, kv_heads
 
 
-def bench_row(impl, seq, mask, pass_, key):
-  heads, head_dim = _HEADS.value, _HEAD_DIM.value
-  kv_heads = _KV_HEADS.value or heads
+def bench_row(impl, seq, mask, shape, pass_, key):
+  """One row of the table, or None when a peer refuses it (with a note)."""
+  heads, kv_heads, head_dim = shape["heads"], shape["kv_heads"], shape["head_dim"]
   batch = max(1, _TOKENS.value // seq)
   dtype = jnp.dtype(_DTYPE.value)
   kq, kk, kv, kd = jax.random.split(key, 4)
@@ -91,13 +117,16 @@ def bench_row(impl, seq, mask, pass_, key):
   v = jax.random.normal(kv, (batch, seq, kv_heads, head_dim), dtype)
   do = jax.random.normal(kd, (batch, seq, heads, head_dim), jnp.float32)
   kwargs = _mask_kwargs(mask)
-  row = dict(impl=impl, seq=seq, batch=batch, mask=mask, pass_=pass_)
+  row = dict(impl=impl, seq=seq, batch=batch, mask=mask, **shape, pass_=pass_)
   fn = _runner(impl, kwargs, pass_)
   args = (q, k, v) if pass_ == "fwd" else (q, k, v, do)
+  where = f"{mask} seq {seq} heads {heads}:{kv_heads} head_dim {head_dim} {pass_}"
+  if peers.refuses(impl, fn, args, where):
+    return None
   try:
     seconds = benchmarking.device_time(fn, *args, trials=_TRIALS.value)
   except Exception as e:  # an implementation that cannot serve or runs out of memory
-    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    row["error"] = benchmarking.describe_error(e)
     return row
   flops = 4 * batch * heads * head_dim * _visible_pairs(seq, kwargs)
   flops *= 3.5 if pass_ == "fwd_bwd" else 1.0  # backward = 2.5 forward (5 matmuls vs 2)
@@ -113,19 +142,17 @@ def bench_row(impl, seq, mask, pass_, key):
 def main(argv):
   del argv
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
-  cases = [(int(s), m) for s in _SEQ.value for m in _MASKS.value]
-  for extra in _WINDOW_ROWS.value:
-    mask, seq = extra.split("@")
-    cases.append((int(seq), mask))
-  columns = ["impl", "mask", "seq", "batch", "pass_", "ms", "tflops", "x_cudnn", "x_xla",
-             "max_rel_err", "error"]
+  impls = list(_IMPLS.value) + peers.usable(_PEERS.value, "softmax")
+  columns = ["impl", "mask", "seq", "batch", "heads", "kv_heads", "head_dim", "pass_", "ms",
+             "tflops", "x_cudnn", "x_xla", "vs_best_peer", "max_rel_err", "error"]
   header = (f"attention, {_DTYPE.value}, heads {_HEADS.value}, head_dim {_HEAD_DIM.value}, "
             f"{_TOKENS.value} tokens/batch, {jax.devices()[0].device_kind}")
   rows, key = [], jax.random.key(0)
-  for seq, mask in cases:
+  for seq, mask, shape in _cases():
     for pass_ in _PASSES.value:
-      group = [bench_row(impl, seq, mask, pass_, key) for impl in _IMPLS.value]
+      group = [r for impl in impls if (r := bench_row(impl, seq, mask, shape, pass_, key))]
       base = {r["impl"]: r.get("ms") for r in group}
+      peers.set_vs_best_peer(group)
       for r in group:
         for ref in ("cudnn", "xla"):
           if r.get("ms") and base.get(ref):
@@ -133,7 +160,8 @@ def main(argv):
         benchmarking.record(rows, r, _OUT.value, "bench_attention", columns, header)
   print(benchmarking.markdown_table(rows, columns))  # the files: written by record
   benchmarking.plot(_OUT.value, "bench_attention", [r for r in rows if "tflops" in r],
-                    x="seq", y="tflops", series=["impl"], panels=["mask", "pass_"])
+                    x="seq", y="tflops", series=["impl"],
+                    panels=["mask", "kv_heads", "head_dim", "pass_"])
 
 
 def run():

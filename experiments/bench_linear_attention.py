@@ -10,6 +10,11 @@ linear attention overtakes it. Each row: median device time, tokens/s, ratio to 
 chunked row, and the max relative error against a float32 XLA reference on the first
 batch row and first two heads (outputs; for forward+backward, the gradients of q, k, v and
 log_decay).
+`--peers=jax_linear_attention` also times other libraries' kernels on the same inputs in
+the same process (`experiments/peers.py`; `pip install -e '.[bench]'`), as rows
+`peer:NAME` (forward+backward: gradients of q, k, v and the log decay too), and gives our
+linear rows `vs_best_peer` = the fastest peer's time / ours (above 1, ours is faster). A
+peer that is not installed or refuses a row is skipped with a note.
 Writes JSON and a markdown table under `--output_dir` after every row (a run stopped by
 a time limit keeps the rows it finished), and a plot at the end.
 """
@@ -23,7 +28,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from attn_jax import ops
-from experiments import benchmarking
+from experiments import benchmarking, peers
 
 _SEQ = flags.DEFINE_list("seq_lens", ["1024", "4096", "16384", "65536"], "Sequence lengths.")
 _TOKENS = flags.DEFINE_integer("tokens_per_batch", 65536, "batch = tokens_per_batch // seq.")
@@ -34,6 +39,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32
 _FORMS = flags.DEFINE_list("forms", ["fixed", "scalar", "vector"], "Decay forms.")
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
 _IMPLS = flags.DEFINE_list("implementations", ["pallas_triton", "xla"], "Linear attention impls.")
+_PEERS = flags.DEFINE_list("peers", [], f"Peers to time beside ours: {', '.join(peers.LINEAR)}.")
 _SOFTMAX = flags.DEFINE_string("softmax_implementation", "cudnn",
                                "Softmax attention row (empty: none).")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "chunk_size passed to the op.")
@@ -42,23 +48,23 @@ _TRIALS = flags.DEFINE_integer("trials", 10, "Timed trials per row (median repor
 
 
 def _runner(impl, pass_, chunk_size):
+  """Ours (`ops.linear_attention`), `softmax:IMPL` (`ops.dot_product_attention`, causal) or,
+  for `peer:NAME`, the peer's."""
   if impl.startswith("softmax:"):
     attn = functools.partial(ops.dot_product_attention, is_causal=True,
                              implementation=impl.split(":", 1)[1])
     fn = lambda q, k, v, g: attn(q, k, v)
+  elif impl.startswith("peer:"):
+    fn = peers.linear_attention(impl.removeprefix("peer:"))
   else:
     fn = lambda q, k, v, g: ops.linear_attention(q, k, v, log_decay=g, implementation=impl,
                                                  chunk_size=chunk_size)
-  if pass_ == "fwd":
-    return jax.jit(fn)
-
-  def loss(q, k, v, g, do):
-    return jnp.sum(fn(q, k, v, g).astype(jnp.float32) * do)
   argnums = (0, 1, 2) if impl.startswith("softmax:") else (0, 1, 2, 3)
-  return jax.jit(jax.grad(loss, argnums=argnums))
+  return benchmarking.jit_pass(fn, pass_, argnums)
 
 
 def bench_row(impl, seq, form, pass_, key):
+  """One row of the table, or None when a peer refuses it (with a note)."""
   heads, key_dim, value_dim = _HEADS.value, _KEY_DIM.value, _VALUE_DIM.value
   batch = max(1, _TOKENS.value // seq)
   dtype = jnp.dtype(_DTYPE.value)
@@ -70,10 +76,12 @@ def bench_row(impl, seq, form, pass_, key):
              batch=batch, pass_=pass_)
   fn = _runner(impl, pass_, _CHUNK.value)
   args = (q, k, v, g) if pass_ == "fwd" else (q, k, v, g, do)
+  if peers.refuses(impl, fn, args, f"{form} seq {seq} {pass_}"):
+    return None
   try:
     seconds = benchmarking.device_time(fn, *args, trials=_TRIALS.value)
   except Exception as e:  # cannot serve, or out of memory
-    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    row["error"] = benchmarking.describe_error(e)
     return row
   row.update(ms=seconds * 1e3, mtok_s=batch * seq / seconds / 1e6)
   if impl.startswith("softmax:"):
@@ -91,9 +99,10 @@ def bench_row(impl, seq, form, pass_, key):
 def main(argv):
   del argv
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
-  impls = list(_IMPLS.value) + ([f"softmax:{_SOFTMAX.value}"] if _SOFTMAX.value else [])
-  columns = ["impl", "form", "seq", "batch", "pass_", "ms", "mtok_s", "x_xla", "max_rel_err",
-             "error"]
+  impls = (list(_IMPLS.value) + peers.usable(_PEERS.value, "linear")
+           + ([f"softmax:{_SOFTMAX.value}"] if _SOFTMAX.value else []))
+  columns = ["impl", "form", "seq", "batch", "pass_", "ms", "mtok_s", "x_xla", "vs_best_peer",
+             "max_rel_err", "error"]
   header = (f"linear attention, {_DTYPE.value}, heads {_HEADS.value}, key/value dim "
             f"{_KEY_DIM.value}/{_VALUE_DIM.value}, {_TOKENS.value} tokens/batch, chunk "
             f"{_CHUNK.value}, {jax.devices()[0].device_kind}")
@@ -101,9 +110,11 @@ def main(argv):
   for seq in map(int, _SEQ.value):
     for pass_ in _PASSES.value:
       for form in _FORMS.value:
-        group = [bench_row(i, seq, form, pass_, key) for i in impls
-                 if not (i.startswith("softmax:") and form != _FORMS.value[0])]
+        group = [r for i in impls
+                 if not (i.startswith("softmax:") and form != _FORMS.value[0])
+                 and (r := bench_row(i, seq, form, pass_, key))]
         xla_ms = next((r.get("ms") for r in group if r["impl"] == "xla"), None)
+        peers.set_vs_best_peer([r for r in group if not r["impl"].startswith("softmax:")])
         for r in group:
           if r.get("ms") and xla_ms:
             r["x_xla"] = xla_ms / r["ms"]

@@ -38,6 +38,23 @@ def device_time(fn: Callable, *args, warmup: int = 3, trials: int = 15,
   return statistics.median(times)
 
 
+def jit_pass(fn: Callable, pass_: str, argnums: Sequence[int]) -> Callable:
+  """`jit(fn)` for pass_ "fwd"; for "fwd_bwd" the jitted gradient, w.r.t. the arguments
+  `argnums`, of `sum(fn(*args) * do)`, `do` (float32, fn's output shape) passed last."""
+  if pass_ == "fwd":
+    return jax.jit(fn)
+
+  def loss(*args_and_do):
+    *args, do = args_and_do
+    return jnp.sum(fn(*args).astype(jnp.float32) * do)
+  return jax.jit(jax.grad(loss, argnums=tuple(argnums)))
+
+
+def describe_error(e: BaseException) -> str:
+  """`Type: first line of the message` (at most 120 characters), for a result row."""
+  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
 def max_rel_err(x, ref) -> float:
   """max |x − ref| / max |ref|, in float64 (NaN → inf)."""
   x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
