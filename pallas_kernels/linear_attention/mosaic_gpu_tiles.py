@@ -1,6 +1,6 @@
-"""Tile arithmetic shared by the Mosaic GPU linear-attention kernels (forward and
-gradients): wgmma products of shared-memory tiles, zero accumulators, broadcasts of
-row and column vectors.
+"""Tile arithmetic shared by the Mosaic GPU linear-attention kernels (forward, state passes
+and gradients): wgmma products of shared-memory tiles, zero accumulators, broadcasts of
+row and column vectors, the CTA's value block.
 
 Interpret mode (CPU): JAX's Mosaic GPU interpreter runs no wgmma; there the products are
 plain dots of the same tiles.
@@ -47,3 +47,11 @@ def zeros(shape):
 def along(vector, shape, axis):
   """vector broadcast along `axis` of a tile of `shape` (axis 0: one value per row)."""
   return lax.broadcast_in_dim(vector, shape, [axis])
+
+
+def value_block(value_blocks: int, warpgroups: int):
+  """(value head, first 64-column tile of this CTA) from the grid axis "heads", which runs
+  over value heads × value_blocks."""
+  index = lax.axis_index("heads")
+  blocks = jnp.int32(value_blocks)
+  return lax.div(index, blocks), lax.rem(index, blocks) * warpgroups

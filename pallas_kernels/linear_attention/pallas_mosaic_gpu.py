@@ -47,7 +47,7 @@ from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
 from pallas_kernels.linear_attention import pallas_triton
 from pallas_kernels.linear_attention.pallas_mosaic_gpu_gradients import chunk_vectors, gradients
 from pallas_kernels.linear_attention.pallas_mosaic_gpu_states import state_call
-from pallas_kernels.linear_attention.mosaic_gpu_tiles import along, matmuls, zeros
+from pallas_kernels.linear_attention.mosaic_gpu_tiles import along, matmuls, value_block, zeros
 
 _DTYPES = ("bfloat16", "float16")
 _HEAD_DIMS = (64, 128)
@@ -60,15 +60,19 @@ TARGET_CTAS = 132  # one CTA per SM of an H100 (its shared memory holds one)
 class BlockSizes:
   """slots: chunks in flight in shared memory (≥ 2); pieces: sequence pieces run in
   parallel, None for about `TARGET_CTAS` CTAs with pieces of at least
-  `pallas_triton.MIN_PIECE_CHUNKS` chunks."""
+  `pallas_triton.MIN_PIECE_CHUNKS` chunks; value_blocks: CTAs per (batch, head) over the
+  value columns (1 or value_dim // 64), None for 1."""
   slots: int = 2
   pieces: int | None = None
+  value_blocks: int | None = None
 
   def __post_init__(self):
     if not (isinstance(self.slots, int) and self.slots >= 2):
       raise ValueError(f"BlockSizes.slots must be an int >= 2; got {self.slots!r}.")
-    if self.pieces is not None and not (isinstance(self.pieces, int) and self.pieces >= 1):
-      raise ValueError(f"BlockSizes.pieces must be None or an int >= 1; got {self.pieces!r}.")
+    for name in ("pieces", "value_blocks"):
+      value = getattr(self, name)
+      if value is not None and not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"BlockSizes.{name} must be None or an int >= 1; got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +80,8 @@ class _Static:
   scale: float
   chunks: int  # per piece
   ratio: int  # value heads per key head
-  warpgroups: int  # compute warpgroups: value_dim // 64
+  warpgroups: int  # compute warpgroups per CTA: value_dim // 64 // value_blocks
+  value_blocks: int
   slots: int
   interpret: bool
 
@@ -91,7 +96,8 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, wq_ref, wk_ref, d_ref, start_re
   b_smem, b_cols_smem, rel_smem, rel_cols_smem, wq_smem, wk_smem, d_smem = vectors
   h_smem2, vw_smem2, o_smem2 = own
   ready, free = barriers
-  batch, head, piece = (lax.axis_index(n) for n in ("batch", "heads", "pieces"))
+  batch, piece = lax.axis_index("batch"), lax.axis_index("pieces")
+  head, column_block = value_block(st.value_blocks, st.warpgroups)
   wg = lax.axis_index("wg")
   key_head = lax.div(head, jnp.int32(st.ratio))
   first = piece * st.chunks
@@ -109,15 +115,15 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, wq_ref, wk_ref, d_ref, start_re
               (wq_ref.at[batch, head, rows], wq_smem.at[slot]),
               (wk_ref.at[batch, head, rows], wk_smem.at[slot]),
               (d_ref.at[batch, head, chunk], d_smem.at[slot])]
-    copies += [(v_ref.at[batch, rows, head, pl.ds(w * width, width)], v_smem.at[slot, w])
-               for w in range(st.warpgroups)]
+    copies += [(v_ref.at[batch, rows, head, pl.ds((column_block + w) * width, width)],
+                v_smem.at[slot, w]) for w in range(st.warpgroups)]
     for src, dst in copies:
       plgpu.copy_gmem_to_smem(src, dst, ready.at[slot])
 
   @pl.when(wg < st.warpgroups)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
-    cols = pl.ds(wg * width, width)
+    cols = pl.ds((column_block + wg) * width, width)
     h_smem, vw_smem, o_smem = h_smem2.at[wg], vw_smem2.at[wg], o_smem2.at[wg]
     dtype = q_smem.dtype
     h = plgpu.load(start_ref.at[batch, head, piece, :, cols], layout=plgpu.Layout.WGMMA,
@@ -167,16 +173,17 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, wq_ref, wk_ref, d_ref, start_re
     parts.stream(jnp.int32(st.chunks), [(issue, ready, free)], st.slots, st.chunks)
 
 
-def _output_call(q, k, v, b, rel, starts, plan, slots: int):
-  """Launches `_kernel` over (value head, piece, batch) on whole pieces (`plan`, a
-  `pallas_triton` plan); starts `[B, H, P, K, V]`. Returns o `[B, T, H, V]` and the state
-  leaving each piece."""
+def _output_call(q, k, v, b, rel, starts, plan, blocks: BlockSizes):
+  """Launches `_kernel` over (value head and value block, piece, batch) on whole pieces
+  (`plan`, a `pallas_triton` plan); starts `[B, H, P, K, V]`. Returns o `[B, T, H, V]`
+  and the state leaving each piece."""
   batch, _, key_heads, key_dim = q.shape
   heads, value_dim = v.shape[2:]
   pieces = starts.shape[2]
-  wgs = value_dim // COLUMNS_PER_WARPGROUP
+  slots, wgs = blocks.slots, value_dim // COLUMNS_PER_WARPGROUP // blocks.value_blocks
   st = _Static(scale=plan.scale, chunks=plan.chunks_per_piece, ratio=heads // key_heads,
-               warpgroups=wgs, slots=slots, interpret=plan.interpret)
+               warpgroups=wgs, value_blocks=blocks.value_blocks, slots=slots,
+               interpret=plan.interpret)
   b, wq, wk, d = chunk_vectors(b, rel, key_dim)
   dtype = q.dtype
   tiled = lambda *shape: plgpu.SMEM(shape, dtype, transforms=parts.TILED)
@@ -197,27 +204,28 @@ def _output_call(q, k, v, b, rel, starts, plan, slots: int):
   return parts.launch(
       functools.partial(_kernel, st=st), (q, k, v, b, rel, wq, wk, d, starts),
       (jax.ShapeDtypeStruct(v.shape, dtype), jax.ShapeDtypeStruct(starts.shape, jnp.float32)),
-      smem, barriers, grid=(heads, pieces, batch), grid_names=("heads", "pieces", "batch"),
-      interpret=st.interpret, compute_warpgroups=wgs)
+      smem, barriers, grid=(heads * blocks.value_blocks, pieces, batch),
+      grid_names=("heads", "pieces", "batch"), interpret=st.interpret,
+      compute_warpgroups=wgs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _linear_attention(q, k, v, g, h0, resets, plan, slots):
-  return _forward(q, k, v, g, h0, resets, plan, slots)[0]
+def _linear_attention(q, k, v, g, h0, resets, plan, blocks):
+  return _forward(q, k, v, g, h0, resets, plan, blocks)[0]
 
 
-def _launches(slots):
-  return pallas_triton.Launches(
-      output=functools.partial(_output_call, slots=slots),
-      state=functools.partial(state_call, slots=slots), gradients=gradients)
+def _launches(blocks):
+  state = functools.partial(state_call, slots=blocks.slots, value_blocks=blocks.value_blocks)
+  return pallas_triton.Launches(output=functools.partial(_output_call, blocks=blocks),
+                                state=state, gradients=gradients)
 
 
-def _forward(q, k, v, g, h0, resets, plan, slots):
-  return pallas_triton._forward(q, k, v, g, h0, resets, plan, _launches(slots))
+def _forward(q, k, v, g, h0, resets, plan, blocks):
+  return pallas_triton._forward(q, k, v, g, h0, resets, plan, _launches(blocks))
 
 
-def _backward(plan, slots, residuals, cotangents):
-  return pallas_triton._backward(plan, residuals, cotangents, _launches(slots))
+def _backward(plan, blocks, residuals, cotangents):
+  return pallas_triton._backward(plan, residuals, cotangents, _launches(blocks))
 
 
 _linear_attention.defvjp(_forward, _backward)
@@ -226,7 +234,8 @@ _linear_attention.defvjp(_forward, _backward)
 def linear_attention(query, key, value, log_decay, initial_state, resets, *, scale: float,
                      chunk_size: int, interpret: bool = False,
                      block_sizes: BlockSizes | None = None):
-  """Causal linear attention on Hopper: this module's forward, `pallas_triton`'s backward.
+  """Causal linear attention on Hopper: the Mosaic GPU forward, state passes and gradient
+  kernel, with `pallas_triton`'s decay-gradient sums.
 
   Arguments and results as `pallas_triton.linear_attention`, except: query/key/value are
   bfloat16 or float16; log_decay is None, fixed `[value_heads]` or a scalar gate
@@ -256,15 +265,21 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
   if seq < 1:
     raise NotImplementedError(f"seq={seq}: an empty sequence has nothing to run.")
   blocks = block_sizes or BlockSizes()
+  value_blocks = blocks.value_blocks or 1
+  if value_dim % (COLUMNS_PER_WARPGROUP * value_blocks):
+    raise NotImplementedError(
+        f"block_sizes.value_blocks={value_blocks} does not split value_dim={value_dim} "
+        f"into blocks of whole {COLUMNS_PER_WARPGROUP}-column warpgroup tiles.")
   pieces = blocks.pieces
   if pieces is None:
     chunks = -(-seq // CHUNK)
-    pieces = max(1, min(TARGET_CTAS // (batch * heads),
+    pieces = max(1, min(TARGET_CTAS // (batch * heads * value_blocks),
                         chunks // pallas_triton.MIN_PIECE_CHUNKS))
   triton_blocks = dataclasses.replace(
       pallas_triton.BlockSizes.get_default(key_dim, value_dim, dtype), pieces=pieces)
   g = pallas_triton.per_token_log_decay(log_decay, batch, seq, key_heads, heads, key_dim)
   plan = pallas_triton._make_plan(batch, seq, heads, key_dim, value_dim, dtype, False,
                                   scale, chunk_size, triton_blocks, interpret)
+  blocks = dataclasses.replace(blocks, pieces=plan.pieces, value_blocks=value_blocks)
   return _linear_attention(query, key, value, g, initial_state.astype(jnp.float32),
-                           resets.astype(bool), plan, blocks.slots)
+                           resets.astype(bool), plan, blocks)

@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
-from pallas_kernels.linear_attention.mosaic_gpu_tiles import along, matmuls
+from pallas_kernels.linear_attention.mosaic_gpu_tiles import along, matmuls, value_block
 from pallas_kernels.linear_attention.pallas_mosaic_gpu_gradients import CHUNK, chunk_vectors
 
 COLUMNS_PER_WARPGROUP = 64
@@ -41,7 +41,8 @@ COLUMNS_PER_WARPGROUP = 64
 class _Static:
   chunks: int  # per piece
   ratio: int  # value heads per key head
-  warpgroups: int  # compute warpgroups: value_dim // 64
+  warpgroups: int  # compute warpgroups per CTA: value_dim // 64 // value_blocks
+  value_blocks: int
   slots: int
   reverse: bool
   interpret: bool
@@ -55,7 +56,8 @@ def _kernel(x_ref, y_ref, w_ref, d_ref, start_ref, *refs, st: _Static):
   *states_ref, end_ref, smem, barriers = refs
   x_smem, y_smem, w_smem, d_smem, s_smem2, yw_smem2 = smem
   ready, free = barriers
-  batch, head, piece = (lax.axis_index(n) for n in ("batch", "heads", "pieces"))
+  batch, piece = lax.axis_index("batch"), lax.axis_index("pieces")
+  head, column_block = value_block(st.value_blocks, st.warpgroups)
   wg = lax.axis_index("wg")
   key_head = lax.div(head, jnp.int32(st.ratio))
   width = COLUMNS_PER_WARPGROUP
@@ -69,15 +71,15 @@ def _kernel(x_ref, y_ref, w_ref, d_ref, start_ref, *refs, st: _Static):
     copies = [(x_ref.at[batch, rows, key_head], x_smem.at[slot]),
               (w_ref.at[batch, head, rows], w_smem.at[slot]),
               (d_ref.at[batch, head, chunk], d_smem.at[slot])]
-    copies += [(y_ref.at[batch, rows, head, pl.ds(w * width, width)], y_smem.at[slot, w])
-               for w in range(st.warpgroups)]
+    copies += [(y_ref.at[batch, rows, head, pl.ds((column_block + w) * width, width)],
+                y_smem.at[slot, w]) for w in range(st.warpgroups)]
     for src, dst in copies:
       plgpu.copy_gmem_to_smem(src, dst, ready.at[slot])
 
   @pl.when(wg < st.warpgroups)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
-    cols = pl.ds(wg * width, width)
+    cols = pl.ds((column_block + wg) * width, width)
     s_smem, yw_smem = s_smem2.at[wg], yw_smem2.at[wg]
     s = plgpu.load(start_ref.at[batch, head, piece, :, cols], layout=plgpu.Layout.WGMMA,
                    optimized=False)
@@ -109,7 +111,8 @@ def _kernel(x_ref, y_ref, w_ref, d_ref, start_ref, *refs, st: _Static):
     parts.stream(jnp.int32(st.chunks), [(issue, ready, free)], st.slots, st.chunks)
 
 
-def state_call(x, y, b, rel, start, plan, *, reverse, write_states, slots=2):
+def state_call(x, y, b, rel, start, plan, *, reverse, write_states, slots=2,
+               value_blocks=1):
   """`pallas_triton._state_call` on Hopper: x `[B, T, Hk, K]` (k, or q in reverse), y
   `[B, T, H, V]` (v, or dO), b `[B, T, H]`, rel `[B, T]` (T whole pieces), start
   `[B, H, P, K, V]` f32. Returns ([states `[B, H, N, K, V]` in x's dtype,] ends like
@@ -117,9 +120,10 @@ def state_call(x, y, b, rel, start, plan, *, reverse, write_states, slots=2):
   batch, _, key_heads, key_dim = x.shape
   heads, value_dim = y.shape[2:]
   pieces = start.shape[2]
-  wgs = value_dim // COLUMNS_PER_WARPGROUP
+  wgs = value_dim // COLUMNS_PER_WARPGROUP // value_blocks
   st = _Static(chunks=plan.chunks_per_piece, ratio=heads // key_heads, warpgroups=wgs,
-               slots=slots, reverse=reverse, interpret=plan.interpret)
+               value_blocks=value_blocks, slots=slots, reverse=reverse,
+               interpret=plan.interpret)
   _, wq, wk, d = chunk_vectors(b, rel, key_dim)
   w = plan.scale * wq if reverse else wk
   dtype = x.dtype
@@ -138,5 +142,6 @@ def state_call(x, y, b, rel, start, plan, *, reverse, write_states, slots=2):
         (batch, heads, plan.chunks, key_dim, value_dim), dtype))
   return parts.launch(
       functools.partial(_kernel, st=st), (x, y, w, d, start), tuple(out_type), smem,
-      barriers, grid=(heads, pieces, batch), grid_names=("heads", "pieces", "batch"),
+      barriers, grid=(heads * value_blocks, pieces, batch),
+      grid_names=("heads", "pieces", "batch"),
       interpret=st.interpret, compute_warpgroups=wgs)

@@ -39,9 +39,10 @@ CASES = [
     MosaicCase(batch=2, seq=130, heads=2, value_heads=2, key_dim=128, value_dim=64,
                gate="fixed", max_decay=1.0, dtype="float16"),
     # Weak decay over four chunks: the chunk states (forward and reverse state passes)
-    # carry most of every gradient.
-    MosaicCase(batch=1, seq=256, heads=2, value_heads=2, key_dim=64, value_dim=64,
-               gate="scalar", max_decay=0.02, dtype="bfloat16"),
+    # carry most of every gradient. One CTA per 64 value columns, two pieces.
+    MosaicCase(batch=1, seq=256, heads=2, value_heads=2, key_dim=64, value_dim=128,
+               gate="scalar", max_decay=0.02, dtype="bfloat16",
+               blocks=pm.BlockSizes(pieces=2, value_blocks=2)),
     # No decay; a sequence shorter than one chunk; three slots.
     MosaicCase(batch=1, seq=40, heads=1, value_heads=1, key_dim=64, value_dim=64,
                gate="none", dtype="bfloat16", blocks=pm.BlockSizes(slots=3)),
@@ -88,3 +89,5 @@ def test_block_sizes_are_checked():
     pm.BlockSizes(slots=1)
   with pytest.raises(ValueError, match="pieces"):
     pm.BlockSizes(pieces=0)
+  with pytest.raises(ValueError, match="value_blocks"):
+    pm.BlockSizes(value_blocks=0)
