@@ -1,12 +1,14 @@
 """Chunked causal linear attention in Pallas with the Mosaic GPU lowering, for Hopper
-(sm_90): the forward kernel; the backward is the Triton kernels' (`pallas_triton`).
+(sm_90): the forward kernel here, the state passes in `pallas_mosaic_gpu_states`, the
+per-chunk gradients in `pallas_mosaic_gpu_gradients`; the decay gradient's in-chunk sums
+and the composition (pieces, padding, the VJP) are `pallas_triton`'s.
 
 Notation as `pallas_triton`: per value head, chunks of C = 64 tokens, b the cumulative log
 decay inside a chunk (a scalar gate per token; fixed decay and no decay are broadcast to
 it), rel the number of resets so far inside the chunk, h the state entering the chunk
 `[K, V]`. The forward is Lightning Attention-2's single pass, as `pallas_triton`'s
-`_fused_output_kernel`: one CTA per (batch, value head, sequence piece) walks its chunks
-in order with the state on chip and writes
+`_fused_output_kernel`: one CTA per (batch, value head, sequence piece, value block)
+walks its chunks in order with the state on chip and writes
 
   O = scale · [ wq ⊙ (Q h) + ((Q Kᵀ) ⊙ D) V ],    h ← d · h + Kᵀ (wk ⊙ V),
 
@@ -16,14 +18,15 @@ in order with the state on chip and writes
 - Warp-specialised as the flash-attention kernels (`flash_attention.mosaic_gpu_parts`): a
   memory warpgroup streams each chunk's Q, K, V and vectors (b, rel, wq, wk, d) into
   shared-memory slots with TMA; one compute warpgroup per 64 value columns keeps its
-  `[K, 64]` slice of h in registers (f32).
+  `[K, 64]` slice of h in registers (f32). `BlockSizes.value_blocks` spreads a head's
+  value columns over that many CTAs (each reads Q and K) when batch × heads is small.
 - A compute warpgroup's chunk: Q Kᵀ and Q h together (wgmma; h read from shared memory
   in the inputs' dtype, as the Triton kernel's dots read it), the decay mask D in
   registers, O += (Q Kᵀ ⊙ D) V (the scores from registers), O out by TMA; then wk ⊙ V
   through shared memory and h ← d · h + Kᵀ (wk ⊙ V) (wgmma with Kᵀ a transposed
   shared-memory operand).
-- Sequence pieces, the chunk quantities (b, rel) and the backward are `pallas_triton`'s:
-  the state entering each piece comes from its state pass and scan.
+- Sequence pieces and the chunk quantities (b, rel) are `pallas_triton`'s: the state
+  entering each piece comes from a state pass (`pallas_mosaic_gpu_states`) and a scan.
 
 Scope: bfloat16/float16, scalar gates (and fixed/no decay), key and value head dims 64
 and 128, chunk_size 64 (one wgmma tile of scores). Everything else raises
