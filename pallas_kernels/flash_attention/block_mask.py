@@ -31,37 +31,54 @@ class BlockMask:
   def offset(self) -> int:
     return self.kv_len - self.q_len
 
-  def visible(self, q_pos, k_pos, q_seg, k_seg):
+  def visible(self, q_pos, k_pos, q_seg, k_seg, *, key_bound: bool = True):
     """Bool [bq, bk] from query positions / segment ids q_pos, q_seg ([bq, 1] or [bq, bk])
     and key positions / segment ids k_pos, k_seg ([1, bk] or [bq, bk]); segments may be
-    None."""
+    None. key_bound=False leaves out the test j < kv_len, for a caller whose tile holds no
+    key at or past kv_len that a query could otherwise see (`needs_key_bound`); then None
+    means every pair is visible."""
     d = k_pos - (q_pos + self.offset)
-    ok = k_pos < self.kv_len
+    ok = k_pos < self.kv_len if key_bound else None
+    both = lambda a, b: b if a is None else a & b
     if self.right is not None:
-      ok = ok & (d <= self.right)
+      ok = both(ok, d <= self.right)
     if self.left is not None:
-      ok = ok & (d >= -self.left)
+      ok = both(ok, d >= -self.left)
     if q_seg is not None:
-      ok = ok & (q_seg == k_seg)
+      ok = both(ok, q_seg == k_seg)
     return ok
+
+  def needs_key_bound(self, bk: int) -> bool:
+    """Whether a tile of bk keys can hold a key at or past kv_len that a query row before
+    q_len would see but for the test j < kv_len: never when kv_len is a multiple of bk
+    (the tiles end at kv_len) or when the mask is causal (right <= 0: a query sees no
+    key after kv_len - 1 + right)."""
+    return self.kv_len % bk != 0 and (self.right is None or self.right > 0)
 
   def kv_blocks(self, q0, bq, bk):
     """Key blocks for query rows [q0, q0 + bq): (lo, full_lo, full_hi, hi) block indices.
 
-    Blocks in [lo, hi) may hold a visible key; [full_lo, full_hi) are visible in full."""
+    Blocks in [lo, hi) may hold a visible key; [full_lo, full_hi) are visible in full. Only
+    the rows before q_len count: a block of rows past q_len sees nothing, and a partial
+    last block is judged by its real rows (the callers discard the others' outputs)."""
     off, n_full = self.offset, self.kv_len // bk
+    q_end = jnp.minimum(q0 + bq, self.q_len)  # exclusive; <= q0 for rows past q_len
     lo = 0 if self.left is None else lax.div(jnp.maximum(q0 + off - self.left, 0), bk)
     hi, full_lo, full_hi = pl.cdiv(self.kv_len, bk), 0, n_full
     if self.right is not None:
-      last = jnp.clip(q0 + bq + off + self.right, 0, self.kv_len)  # exclusive
+      last = jnp.clip(q_end + off + self.right, 0, self.kv_len)  # exclusive
       hi = jnp.maximum(pl.cdiv(last, bk), lo)
       full_hi = lax.div(jnp.clip(q0 + off + self.right + 1, 0, self.kv_len), bk)
     if self.left is not None:
-      full_lo = pl.cdiv(jnp.maximum(q0 + bq - 1 + off - self.left, 0), bk)
+      full_lo = pl.cdiv(jnp.maximum(q_end - 1 + off - self.left, 0), bk)
+    # No rows before q_len: nothing (a product, not jnp.where: see q_blocks).
+    hi = lo + (hi - lo) * jnp.asarray(q0 < self.q_len, jnp.int32)
     return self._clip(lo, full_lo, full_hi, hi)
 
   def q_blocks(self, k0, bk, bq):
-    """Query blocks for keys [k0, k0 + bk): (lo, full_lo, full_hi, hi) block indices."""
+    """Query blocks for keys [k0, k0 + bk): (lo, full_lo, full_hi, hi) block indices.
+
+    A block of keys all at or past kv_len is seen by nothing."""
     off = self.offset
     lo = 0 if self.right is None else lax.div(jnp.maximum(k0 - off - self.right, 0), bq)
     hi, full_lo, full_hi = pl.cdiv(self.q_len, bq), 0, pl.cdiv(self.q_len, bq)
@@ -74,6 +91,7 @@ class BlockMask:
     # A key block that reaches into the padding is never visible in full. (A product, not
     # jnp.where: Triton lowering mistypes a scalar select of constants, JAX 0.11.2.)
     full_hi = full_hi * jnp.asarray(k0 + bk <= self.kv_len, jnp.int32)
+    hi = lo + (hi - lo) * jnp.asarray(k0 < self.kv_len, jnp.int32)
     return self._clip(lo, full_lo, full_hi, hi)
 
   def _clip(self, lo, full_lo, full_hi, hi):

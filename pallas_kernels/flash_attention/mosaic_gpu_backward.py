@@ -12,6 +12,10 @@ through shared-memory slots with TMA, two compute warpgroups own 64 rows each.
   dV += Pᵀ dO, dK += dSᵀ Q; per key/value head, so nothing is summed afterwards.
 - Masks as in the forward: only the visible blocks are streamed, blocks visible in full run
   without mask arithmetic, a warpgroup passes over the blocks only the other one needs.
+- Lengths as in the forward: no padding to the blocks (TMA zero-fills rows past the end
+  and drops stores past it), only to a multiple of 8 rows. Query rows past q_len that a
+  dK/dV tile streams add nothing: their Q and dO are zero-filled and their lse and Delta
+  are 0, so P = 1 times dO = 0, and dS = P (dP - Delta) = 0.
 """
 
 from __future__ import annotations
@@ -239,12 +243,15 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, d_out, cf: Config):
   batch, q_len, q_heads, head_dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
   b, slots, wgs = cf.block, cf.slots, parts.COMPUTE_WARPGROUPS
-  tq, tk = round_up(q_len, wgs * b), round_up(kv_len, wgs * b)
+  # As the forward: TMA handles partial blocks, lengths off the 8-row tile are padded.
+  tq, tk = round_up(q_len, parts.TMA_ROWS), round_up(kv_len, parts.TMA_ROWS)
   q, d_out, q_seg = (pad(x, 1, tq) for x in (q, d_out, q_seg))
   k, v, kv_seg = (pad(x, 1, tk) for x in (k, v, kv_seg))
+  q_tiles, kv_tiles = pl.cdiv(q_len, wgs * b), pl.cdiv(kv_len, wgs * b)
   # P = exp2(x - lse); a row that saw nothing has every x = -inf: use lse 0 there (P = 0).
-  lse = pad(jnp.where(lse == -jnp.inf, 0.0, lse * parts.LOG2E), 2, tq)
-  delta = pad(delta, 2, tq)
+  # lse and Delta padded to whole tiles, as the forward's lse (small: [B, Hq, Tq] f32).
+  lse = pad(jnp.where(lse == -jnp.inf, 0.0, lse * parts.LOG2E), 2, q_tiles * wgs * b)
+  delta = pad(delta, 2, q_tiles * wgs * b)
   dtype, has_segments = q.dtype, q_seg is not None
   tile = lambda n: plgpu.SMEM((n, b, head_dim), dtype, transforms=parts.TILED)
   vector = lambda n, dt=jnp.float32: plgpu.SMEM((n, b), dt)
@@ -259,7 +266,7 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, d_out, cf: Config):
       (plgpu.Barrier(num_arrivals=row_copies, num_barriers=wgs),
        plgpu.Barrier(num_arrivals=2 + has_segments, num_barriers=slots),
        plgpu.Barrier(num_arrivals=wgs, num_barriers=slots)),
-      grid=(q_heads, tq // (wgs * b), batch), grid_names=("heads", "q_seq", "batch"),
+      grid=(q_heads, q_tiles, batch), grid_names=("heads", "q_seq", "batch"),
       interpret=cf.interpret)
   dk, dv = parts.launch(
       functools.partial(_dkv_kernel, cf=cf), inputs,
@@ -269,7 +276,7 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, d_out, cf: Config):
       (plgpu.Barrier(num_arrivals=2 + has_segments, num_barriers=wgs),
        plgpu.Barrier(num_arrivals=row_copies, num_barriers=slots),
        plgpu.Barrier(num_arrivals=wgs, num_barriers=slots)),
-      grid=(kv_heads, tk // (wgs * b), batch), grid_names=("heads", "kv_seq", "batch"),
+      grid=(kv_heads, kv_tiles, batch), grid_names=("heads", "kv_seq", "batch"),
       interpret=cf.interpret)
   return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
 

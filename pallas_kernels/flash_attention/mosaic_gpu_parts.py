@@ -23,6 +23,7 @@ COMPUTE_WARPGROUPS = 2
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # A vector along dimension 0 of a [M, N] wgmma tile.
 COLUMNS = plgpu.Layout.WGMMA.reduce(0)  # A vector along dimension 1.
 TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # wgmma operands
+TMA_ROWS = 8  # A TMA copy of TILED rows needs the array's row count a multiple of 8.
 
 
 def iota(shape, dimension):
@@ -33,14 +34,19 @@ def iota(shape, dimension):
 def hide(x, mask, q0, k0, q_axis: int, q_seg=None, k_seg=None):
   """x with -inf where `mask` (a BlockMask) hides the (query, key) pair. The tile's queries
   run along q_axis (0 or 1) from position q0, its keys along the other axis from k0; q_seg,
-  k_seg: segment-id vectors along those axes, or None."""
+  k_seg: segment-id vectors along those axes, or None.
+
+  The test j < kv_len is made only where a tile can reach past kv_len into keys a query
+  would otherwise see (`BlockMask.needs_key_bound`); the kernels' key tiles past kv_len are
+  zero-filled by TMA, so what such a tile holds is finite either way."""
   k_axis = 1 - q_axis
   segments = (None, None)
   if q_seg is not None:
     segments = (lax.broadcast_in_dim(q_seg, x.shape, [q_axis]),
                 lax.broadcast_in_dim(k_seg, x.shape, [k_axis]))
-  visible = mask.visible(q0 + iota(x.shape, q_axis), k0 + iota(x.shape, k_axis), *segments)
-  return jnp.where(visible, x, -jnp.inf)
+  visible = mask.visible(q0 + iota(x.shape, q_axis), k0 + iota(x.shape, k_axis), *segments,
+                         key_bound=mask.needs_key_bound(x.shape[k_axis]))
+  return x if visible is None else jnp.where(visible, x, -jnp.inf)
 
 
 def logits(s, scale: float, softcap: float | None):
@@ -103,14 +109,23 @@ def stream(num_steps, queues, slots: int, static_steps: int):
 
   queues: (issue, ready, free) triples; issue(t, slot) starts the TMA copies of step t into
   `slot`, arriving on ready[slot]; the slot is refilled for step t + slots once free[slot]
-  has completed (every compute warpgroup released it). static_steps bounds num_steps, so
-  that no copy past the arrays is traced for the first slots. At the end the last releases
-  are awaited too, leaving no barrier phase unobserved.
+  has completed (every compute warpgroup released it). static_steps: how many steps copy
+  only from inside the arrays. The first slots are filled with t a Python int for those,
+  and with a traced t for the steps after them, whose copies reach past the end of an
+  array (Pallas rejects a static slice past the end; a dynamic one is clipped by TMA,
+  which zero-fills the missing rows). At the end the last releases are awaited too,
+  leaving no barrier phase unobserved.
   """
   plgpu.set_max_registers(40, action="decrease")
   for t in range(min(slots, static_steps)):
     @pl.when(t < num_steps)
     def _fill():
+      for issue, _, _ in queues:
+        issue(t, t)
+
+  if static_steps < slots:
+    @pl.loop(static_steps, jnp.minimum(num_steps, slots))
+    def _fill_past_the_end(t):
       for issue, _, _ in queues:
         issue(t, t)
 

@@ -18,8 +18,13 @@ mask of `ops.dot_product_attention` and to bfloat16.
   in full run without mask arithmetic.
 - GQA/MQA: query head h reads key/value head h // groups straight from the [B, T, H, D]
   arrays; nothing is repeated. Sinks start the online softmax (m = sink, l = 1).
-- Sequence lengths are padded to the blocks in the wrapper (padded keys are masked, padded
-  query rows sliced off).
+- Sequence lengths need not be multiples of the blocks, and nothing is padded for them: the
+  grid covers cdiv(q_len, 2 * block_q) query tiles and the stream cdiv(kv_len, block_kv)
+  key blocks; TMA zero-fills the rows of a copy past the end of an array and drops the rows
+  of a store past it. Only a length that is not a multiple of 8 (the row tile of the
+  swizzled TMA layout) is padded, to the next multiple of 8. Padded keys are masked only
+  where a query could otherwise see them (`block_mask.BlockMask.needs_key_bound`), and a
+  warpgroup whose rows all lie past q_len computes nothing.
 - Backward: `mosaic_gpu_backward` (dQ and dK/dV kernels of the same structure) for head_dim
   64 and 128; the Triton kernels (`pallas_triton`) for 256, whose dK/dV accumulators would
   not fit in registers.
@@ -233,9 +238,11 @@ def _forward(q, k, v, q_seg, kv_seg, sinks, st: _Static):
   kv_len = k.shape[1]
   bq, bk, slots = st.blocks.block_q, st.blocks.block_kv, st.blocks.max_concurrent_steps
   rows_per_cta = parts.COMPUTE_WARPGROUPS * bq
-  tq, tk = round_up(q_len, rows_per_cta), round_up(kv_len, bk)
+  # TMA handles the partial last blocks; only a length off the 8-row tile is padded (a copy).
+  tq, tk = round_up(q_len, parts.TMA_ROWS), round_up(kv_len, parts.TMA_ROWS)
   q, q_seg = pad(q, 1, tq), pad(q_seg, 1, tq)
   k, v, kv_seg = (pad(x, 1, tk) for x in (k, v, kv_seg))
+  q_tiles = pl.cdiv(q_len, rows_per_cta)
   sink_rows = None
   if sinks is not None:
     sink_rows = jnp.broadcast_to(sinks.astype(jnp.float32)[:, None] * parts.LOG2E, (q_heads, bq))
@@ -263,8 +270,10 @@ def _forward(q, k, v, q_seg, kv_seg, sinks, st: _Static):
   out, lse = parts.launch(
       functools.partial(_forward_kernel, st=st), (q, k, v, q_seg, kv_seg, sink_rows),
       (jax.ShapeDtypeStruct((batch, tq, q_heads, head_dim), dtype),
-       jax.ShapeDtypeStruct((batch, q_heads, tq), jnp.float32)),
-      smem, barriers, grid=(q_heads, tq // rows_per_cta, batch),
+       # Whole tiles: a store of a [block_q] vector is a plain bulk copy, which would not
+       # stop at the end of a row (1 MB at 16k tokens and 16 heads; sliced below).
+       jax.ShapeDtypeStruct((batch, q_heads, q_tiles * rows_per_cta), jnp.float32)),
+      smem, barriers, grid=(q_heads, q_tiles, batch),
       grid_names=("heads", "q_seq", "batch"), interpret=st.interpret)
   return out[:, :q_len], lse[:, :, :q_len]
 

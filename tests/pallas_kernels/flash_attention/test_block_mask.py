@@ -43,3 +43,29 @@ def test_causal_window_visits_a_fraction_of_the_blocks():
   causal = visited(BlockMask(t, t, None, 0, False))
   window = visited(BlockMask(t, t, 1024, 0, False))
   assert window / causal < 0.14
+
+
+def test_rows_past_the_end_see_nothing_and_the_key_bound_is_left_out_only_where_redundant():
+  """A block of query rows at or past q_len (the Mosaic GPU kernels' second warpgroup in the
+  last tile) gets an empty range, as a block of keys at or past kv_len does; and where
+  `needs_key_bound` is False, dropping the test j < kv_len changes no pair of a real query
+  with a key of the tiles (which run to kv_len rounded up to the block)."""
+  for q_len, kv_len, left, right, b in [(100, 100, None, 0, 64), (131, 200, None, 0, 64),
+                                        (200, 200, 40, 8, 64), (200, 136, None, None, 64),
+                                        (3000, 3000, None, 0, 128), (3000, 3000, None, None, 128),
+                                        (192, 192, 30, 10, 64)]:
+    mask = BlockMask(q_len, kv_len, left, right, has_segments=False)
+    q0 = -(-q_len // b) * b
+    lo, _, _, hi = map(int, mask.kv_blocks(q0, b, b))
+    assert lo == hi, (q_len, kv_len, left, right)
+    lo, _, _, hi = map(int, mask.q_blocks(-(-kv_len // b) * b, b, b))
+    assert lo == hi, (q_len, kv_len, left, right)
+    rows = np.arange(q_len)[:, None]
+    cols = np.arange(-(-kv_len // b) * b)[None, :]
+    with_bound = np.asarray(mask.visible(rows, cols, None, None))
+    if not mask.needs_key_bound(b):
+      without = mask.visible(rows, cols, None, None, key_bound=False)
+      without = np.ones_like(with_bound) if without is None else np.asarray(without)
+      np.testing.assert_array_equal(without, with_bound)
+    else:
+      assert kv_len % b and (right is None or right > 0)

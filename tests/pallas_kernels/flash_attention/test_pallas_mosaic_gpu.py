@@ -9,10 +9,13 @@ included, on a Hopper GPU (`gpu_only` below: `JAX_PLATFORMS=cuda pytest -m gpu_o
 """
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pallas_kernels.flash_attention import pallas_mosaic_gpu as pm
-from tests.pallas_kernels.flash_attention.util import check, kernel_and_reference
+from tests.pallas_kernels.flash_attention.util import (check, kernel_and_reference,
+                                                       value_and_grads)
+from tests.utils import fresh_keys, normal
 
 # One CTA holds 2 x 64 query rows; 64-key blocks make the lengths below span several CTAs
 # and key blocks, with padding at both ends.
@@ -37,6 +40,63 @@ CASES = {
     "segments-T100-D256": (1, 100, 100, 2, 1, 256, 256, dict(segments=True), jnp.float16),
 }
 
+# Lengths that are not multiples of the blocks, and nothing padded for them: multiples of 8
+# run unpadded (TMA zero-fills the rows a copy reads past the end, drops the rows a store
+# writes past it); others are padded to 8 rows first. 200 = 3 x 64 + 8: the last key block
+# holds 8 keys and the second warpgroup of the last CTA 8 rows; 264: the last CTA's second
+# warpgroup of keys (dK/dV) lies wholly past the end and computes nothing.
+ODD_LENGTHS = {
+    # A right window reaches past kv_len: only here do partial key blocks test j < kv_len.
+    "window40-8-segments-T200-mqa": (1, 200, 200, 2, 1, 64, 64,
+                                     dict(window=(40, 8), segments=True), jnp.bfloat16),
+    # Tq 100 is padded to 104; Tk 264 is not.
+    "full-Tq100-Tk264-sinks": (1, 100, 264, 2, 2, 64, 64, dict(sinks=True), jnp.float16),
+}
+
+
+@pytest.mark.parametrize("name", ODD_LENGTHS)
+def test_odd_lengths_match_float32_reference(name):
+  *shape, options, dtype = ODD_LENGTHS[name]
+  got, want = kernel_and_reference(pm.flash_attention, shape, options, dtype,
+                                   block_sizes=SMALL)
+  check(got, want, 2e-2)
+
+
+def test_odd_length_with_default_blocks_causal_T200_gqa2_D128():
+  """The tuned blocks (64 rows per warpgroup, 128 keys): the second key block holds 72 keys,
+  the last CTA's second warpgroup 8 rows."""
+  got, want = kernel_and_reference(pm.flash_attention, (1, 200, 200, 4, 2, 128, 128),
+                                   dict(is_causal=True), jnp.bfloat16)
+  check(got, want, 2e-2)
+
+
+def test_nan_and_inf_in_keys_no_query_sees_reach_no_output():
+  """Keys of a segment no query belongs to hold NaN and Inf (e.g. an unwritten cache): out,
+  lse, dk and dv equal those with zeros there. Not covered, as in XLA's attention: dq (its
+  dS K product multiplies those keys by a zero dS) and NaN values (P V)."""
+  t, hidden = 136, slice(100, 136)
+  kq, kk, kv, kd = fresh_keys(4)
+  # Batch row 0 holds the poisoned keys, row 1 zeros there; both the same otherwise.
+  q, k, v, d_out = (jnp.repeat(normal(key, (1, t, 1, 64), jnp.bfloat16), 2, axis=0)
+                    for key in (kq, kk, kv, kd))
+  poison = jnp.where(jnp.arange(t)[:, None, None] % 2 == 0, jnp.nan, jnp.inf)[hidden]
+  k = k.at[0, hidden].set(poison.astype(k.dtype)).at[1, hidden].set(0)
+  q_seg = jnp.zeros((2, t), jnp.int32)
+  kv_seg = jnp.zeros((2, t), jnp.int32).at[:, hidden].set(1)
+
+  def attention(q, k, v, sinks):
+    return pm.flash_attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                              sinks=sinks, scale=0.125, is_causal=True, window=(None, None),
+                              logits_soft_cap=None, return_residuals=True, interpret=True,
+                              block_sizes=SMALL)
+
+  out, lse, (_, dk, dv, _) = value_and_grads(attention, q, k, v, None, d_out,
+                                             jnp.zeros((2, 1, t), jnp.float32))
+  for x in (out, lse, dk, dv):
+    x = np.asarray(x, np.float32)
+    assert np.isfinite(x).all()
+    np.testing.assert_array_equal(x[0], x[1])
+
 
 @pytest.mark.parametrize("name", CASES)
 def test_matches_float32_reference(name):
@@ -48,9 +108,9 @@ def test_matches_float32_reference(name):
 
 
 @pytest.mark.gpu_only
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", {**CASES, **ODD_LENGTHS})
 def test_compiled_matches_float32_reference_on_hopper(name):
-  *shape, options, dtype = CASES[name]
+  *shape, options, dtype = {**CASES, **ODD_LENGTHS}[name]
   got, want = kernel_and_reference(pm.flash_attention, shape, options, dtype,
                                    interpret=False, block_sizes=SMALL)
   check(got, want, 2e-2)
