@@ -55,3 +55,10 @@ def value_block(value_blocks: int, warpgroups: int):
   index = lax.axis_index("heads")
   blocks = jnp.int32(value_blocks)
   return lax.div(index, blocks), lax.rem(index, blocks) * warpgroups
+
+
+def column_tiles(ref, smem, batch, rows, head, first, slot, count, width=64):
+  """TMA (source, destination) pairs: the `count` tiles of `width` columns of ref[batch,
+  rows, head], from tile `first` on, into smem[slot, 0 … count − 1]."""
+  return [(ref.at[batch, rows, head, pl.ds((first + i) * width, width)], smem.at[slot, i])
+          for i in range(count)]

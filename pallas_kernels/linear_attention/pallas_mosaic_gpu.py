@@ -50,7 +50,8 @@ from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
 from pallas_kernels.linear_attention import pallas_triton
 from pallas_kernels.linear_attention.pallas_mosaic_gpu_gradients import chunk_vectors, gradients
 from pallas_kernels.linear_attention.pallas_mosaic_gpu_states import state_call
-from pallas_kernels.linear_attention.mosaic_gpu_tiles import along, matmuls, value_block, zeros
+from pallas_kernels.linear_attention.mosaic_gpu_tiles import (along, column_tiles, matmuls,
+                                                              value_block, zeros)
 
 _DTYPES = ("bfloat16", "float16")
 _HEAD_DIMS = (64, 128)
@@ -118,8 +119,8 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, wq_ref, wk_ref, d_ref, start_re
               (wq_ref.at[batch, head, rows], wq_smem.at[slot]),
               (wk_ref.at[batch, head, rows], wk_smem.at[slot]),
               (d_ref.at[batch, head, chunk], d_smem.at[slot])]
-    copies += [(v_ref.at[batch, rows, head, pl.ds((column_block + w) * width, width)],
-                v_smem.at[slot, w]) for w in range(st.warpgroups)]
+    copies += column_tiles(v_ref, v_smem, batch, rows, head, column_block, slot,
+                           st.warpgroups, width)
     for src, dst in copies:
       plgpu.copy_gmem_to_smem(src, dst, ready.at[slot])
 

@@ -31,7 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
-from pallas_kernels.linear_attention.mosaic_gpu_tiles import along, matmuls, value_block
+from pallas_kernels.linear_attention.mosaic_gpu_tiles import (along, column_tiles, matmuls,
+                                                              value_block)
 from pallas_kernels.linear_attention.pallas_mosaic_gpu_gradients import CHUNK, chunk_vectors
 
 COLUMNS_PER_WARPGROUP = 64
@@ -71,8 +72,8 @@ def _kernel(x_ref, y_ref, w_ref, d_ref, start_ref, *refs, st: _Static):
     copies = [(x_ref.at[batch, rows, key_head], x_smem.at[slot]),
               (w_ref.at[batch, head, rows], w_smem.at[slot]),
               (d_ref.at[batch, head, chunk], d_smem.at[slot])]
-    copies += [(y_ref.at[batch, rows, head, pl.ds((column_block + w) * width, width)],
-                y_smem.at[slot, w]) for w in range(st.warpgroups)]
+    copies += column_tiles(y_ref, y_smem, batch, rows, head, column_block, slot,
+                           st.warpgroups, width)
     for src, dst in copies:
       plgpu.copy_gmem_to_smem(src, dst, ready.at[slot])
 
