@@ -65,7 +65,8 @@ class BlockSizes:
   """slots: chunks in flight in shared memory (≥ 2); pieces: sequence pieces run in
   parallel, None for about `TARGET_CTAS` CTAs with pieces of at least
   `pallas_triton.MIN_PIECE_CHUNKS` chunks; value_blocks: CTAs per (batch, head) over the
-  value columns (1 or value_dim // 64), None for 1."""
+  value columns (1 or value_dim // 64), None for one CTA per 64 columns when batch × heads
+  is under `TARGET_CTAS` (more CTAs without the pieces' extra state pass), else 1."""
   slots: int = 2
   pieces: int | None = None
   value_blocks: int | None = None
@@ -269,7 +270,9 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
   if seq < 1:
     raise NotImplementedError(f"seq={seq}: an empty sequence has nothing to run.")
   blocks = block_sizes or BlockSizes()
-  value_blocks = blocks.value_blocks or 1
+  value_blocks = blocks.value_blocks
+  if value_blocks is None:
+    value_blocks = value_dim // COLUMNS_PER_WARPGROUP if batch * heads < TARGET_CTAS else 1
   if value_dim % (COLUMNS_PER_WARPGROUP * value_blocks):
     raise NotImplementedError(
         f"block_sizes.value_blocks={value_blocks} does not split value_dim={value_dim} "
