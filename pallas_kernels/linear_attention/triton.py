@@ -1,4 +1,4 @@
-"""Chunked causal linear attention in the Triton language (`@triton.jit`), forward.
+"""Chunked causal linear attention in the Triton language (`@triton.jit`), with its VJP.
 
 The algorithm and notation are `pallas_triton`'s (read its module docstring): per value
 head the state S_t = a_t S_{t-1} + k_t v_tᵀ, o_t = scale · S_tᵀ q_t, cut into chunks of C
@@ -11,23 +11,39 @@ with resets as masks (`rel`, the resets so far inside the chunk: token i reads h
 while rel_i = 0, key j feeds h_{n+1} only from the chunk's last run, h passes a chunk only
 if it holds no reset, pairs interact only within one run).
 
-This file holds the scalar gate (fixed decay and "no decay" broadcast to it): every
-exponent above is ≤ 0. `_fused_output_kernel` is `pallas_triton._fused_output_kernel`
-written in Triton: one program per (value block, sequence piece, batch × head) walks the
-piece's chunks in order with h `[K, BV]` on chip (f32) and writes o, so the chunk states
-never touch memory (Lightning Attention-2's one-pass forward). The kernels are launched
-by `pallas_kernels.triton_call` — jax_triton on a GPU, Triton's interpreter on CPU — and
-replace the Pallas Triton lowering that JAX 0.11 deprecates.
+This file holds the scalar gate (fixed decay and "no decay" broadcast to it), where
+every exponent above is ≤ 0; a vector gate (GLA) is refused for now. The kernels are
+`pallas_triton`'s written in Triton, composed by `pallas_triton`'s own `_forward` and
+state passes through its `Launches`, and by `_backward` here (`pallas_triton._backward`
+with the decay-gradient kernel below):
 
-Shared with `pallas_triton` for now (to move to a backend-neutral `common.py`): the plan
-(`_make_plan`), the padding and cumulative decays (`_prepare`), and, for P > 1 pieces,
-the piece starts (`_piece_starts`, still its Pallas state kernel).
+  * `_fused_output_kernel`: one program per (value block, sequence piece, batch × head)
+    walks the piece's chunks in order with h `[K, BV]` on chip (f32) and writes o, so the
+    chunk states never touch memory (Lightning Attention-2's one-pass forward).
+  * `_state_kernel`: one program per (state tile, piece, batch × head) walks the chunks,
+    storing each h_n and the piece's end state; in reverse over q and dO it gives dh_n.
+    It also gives the piece starts (P > 1), chained by `pallas_triton._piece_starts`.
+  * `_gradient_kernel`: one program per (chunk, value block, batch × head) gives dq,
+    dk, dv of the chunk from h_n and dh_n, and the decay gradient's parts: db = q ⊙ dq −
+    k ⊙ dk (pairs inside the chunk and with h_n), dkeys = k ⊙ dk (pairs with the state
+    leaving it), each summed over K, and through = Σ_v dh_n ⊙ h_n `[K]`.
+  * `_decay_gradient_kernel`: one program per (chunk, head, batch) sums those parts into
+    dL/dg_t, no sum running past the chunk (see `pallas_triton._log_decay_gradient`).
+
+The kernels are launched by `pallas_kernels.triton_call` — jax_triton on a GPU, Triton's
+interpreter on CPU — and replace the Pallas Triton lowering that JAX 0.11 deprecates
+(issue 20). Shared with `pallas_triton` for now (to move to a backend-neutral
+`common.py`): the plan (`_make_plan`), the padding and cumulative decays (`_prepare`),
+the piece scan (`_piece_starts`, `_state_pass`) and the forward's composition.
 
 Precision as in `pallas_triton`: dot operands in the inputs' dtype (f32 inputs: IEEE f32
-dots, not TF32), f32 accumulation, f32 carried state.
+dots, not TF32), f32 accumulation, f32 carried state; the h_n and dh_n stored for the
+backward in the inputs' dtype when it is 16-bit.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +53,15 @@ import triton.language as tl
 
 from pallas_kernels.linear_attention import pallas_triton
 from pallas_kernels.triton_call import triton_call
+
+# pallas_triton's plan, preparation and passes are shared (see the module docstring).
+# pylint: disable=protected-access
+
+
+def _precision(dtype) -> str:
+  """tl.dot's input_precision: IEEE f32 for f32 operands, as `pallas_triton._dot`'s
+  HIGHEST (not TF32); ignored for 16-bit operands."""
+  return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"
 
 
 @triton.jit
@@ -64,8 +89,8 @@ def _fused_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, rel_ptr, start_ptr, seq, ch
     row0 = (n.to(tl.int64) * seq + (piece * chunks + t) * C)  # first row of the chunk
     rows = row0 + i
     q = tl.load(q_ptr + (rows[:, None] * KEY_HEADS + hk) * K + kk[None, :])
-    k = tl.load(k_ptr + (rows[:, None] * KEY_HEADS + hk) * K + kk[None, :])
-    v = tl.load(v_ptr + (rows[:, None] * HEADS + h) * V + vv[None, :])
+    k = tl.load(k_ptr + (rows[:, None] * KEY_HEADS + hk) * K + kk[None, :]).to(dtype)
+    v = tl.load(v_ptr + (rows[:, None] * HEADS + h) * V + vv[None, :]).to(dtype)
     b = tl.load(b_ptr + rows * HEADS + h)  # [C] f32
     rel = tl.load(rel_ptr + rows)  # [C] i32
     b_last = tl.load(b_ptr + (row0 + C - 1) * HEADS + h)
@@ -96,7 +121,6 @@ def _fused_output_call(q, k, v, b, rel, starts, plan):
   and results as `pallas_triton._fused_output_call`."""
   batch, seq, key_heads, key_dim = q.shape
   heads, value_dim = v.shape[2:]
-  precision = "ieee" if q.dtype == jnp.float32 else "tf32"  # tf32: ignored for 16-bit
   return triton_call(
       _fused_output_kernel, q, k, v, b, rel, starts, seq, plan.chunks_per_piece,
       np.float32(plan.scale),
@@ -106,24 +130,284 @@ def _fused_output_call(q, k, v, b, rel, starts, plan):
       interpret=plan.interpret, num_warps=plan.num_warps, num_stages=plan.num_stages,
       name="linear_attention_fused_fwd", HEADS=heads, KEY_HEADS=key_heads,
       PIECES=plan.pieces, K=key_dim, V=value_dim, BV=plan.block_v, C=plan.chunk,
-      PRECISION=precision)
+      PRECISION=_precision(q.dtype))
 
 
-def linear_attention_forward(query, key, value, log_decay, initial_state, resets, *,
-                             scale: float, chunk_size: int, interpret: bool = False,
-                             block_sizes: pallas_triton.BlockSizes | None = None):
-  """Causal linear attention with a scalar gate, forward only, by the Triton kernels.
+@triton.jit
+def _state_kernel(x_ptr, y_ptr, b_ptr, rel_ptr, start_ptr, seq, chunks, scale, states_ptr,
+                  end_ptr, HEADS: tl.constexpr, X_HEADS: tl.constexpr, PIECES: tl.constexpr,
+                  N: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, C: tl.constexpr, REVERSE: tl.constexpr,
+                  WRITE_STATES: tl.constexpr, PRECISION: tl.constexpr):
+  """The chunk-state recurrence over one sequence piece, for one `[BK, BV]` state tile.
+
+  Forward (x = k, y = v, chunks in order): stores h_n, then
+    h ← e^{b_C} h + Σ_j e^{b_C − b_j} k_j v_jᵀ   (j in the chunk's last run).
+  Reverse (x = q, y = dO, chunks backwards): stores dh_n (w.r.t. the state leaving chunk
+  n), then dh ← e^{b_C} dh + scale Σ_i e^{b_i} q_i dO_iᵀ (i before any reset).
+  The decay factor is zero when the chunk holds a reset.
+
+  x `[B, T, Hx, K]` (Hx divides H), y `[B, T, H, V]`, b `[B, T, H]` f32, rel `[B, T]`
+  i32, start `[B, H, P, K, V]` f32; T = seq, P · chunks · C tokens. Writes states
+  `[B, H, N, K, V]` (if WRITE_STATES) and end `[B, H, P, K, V]` f32.
+  """
+  tile, piece, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+  n, h = batch_head // HEADS, batch_head % HEADS
+  hx = h // (HEADS // X_HEADS)
+  dtype = x_ptr.dtype.element_ty
+  i = tl.arange(0, C)
+  kk = (tile // (V // BV)) * BK + tl.arange(0, BK)
+  vv = (tile % (V // BV)) * BV + tl.arange(0, BV)
+  in_state = kk[:, None] * V + vv[None, :]
+  end = ((n * HEADS + h) * PIECES + piece).to(tl.int64) * K * V + in_state
+  s = tl.load(start_ptr + end)  # [BK, BV] f32, carried over the chunks
+
+  for t in range(0, chunks):
+    if REVERSE:
+      j = piece * chunks + chunks - 1 - t
+    else:
+      j = piece * chunks + t
+    if WRITE_STATES:
+      tl.store(states_ptr + ((n * HEADS + h) * N + j).to(tl.int64) * K * V + in_state,
+               s.to(states_ptr.dtype.element_ty))
+    row0 = n.to(tl.int64) * seq + j * C
+    rows = row0 + i
+    x = tl.load(x_ptr + (rows[:, None] * X_HEADS + hx) * K + kk[None, :])
+    y = tl.load(y_ptr + (rows[:, None] * HEADS + h) * V + vv[None, :]).to(dtype)
+    b = tl.load(b_ptr + rows * HEADS + h)
+    rel = tl.load(rel_ptr + rows)
+    b_last = tl.load(b_ptr + (row0 + C - 1) * HEADS + h)
+    rel_last = tl.load(rel_ptr + row0 + C - 1)
+    if REVERSE:
+      weight = tl.where(rel == 0, scale * tl.exp(b), 0.0)
+    else:
+      weight = tl.where(rel == rel_last, tl.exp(b_last - b), 0.0)
+    x = (x.to(tl.float32) * weight[:, None]).to(dtype)
+    carry = tl.where(rel_last == 0, tl.exp(b_last), 0.0)
+    s = carry * s + tl.dot(tl.trans(x), y, input_precision=PRECISION)
+
+  tl.store(end_ptr + end, s)
+
+
+def _state_call(x, y, b, rel, start, plan, *, reverse, write_states):
+  """Launches `_state_kernel` over (state tile, piece, batch × head); arguments and
+  results as `pallas_triton._state_call`: ([h_n `[B, H, N, K, V]`,] ends
+  `[B, H, P, K, V]`)."""
+  batch, seq, x_heads, key_dim = x.shape
+  heads, value_dim = y.shape[2:]
+  ends = jax.ShapeDtypeStruct(start.shape, jnp.float32)
+  # Without write_states the kernel's states pointer gets a one-element placeholder.
+  states = jax.ShapeDtypeStruct(
+      (batch, heads, plan.chunks, key_dim, value_dim) if write_states else (1,),
+      pallas_triton._storage_dtype(x.dtype))
+  tiles = (key_dim // plan.block_k) * (value_dim // plan.block_v)
+  states, ends = triton_call(
+      _state_kernel, x, y, b, rel, start, seq, plan.chunks_per_piece, np.float32(plan.scale),
+      out_shape=[states, ends], grid=(tiles, plan.pieces, batch * heads),
+      interpret=plan.interpret, num_warps=plan.num_warps, num_stages=plan.num_stages,
+      name="linear_attention_state_bwd" if reverse else "linear_attention_state_fwd",
+      HEADS=heads, X_HEADS=x_heads, PIECES=plan.pieces, N=plan.chunks, K=key_dim,
+      V=value_dim, BK=plan.block_k, BV=plan.block_v, C=plan.chunk, REVERSE=reverse,
+      WRITE_STATES=write_states, PRECISION=_precision(x.dtype))
+  return (states, ends) if write_states else (ends,)
+
+
+@triton.jit
+def _gradient_kernel(q_ptr, k_ptr, v_ptr, do_ptr, b_ptr, rel_ptr, h_ptr, dh_ptr, batch, seq,
+                     scale, dq_ptr, dk_ptr, dv_ptr, db_ptr, dkeys_ptr, through_ptr,
+                     HEADS: tl.constexpr, KEY_HEADS: tl.constexpr, N: tl.constexpr,
+                     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                     PRECISION: tl.constexpr):
+  """dq, dk, dv and the decay-gradient parts of one chunk and value block.
+
+  q, k `[B, T, HK, K]`; v, do `[B, T, H, V]`; b `[B, T, H]` f32; rel `[B, T]` i32; h, dh
+  `[B, H, N, K, V]`. Writes dq, dk `[S, B, T, H, K]` and db, dkeys `[S, B, T, H]` (S
+  value blocks), dv `[B, T, H, V]`, through `[S, B, H, N, K]`.
+  """
+  chunk, split, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+  n, h = batch_head // HEADS, batch_head % HEADS
+  hk = h // (HEADS // KEY_HEADS)
+  dtype = q_ptr.dtype.element_ty
+  i = tl.arange(0, C)
+  kk = tl.arange(0, K)
+  vv = split * BV + tl.arange(0, BV)
+  row0 = n.to(tl.int64) * seq + chunk * C
+  rows = row0 + i
+  q = tl.load(q_ptr + (rows[:, None] * KEY_HEADS + hk) * K + kk[None, :])
+  k = tl.load(k_ptr + (rows[:, None] * KEY_HEADS + hk) * K + kk[None, :]).to(dtype)
+  v = tl.load(v_ptr + (rows[:, None] * HEADS + h) * V + vv[None, :]).to(dtype)
+  do = tl.load(do_ptr + (rows[:, None] * HEADS + h) * V + vv[None, :]).to(dtype)
+  b = tl.load(b_ptr + rows * HEADS + h)
+  rel = tl.load(rel_ptr + rows)
+  b_last = tl.load(b_ptr + (row0 + C - 1) * HEADS + h)
+  rel_last = tl.load(rel_ptr + row0 + C - 1)
+  state = (((n * HEADS + h) * N + chunk).to(tl.int64) * K * V + kk[:, None] * V
+           + vv[None, :])
+  hs = tl.load(h_ptr + state)  # h_n [K, BV]
+  dh = tl.load(dh_ptr + state)  # dh_n [K, BV]
+
+  # Inter-chunk: o_i ∋ scale (q_i e^{b_i})ᵀ h_n and h_{n+1} ∋ (k_j e^{b_C − b_j}) v_jᵀ.
+  q_decay = tl.where(rel == 0, tl.exp(b), 0.0)
+  dq = scale * q_decay[:, None] * tl.dot(do, tl.trans(hs.to(dtype)),
+                                         input_precision=PRECISION)
+  k_decay = tl.where(rel == rel_last, tl.exp(b_last - b), 0.0)
+  dk_state = k_decay[:, None] * tl.dot(v, tl.trans(dh.to(dtype)), input_precision=PRECISION)
+  dv = tl.dot((k.to(tl.float32) * k_decay[:, None]).to(dtype), dh.to(dtype),
+              input_precision=PRECISION)
+
+  # Intra-chunk: o_i ∋ scale Σ_{j≤i} e^{b_i − b_j} (q_i · k_j) v_j; the pair (i, i)
+  # goes to dq and dk below (`own`), not through the decay gradient's parts.
+  pairs = (i[:, None] >= i[None, :]) & (rel[:, None] == rel[None, :])
+  decay = tl.exp(tl.where(pairs, b[:, None] - b[None, :], -float("inf")))
+  scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay
+  d_scores = scale * tl.dot(do, tl.trans(v), input_precision=PRECISION)
+  d_scores = tl.where(pairs & (i[:, None] > i[None, :]), d_scores * decay, 0.0).to(dtype)
+  dq += tl.dot(d_scores, k, input_precision=PRECISION)
+  dk = tl.dot(tl.trans(d_scores), q, input_precision=PRECISION)
+  dv += tl.dot(tl.trans((scale * scores).to(dtype)), do, input_precision=PRECISION)
+
+  q, k = q.to(tl.float32), k.to(tl.float32)
+  own = scale * tl.sum(do.to(tl.float32) * v.to(tl.float32), axis=1)
+  part = (split * batch + n).to(tl.int64) * seq + chunk * C + i  # rows of [S, B, T]
+  per_head = (part[:, None] * HEADS + h) * K + kk[None, :]
+  tl.store(dq_ptr + per_head, (dq + own[:, None] * k).to(dq_ptr.dtype.element_ty))
+  tl.store(dk_ptr + per_head,
+           (dk + dk_state + own[:, None] * q).to(dk_ptr.dtype.element_ty))
+  tl.store(dv_ptr + (rows[:, None] * HEADS + h) * V + vv[None, :],
+           dv.to(dv_ptr.dtype.element_ty))
+  tl.store(db_ptr + part * HEADS + h, tl.sum(q * dq - k * dk, axis=1))
+  tl.store(dkeys_ptr + part * HEADS + h, tl.sum(k * dk_state, axis=1))
+  through = ((split * batch + n) * HEADS + h) * N + chunk
+  tl.store(through_ptr + through.to(tl.int64) * K + kk,
+           tl.sum(dh.to(tl.float32) * hs.to(tl.float32), axis=1))
+
+
+def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
+  """Launches `_gradient_kernel`; arguments and results as `pallas_triton._gradient_call`
+  (dq, dk per value head `[B, T, H, K]`, dv, d_b, d_keys `[B, T, H]`, through
+  `[B, H, N, K]`)."""
+  batch, seq, key_heads, key_dim = q.shape
+  heads, value_dim = v.shape[2:]
+  bv = plan.gradient_block_v
+  splits = value_dim // bv
+  partial = lambda shape, dtype: jax.ShapeDtypeStruct((splits,) + shape, dtype)
+  # f32 when summed over value blocks or over the value heads that share a key head.
+  sums = splits > 1 or heads != key_heads
+  per_head = partial((batch, seq, heads, key_dim), jnp.float32 if sums
+                     else pallas_triton._storage_dtype(q.dtype))
+  parts = partial(b.shape, jnp.float32)
+  dq, dk, dv, d_b, d_keys, through = triton_call(
+      _gradient_kernel, q, k, v, do, b, rel, states, d_states, batch, seq,
+      np.float32(plan.scale),
+      out_shape=[per_head, per_head, jax.ShapeDtypeStruct(v.shape, v.dtype), parts, parts,
+                 partial((batch, heads, plan.chunks, key_dim), jnp.float32)],
+      grid=(plan.chunks, splits, batch * heads), interpret=plan.interpret,
+      num_warps=plan.gradient_num_warps, num_stages=plan.num_stages,
+      name="linear_attention_gradients", HEADS=heads, KEY_HEADS=key_heads, N=plan.chunks,
+      K=key_dim, V=value_dim, BV=bv, C=plan.chunk, PRECISION=_precision(q.dtype))
+  return (dq.sum(0), dk.sum(0), dv, d_b.sum(0), d_keys.sum(0), through.sum(0))
+
+
+@triton.jit
+def _decay_gradient_kernel(db_ptr, dkeys_ptr, through_ptr, b_ptr, rel_ptr, reset_ptr, seq,
+                           dg_ptr, HEADS: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+                           C: tl.constexpr):
+  """dL/dg_t over one chunk from `_gradient_kernel`'s parts:
+
+    dg_t = Σ_{u ≥ t in t's run} db_u                          (0 at a reset token)
+         + Σ_{u < t in t's run} dkeys_u + e^{b_C} Σ_k through  (t in the chunk's last
+           run, not a reset token; the last term only if the chunk holds no reset)
+
+  Each sum is a masked `[C, C]` row sum: no sum runs past the chunk.
+  """
+  chunk, h, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+  i = tl.arange(0, C)
+  row0 = n.to(tl.int64) * seq + chunk * C
+  rows = row0 + i
+  db = tl.load(db_ptr + rows * HEADS + h)
+  dkeys = tl.load(dkeys_ptr + rows * HEADS + h)
+  rel = tl.load(rel_ptr + rows)
+  kept = tl.load(reset_ptr + rows) == 0  # not a reset token
+  rel_last = tl.load(rel_ptr + row0 + C - 1)
+  b_last = tl.load(b_ptr + (row0 + C - 1) * HEADS + h)
+  through = tl.load(through_ptr + ((n * HEADS + h) * N + chunk).to(tl.int64) * K
+                    + tl.arange(0, K))
+  through = tl.where(rel_last == 0, tl.exp(b_last) * tl.sum(through, axis=0), 0.0)
+  same_run = rel[:, None] == rel[None, :]  # [t, u]
+  inner = tl.sum(tl.where(same_run & (i[None, :] >= i[:, None]), db[None, :], 0.0), axis=1)
+  outer = tl.sum(tl.where(same_run & (i[None, :] < i[:, None]), dkeys[None, :], 0.0),
+                 axis=1) + through
+  dg = tl.where(kept, inner, 0.0) + tl.where(kept & (rel == rel_last), outer, 0.0)
+  tl.store(dg_ptr + rows * HEADS + h, dg)
+
+
+def _decay_gradient_call(b, rel, resets, d_b, d_keys, through, plan):
+  """Launches `_decay_gradient_kernel`; arguments and result as
+  `pallas_triton._log_decay_gradient` for a scalar gate (b, rel, resets, d_b, d_keys
+  `[B, T, H]`-like, through `[B, H, N, K]`; dL/dg `[B, T, H]` f32)."""
+  batch, seq, heads = b.shape
+  return triton_call(
+      _decay_gradient_kernel, d_b, d_keys, through, b, rel, resets.astype(jnp.int32), seq,
+      out_shape=jax.ShapeDtypeStruct(b.shape, jnp.float32),
+      grid=(plan.chunks, heads, batch), interpret=plan.interpret, num_warps=plan.num_warps,
+      num_stages=plan.num_stages, name="linear_attention_decay_gradient", HEADS=heads,
+      N=plan.chunks, K=through.shape[-1], C=plan.chunk)
+
+
+LAUNCHES = pallas_triton.Launches(output=_fused_output_call, state=_state_call,
+                                  gradients=_gradient_call)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _linear_attention(q, k, v, g, h0, resets, plan):
+  return _forward(q, k, v, g, h0, resets, plan)[0]
+
+
+def _forward(q, k, v, g, h0, resets, plan):
+  return pallas_triton._forward(q, k, v, g, h0, resets, plan, LAUNCHES)
+
+
+def _backward(plan, residuals, cotangents):
+  """`pallas_triton._backward` with this module's kernels, the decay gradient included."""
+  q, k, v, g, h0, resets, _ = residuals
+  d_out, d_final = cotangents
+  batch, seq, key_heads, key_dim = k.shape
+  ratio = v.shape[2] // key_heads
+  qp, kp, vp, b, rel, resets_p, decay = pallas_triton._prepare(q, k, v, g, resets, plan)
+  d_out = jnp.pad(d_out.astype(q.dtype), [(0, 0), (0, qp.shape[1] - seq), (0, 0), (0, 0)])
+  states, _ = pallas_triton._state_pass(kp, vp, b, rel, h0, decay, plan, reverse=False,
+                                        state_call=_state_call)
+  d_states, d_h0 = pallas_triton._state_pass(qp, d_out, b, rel, d_final, decay, plan,
+                                             reverse=True, state_call=_state_call)
+  dq, dk, dv, d_b, d_keys, through = _gradient_call(qp, kp, vp, d_out, b, rel, states,
+                                                   d_states, plan)
+  d_g = _decay_gradient_call(b, rel, resets_p, d_b, d_keys, through, plan)[:, :seq]
+  group = lambda x: x[:, :seq].reshape(batch, seq, key_heads, ratio, key_dim).sum(3)
+  return (group(dq).astype(q.dtype), group(dk).astype(k.dtype), dv[:, :seq], d_g, d_h0,
+          None)
+
+
+_linear_attention.defvjp(_forward, _backward)
+
+
+def linear_attention(query, key, value, log_decay, initial_state, resets, *, scale: float,
+                     chunk_size: int, interpret: bool = False,
+                     block_sizes: pallas_triton.BlockSizes | None = None):
+  """Causal linear attention by the Triton-language kernels, with its VJP.
+
+  The contract of `pallas_triton.linear_attention`, for the gates written so far.
 
   Args:
     query, key: `[batch, seq, heads, key_dim]`.
-    value: `[batch, seq, value_heads, value_dim]`, value_heads a multiple r of heads.
+    value: `[batch, seq, value_heads, value_dim]`, value_heads a multiple r of heads;
+      query/key head h serves value heads h·r … h·r + r − 1.
     log_decay: None (no decay), `[value_heads]` (fixed per head) or `[batch, seq,
       value_heads]` (scalar gate per token); float, ≤ 0.
     initial_state: `[batch, value_heads, key_dim, value_dim]`.
     resets: `[batch, seq]` bool: the state is zeroed before these tokens.
     scale: multiplies every output.
     chunk_size: tokens per chunk, a power of two (≥ 16 when compiled).
-    interpret: run in Triton's interpreter (CPU).
+    interpret: run the kernels in Triton's interpreter (CPU).
     block_sizes: None for `pallas_triton.BlockSizes.get_default`.
 
   Returns:
@@ -131,8 +415,9 @@ def linear_attention_forward(query, key, value, log_decay, initial_state, resets
     `[batch, value_heads, key_dim, value_dim]` float32.
 
   Raises:
-    NotImplementedError: a vector gate (not written yet), or what `pallas_triton`'s plan
-      refuses (sizes that are not powers of two, below 16 when compiled; empty sequence).
+    NotImplementedError: log_decay is a vector gate (not written yet), or what
+      `pallas_triton`'s plan refuses (sizes that are not powers of two, below 16 when
+      compiled; an empty sequence).
   """
   batch, seq, key_heads, key_dim = key.shape
   heads, value_dim = value.shape[2:]
@@ -140,14 +425,7 @@ def linear_attention_forward(query, key, value, log_decay, initial_state, resets
   if g.ndim == 4:
     raise NotImplementedError("log_decay of shape [batch, seq, heads, key_dim] (a vector "
                               "gate): the Triton-language kernels serve scalar gates so far.")
-  plan = pallas_triton._make_plan(  # pylint: disable=protected-access
-      batch, seq, heads, key_dim, value_dim, query.dtype, False, scale, chunk_size,
-      block_sizes, interpret)
-  q, k, v, b, rel, _, decay = pallas_triton._prepare(  # pylint: disable=protected-access
-      query, key, value, g, resets.astype(bool), plan)
-  h0 = initial_state.astype(jnp.float32)
-  starts = pallas_triton._piece_starts(  # pylint: disable=protected-access
-      k, v, b, rel, h0, decay, plan, reverse=False,
-      state_call=pallas_triton._state_call)  # pylint: disable=protected-access
-  out, ends = _fused_output_call(q, k, v, b, rel, starts, plan)
-  return out[:, :seq], ends[:, :, -1]
+  plan = pallas_triton._make_plan(batch, seq, heads, key_dim, value_dim, query.dtype, False,
+                                  scale, chunk_size, block_sizes, interpret)
+  return _linear_attention(query, key, value, g, initial_state.astype(jnp.float32),
+                           resets.astype(bool), plan)
