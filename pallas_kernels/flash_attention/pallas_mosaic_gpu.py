@@ -25,9 +25,9 @@ mask of `ops.dot_product_attention` and to bfloat16.
   swizzled TMA layout) is padded, to the next multiple of 8. Padded keys are masked only
   where a query could otherwise see them (`block_mask.BlockMask.needs_key_bound`), and a
   warpgroup whose rows all lie past q_len computes nothing.
-- Backward: `mosaic_gpu_backward` (dQ and dK/dV kernels of the same structure) for head_dim
-  64 and 128; the Triton kernels (`pallas_triton`) for 256, whose dK/dV accumulators would
-  not fit in registers.
+- Backward: `mosaic_gpu_backward` (dQ and dK/dV kernels of the same structure; at head_dim
+  256 the dK/dV kernel splits the columns between the warpgroups); the Triton kernels
+  (`pallas_triton`) for a head_dim it does not serve (`mosaic_gpu_backward.HEAD_DIMS`).
 
 Interpret mode (CPU): see `mosaic_gpu_parts`.
 """
@@ -292,7 +292,7 @@ def _attention_bwd(st, res, cotangents):
   q, k, v, q_seg, kv_seg, sinks, out, lse = res
   d_out, d_lse = cotangents
   head_dim = q.shape[-1]
-  if head_dim not in mosaic_gpu_backward.HEAD_DIMS:  # The Triton kernels serve D = 256.
+  if head_dim not in mosaic_gpu_backward.HEAD_DIMS:  # Fallback: the Triton kernels.
     config = pallas_triton.Config(
         mask=st.mask, scale=st.scale, softcap=st.softcap,
         blocks=pallas_triton.BlockSizes.get_default(head_dim, q.dtype), interpret=st.interpret)
