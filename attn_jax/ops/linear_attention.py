@@ -270,7 +270,8 @@ _TABLE = {"xla": _xla, "pallas_mosaic_gpu": _pallas("pallas_mosaic_gpu"),
 
 
 def _auto_order():
-  # pallas_mosaic_gpu joins the GPU order once measured faster than pallas_triton on the
-  # GPU (docs/perf/linear_attention.md); until then it runs when named.
-  return {"gpu": ("pallas_triton", "xla"),
+  # On Hopper the Mosaic GPU kernels serve fixed and scalar decays (measured faster than
+  # pallas_triton: docs/perf/linear_attention.md); they refuse other GPUs and vector
+  # gates, which fall through to pallas_triton.
+  return {"gpu": ("pallas_mosaic_gpu", "pallas_triton", "xla"),
           "tpu": ("pallas_tpu", "xla")}.get(dispatch.platform(), ("xla",))

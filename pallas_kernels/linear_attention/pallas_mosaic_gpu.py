@@ -1,7 +1,8 @@
 """Chunked causal linear attention in Pallas with the Mosaic GPU lowering, for Hopper
 (sm_90): the forward kernel here, the state passes in `pallas_mosaic_gpu_states`, the
-per-chunk gradients in `pallas_mosaic_gpu_gradients`; the decay gradient's in-chunk sums
-and the composition (pieces, padding, the VJP) are `pallas_triton`'s.
+per-chunk gradients and the decay gradient's in-chunk sums (XLA) in
+`pallas_mosaic_gpu_gradients`; the composition (pieces, padding, the VJP) is
+`pallas_triton`'s. No Pallas Triton kernel runs on this path.
 
 Notation as `pallas_triton`: per value head, chunks of C = 64 tokens, b the cumulative log
 decay inside a chunk (a scalar gate per token; fixed decay and no decay are broadcast to
@@ -48,7 +49,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
 from pallas_kernels.linear_attention import pallas_triton
-from pallas_kernels.linear_attention.pallas_mosaic_gpu_gradients import chunk_vectors, gradients
+from pallas_kernels.linear_attention.pallas_mosaic_gpu_gradients import (chunk_vectors,
+                                                                       decay_gradient,
+                                                                       gradients)
 from pallas_kernels.linear_attention.pallas_mosaic_gpu_states import state_call
 from pallas_kernels.linear_attention.mosaic_gpu_tiles import (along, column_tiles, matmuls,
                                                               value_block, zeros)
@@ -222,7 +225,8 @@ def _linear_attention(q, k, v, g, h0, resets, plan, blocks):
 def _launches(blocks):
   state = functools.partial(state_call, slots=blocks.slots, value_blocks=blocks.value_blocks)
   return pallas_triton.Launches(output=functools.partial(_output_call, blocks=blocks),
-                                state=state, gradients=gradients)
+                                state=state, gradients=gradients,
+                                decay_gradient=decay_gradient)
 
 
 def _forward(q, k, v, g, h0, resets, plan, blocks):

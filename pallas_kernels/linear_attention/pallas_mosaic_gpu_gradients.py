@@ -224,3 +224,34 @@ def gradients(q, k, v, do, b, rel, states, d_states, plan):
   tokens_last = lambda x: jnp.moveaxis(x, 1, 2)
   return (dq, dk, dv, tokens_last(dbq - dbk), tokens_last(dkeys),
           through.reshape(batch, heads, chunks, key_dim))
+
+
+def decay_gradient(b, rel, resets, d_b, d_keys, through, plan):
+  """dL/dg `[B, T, H]` from the gradient kernel's parts, as
+  `pallas_triton._log_decay_gradient` gives it for a scalar gate, in XLA (a few passes
+  over `[B, T, H]` f32). Per chunk, with S the prefix sums of d_b:
+
+    inner_t = S at the end of t's run − S_t + d_b_t        (0 at a reset token)
+    outer_t = Σ_{u < t} d_keys_u (u in the last run) + e^{b_C} Σ_k through
+              (t in the last run and not a reset; the through term only if the chunk
+              has no reset)
+
+  b, d_b, d_keys `[B, T, H]`, rel `[B, T]` int32, resets `[B, T]` bool (T whole chunks),
+  through `[B, H, N, K]`."""
+  batch, seq, heads = b.shape
+  chunks = seq // plan.chunk
+  split = lambda x: x.reshape(batch, chunks, plan.chunk, *x.shape[2:])
+  b, d_b, d_keys = split(b), split(d_b), split(d_keys)  # [B, N, C, H]
+  rel, reset = split(rel)[..., None], split(resets)[..., None]  # [B, N, C, 1]
+  prefix = jnp.cumsum(d_b, axis=2)
+  # rel does not fall inside a chunk: t's run ends at the last u with rel_u <= rel_t.
+  run_end = jnp.sum(rel[:, :, None, :, 0] <= rel, axis=3, keepdims=True) - 1
+  inner = jnp.take_along_axis(prefix, jnp.broadcast_to(run_end, prefix.shape), axis=2)
+  inner = jnp.where(reset, 0.0, inner - prefix + d_b)
+  rel_last = rel[:, :, -1:]
+  last_run = rel == rel_last
+  keys = jnp.where(last_run, d_keys, 0.0)
+  spans = jnp.moveaxis(jnp.sum(through, axis=3), 1, 2)[:, :, None]  # [B, N, 1, H]
+  spans = jnp.where(rel_last == 0, jnp.exp(b[:, :, -1:]) * spans, 0.0)
+  outer = jnp.where(last_run & ~reset, jnp.cumsum(keys, axis=2) - keys + spans, 0.0)
+  return (inner + outer).reshape(batch, seq, heads)

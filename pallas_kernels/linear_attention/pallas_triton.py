@@ -790,9 +790,11 @@ class Launches(NamedTuple):
   output: Callable[..., Any]  # `_fused_output_call`
   state: Callable[..., Any]  # `_state_call`
   gradients: Callable[..., Any]  # `_gradient_call`
+  decay_gradient: Callable[..., Any]  # `_log_decay_gradient`
 
 
-TRITON_LAUNCHES = Launches(_fused_output_call, _state_call, _gradient_call)
+TRITON_LAUNCHES = Launches(_fused_output_call, _state_call, _gradient_call,
+                           _log_decay_gradient)
 
 
 def _forward(q, k, v, g, h0, resets, plan, launches=TRITON_LAUNCHES):
@@ -819,7 +821,7 @@ def _backward(plan, residuals, cotangents, launches=TRITON_LAUNCHES):
                                state_call=launches.state)
   dq, dk, dv, d_b, d_keys, through = launches.gradients(qp, kp, vp, d_out, b, rel, states,
                                                         d_states, plan)
-  d_g = _log_decay_gradient(b, rel, resets_p, d_b, d_keys, through, plan)[:, :seq]
+  d_g = launches.decay_gradient(b, rel, resets_p, d_b, d_keys, through, plan)[:, :seq]
   group = lambda x: x[:, :seq].reshape(batch, seq, key_heads, ratio, key_dim).sum(3)
   return (group(dq).astype(q.dtype), group(dk).astype(k.dtype), dv[:, :seq], d_g, d_h0,
           None)

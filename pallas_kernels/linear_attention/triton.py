@@ -14,8 +14,7 @@ if it holds no reset, pairs interact only within one run).
 This file holds the scalar gate (fixed decay and "no decay" broadcast to it), where
 every exponent above is ≤ 0; a vector gate (GLA) is refused for now. The kernels are
 `pallas_triton`'s written in Triton, composed by `pallas_triton`'s own `_forward` and
-state passes through its `Launches`, and by `_backward` here (`pallas_triton._backward`
-with the decay-gradient kernel below):
+`_backward` through its `Launches`:
 
   * `_fused_output_kernel`: one program per (value block, sequence piece, batch × head)
     walks the piece's chunks in order with h `[K, BV]` on chip (f32) and writes o, so the
@@ -355,7 +354,8 @@ def _decay_gradient_call(b, rel, resets, d_b, d_keys, through, plan):
 
 
 LAUNCHES = pallas_triton.Launches(output=_fused_output_call, state=_state_call,
-                                  gradients=_gradient_call)
+                                  gradients=_gradient_call,
+                                  decay_gradient=_decay_gradient_call)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -368,23 +368,7 @@ def _forward(q, k, v, g, h0, resets, plan):
 
 
 def _backward(plan, residuals, cotangents):
-  """`pallas_triton._backward` with this module's kernels, the decay gradient included."""
-  q, k, v, g, h0, resets, _ = residuals
-  d_out, d_final = cotangents
-  batch, seq, key_heads, key_dim = k.shape
-  ratio = v.shape[2] // key_heads
-  qp, kp, vp, b, rel, resets_p, decay = pallas_triton._prepare(q, k, v, g, resets, plan)
-  d_out = jnp.pad(d_out.astype(q.dtype), [(0, 0), (0, qp.shape[1] - seq), (0, 0), (0, 0)])
-  states, _ = pallas_triton._state_pass(kp, vp, b, rel, h0, decay, plan, reverse=False,
-                                        state_call=_state_call)
-  d_states, d_h0 = pallas_triton._state_pass(qp, d_out, b, rel, d_final, decay, plan,
-                                             reverse=True, state_call=_state_call)
-  dq, dk, dv, d_b, d_keys, through = _gradient_call(qp, kp, vp, d_out, b, rel, states,
-                                                   d_states, plan)
-  d_g = _decay_gradient_call(b, rel, resets_p, d_b, d_keys, through, plan)[:, :seq]
-  group = lambda x: x[:, :seq].reshape(batch, seq, key_heads, ratio, key_dim).sum(3)
-  return (group(dq).astype(q.dtype), group(dk).astype(k.dtype), dv[:, :seq], d_g, d_h0,
-          None)
+  return pallas_triton._backward(plan, residuals, cotangents, LAUNCHES)
 
 
 _linear_attention.defvjp(_forward, _backward)

@@ -1,10 +1,13 @@
 """The dispatcher: explicit names, fall-through, interpret mode, clear refusals."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 from attn_jax import ops
+from attn_jax.ops import dispatch
 from tests.utils import fresh_keys, normal, rel_err
 
 
@@ -92,3 +95,28 @@ def test_identical_kernel_calls_share_one_trace(monkeypatch, op):
   jaxpr = jax.make_jaxpr(lambda x: call(call(x)))(q)
   kernels = [e.params["jaxpr"] for e in jaxpr.eqns if e.primitive.name in ("pjit", "jit")]
   assert len(kernels) == 2 and kernels[0] is kernels[1]
+
+
+def test_linear_attention_auto_order_on_a_gpu(monkeypatch):
+  """On a GPU, None tries the Mosaic GPU kernels first and falls through to Triton for a
+  call they cannot serve (here float32 inputs); both run interpreted on this CPU."""
+  la = importlib.import_module("attn_jax.ops.linear_attention")
+  monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
+  monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
+  tried = []
+
+  def recording(name):
+    def run(*args, **kwargs):
+      tried.append(name)
+      return la._TABLE[name](*args, **kwargs)
+    return run
+  order = la._auto_order()
+  assert order[:2] == ("pallas_mosaic_gpu", "pallas_triton")
+  table = {name: recording(name) for name in order}
+  q, k, v = _qkv(dim=16)
+  got = dispatch.dispatch("linear_attention", table, order, None, q, k, v, None,
+                          jnp.zeros((1, 2, 16, 16)), jnp.zeros((1, 20), bool), scale=0.25,
+                          chunk_size=16)[0]
+  assert tried == ["pallas_mosaic_gpu", "pallas_triton"]
+  want = ops.linear_attention(q, k, v, scale=0.25, chunk_size=16, implementation="xla")
+  assert rel_err(got, want) < 1e-5

@@ -11,13 +11,16 @@ gpu_only ...`).
 
 import dataclasses
 import functools
+import types
 
 import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.linear_attention import pallas_mosaic_gpu as pm
+from pallas_kernels.linear_attention import pallas_mosaic_gpu_gradients as pmg
 from tests.pallas_kernels.linear_attention import test_pallas_triton as triton_tests
 from tests.pallas_kernels.linear_attention.test_pallas_triton import Case
+from tests.utils import rel_err
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,18 @@ def test_unsupported_inputs_raise_not_implemented(kwargs, match):
   with pytest.raises(NotImplementedError, match=match):
     pm.linear_attention(q, q, v, g, jnp.zeros((1, 2, key_dim, 64)), jnp.zeros((1, seq), bool),
                         scale=1.0, chunk_size=kwargs.get("chunk_size", 64), interpret=True)
+
+
+def test_decay_gradient_sums_within_runs():
+  """The XLA decay-gradient sums of the Mosaic GPU path against their definition, with
+  runs after resets (which the end-to-end tests cannot see)."""
+  parts = triton_tests.decay_gradient_parts(vector=False, chunk=64, seq=128)
+  d_b, d_keys, b, through, resets, rel = parts
+  plan = types.SimpleNamespace(chunk=64)
+  got = pmg.decay_gradient(jnp.asarray(b), jnp.asarray(rel, jnp.int32), jnp.asarray(resets),
+                           jnp.asarray(d_b), jnp.asarray(d_keys), jnp.asarray(through), plan)
+  want = triton_tests.decay_gradient_by_definition(*parts, chunk=64)
+  assert rel_err(got, want) < 1e-5
 
 
 def test_block_sizes_are_checked():

@@ -196,14 +196,9 @@ def test_packed_sequences_equal_separate_runs():
   assert rel_err(final, final2[1:]) < 1e-5
 
 
-@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
-def test_decay_gradient_sums_within_runs(vector):
-  """The per-chunk sums of the decay gradient against a loop over its definition, on
-  arbitrary parts: from the gradient kernel the parts of a run after a reset sum to zero,
-  so the end-to-end tests cannot see the runs; here they can."""
-  batch, seq, heads, key_dim, chunk = 2, 48, 2, 16, 16
-  plan = pt._make_plan(batch, seq, heads, key_dim, key_dim, jnp.float32, vector, 1.0,
-                       chunk, BlockSizes(16, 16), INTERPRET)
+def decay_gradient_parts(vector, batch=2, seq=48, heads=2, key_dim=16, chunk=16):
+  """Random decay-gradient parts (d_b, d_keys, b, through, resets, rel) with resets, one
+  chunk of row 0 without one."""
   shape = (batch, seq, heads) + ((key_dim,) if vector else ())
   d_b, d_keys = (RNG.standard_normal(shape).astype(np.float32) for _ in range(2))
   b = -RNG.uniform(0.0, 3.0, shape).astype(np.float32)
@@ -211,15 +206,18 @@ def test_decay_gradient_sums_within_runs(vector):
   resets = RNG.random((batch, seq)) < 0.15
   resets[0, :chunk] = False  # one chunk without a reset
   rel = np.cumsum(resets.reshape(batch, -1, chunk), axis=2).reshape(batch, seq)
-  got = jax.jit(lambda *a: pt._log_decay_gradient(*a, plan),
-                compiler_options=COMPILER_OPTIONS)(
-                    jnp.asarray(b), jnp.asarray(rel, jnp.int32), jnp.asarray(resets),
-                    jnp.asarray(d_b), jnp.asarray(d_keys), jnp.asarray(through))
-  want = np.zeros(shape, np.float32)
+  return d_b, d_keys, b, through, resets, rel
+
+
+def decay_gradient_by_definition(d_b, d_keys, b, through, resets, rel, chunk):
+  """dL/dg from the parts by a loop over `pallas_triton._decay_gradient_kernel`'s
+  definition."""
+  batch, seq, heads = d_b.shape[:3]
+  want = np.zeros(d_b.shape, np.float32)
   for n, h, c in np.ndindex(batch, heads, seq // chunk):
     rows = range(c * chunk, (c + 1) * chunk)
     last = rel[n, rows[-1]]
-    spans = through[n, h, c] if vector else through[n, h, c].sum()
+    spans = through[n, h, c] if d_b.ndim == 4 else through[n, h, c].sum()
     for t in rows:
       if not resets[n, t]:
         want[n, t, h] = sum(d_b[n, u, h] for u in rows if u >= t and rel[n, u] == rel[n, t])
@@ -228,6 +226,23 @@ def test_decay_gradient_sums_within_runs(vector):
                              np.zeros_like(spans))
         if last == 0:
           want[n, t, h] += np.exp(b[n, rows[-1], h]) * spans
+  return want
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+def test_decay_gradient_sums_within_runs(vector):
+  """The per-chunk sums of the decay gradient against a loop over its definition, on
+  arbitrary parts: from the gradient kernel the parts of a run after a reset sum to zero,
+  so the end-to-end tests cannot see the runs; here they can."""
+  batch, seq, heads, key_dim, chunk = 2, 48, 2, 16, 16
+  plan = pt._make_plan(batch, seq, heads, key_dim, key_dim, jnp.float32, vector, 1.0,
+                       chunk, BlockSizes(16, 16), INTERPRET)
+  d_b, d_keys, b, through, resets, rel = decay_gradient_parts(vector)
+  got = jax.jit(lambda *a: pt._log_decay_gradient(*a, plan),
+                compiler_options=COMPILER_OPTIONS)(
+                    jnp.asarray(b), jnp.asarray(rel, jnp.int32), jnp.asarray(resets),
+                    jnp.asarray(d_b), jnp.asarray(d_keys), jnp.asarray(through))
+  want = decay_gradient_by_definition(d_b, d_keys, b, through, resets, rel, chunk)
   assert rel_err(got, want) < 1e-5
 
 
