@@ -20,11 +20,13 @@ from typing import Any
 
 import jax
 
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas_mosaic_gpu", "triton", "pallas_triton",
+                   "pallas_tpu")
 
 # Which Pallas backend can run natively on which platform.
 _NATIVE_PLATFORM = {
     "pallas_mosaic_gpu": "gpu",
+    "triton": "gpu",  # Triton-language kernels through jax_triton
     "pallas_triton": "gpu",
     "pallas_tpu": "tpu",
 }

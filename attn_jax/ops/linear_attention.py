@@ -55,7 +55,7 @@ def linear_attention(query, key, value, *, log_decay=None, scale=None, is_causal
       changes from one token to the next (packed sequences).
     chunk_size: tokens per chunk of the chunked form.
     implementation: None picks the fastest that serves the call; or "xla",
-      "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu".
+      "pallas_mosaic_gpu", "triton", "pallas_triton", "pallas_tpu".
 
   Returns:
     `[batch, q_seq, value_heads, value_dim]` in the query's dtype, and the final state
@@ -254,10 +254,16 @@ def _check_state(name, state, shape, normalize):
 
 
 def _pallas(name):
-  """The chunked Pallas kernel `pallas_kernels.linear_attention.<name>`."""
+  """The chunked kernel `pallas_kernels.linear_attention.<name>` (Pallas, or Triton
+  language for "triton")."""
   def run(query, key, value, log_decay, initial_state, resets, *, scale, chunk_size):
     interpret = dispatch.require_pallas_platform(name)
-    module = importlib.import_module(f"pallas_kernels.linear_attention.{name}")
+    try:
+      module = importlib.import_module(f"pallas_kernels.linear_attention.{name}")
+    except ModuleNotFoundError as e:
+      raise NotImplementedError(
+          f"implementation={name!r} needs the package {e.name!r}: pip install -e '.[gpu]' "
+          "(triton==3.6.0, jax-triton==0.3.1).") from e
     kernel = dispatch.traced_once(module.linear_attention,
                                   ("scale", "chunk_size", "interpret"))
     return kernel(query, key, value, log_decay, initial_state, resets, scale=scale,
@@ -266,7 +272,8 @@ def _pallas(name):
 
 
 _TABLE = {"xla": _xla, "pallas_mosaic_gpu": _pallas("pallas_mosaic_gpu"),
-          "pallas_triton": _pallas("pallas_triton"), "pallas_tpu": _pallas("pallas_tpu")}
+          "triton": _pallas("triton"), "pallas_triton": _pallas("pallas_triton"),
+          "pallas_tpu": _pallas("pallas_tpu")}
 
 
 def _auto_order():

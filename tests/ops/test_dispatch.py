@@ -34,6 +34,17 @@ def test_interpret_mode_runs_the_kernel_through_the_op(monkeypatch):
   assert rel_err(got, want) < 1e-5
 
 
+def test_triton_language_kernel_through_the_op_in_interpret_mode(monkeypatch):
+  pytest.importorskip("triton")
+  monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
+  q, k, v = _qkv()
+  decay = -jnp.linspace(0.1, 1.0, 2)
+  want = ops.linear_attention(q, k, v, log_decay=decay, implementation="xla", chunk_size=16)
+  got = ops.linear_attention(q, k, v, log_decay=decay, implementation="triton",
+                             chunk_size=16)
+  assert rel_err(got, want) < 1e-5
+
+
 def test_auto_on_cpu_is_xla_and_unsupported_kernel_calls_say_so(monkeypatch):
   monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
   q, k, v = _qkv(dim=16)
