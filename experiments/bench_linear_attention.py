@@ -38,7 +38,8 @@ _VALUE_DIM = flags.DEFINE_integer("value_dim", 128, "Value dimension.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Input dtype.")
 _FORMS = flags.DEFINE_list("forms", ["fixed", "scalar", "vector"], "Decay forms.")
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
-_IMPLS = flags.DEFINE_list("implementations", ["pallas_triton", "xla"], "Linear attention impls.")
+_IMPLS = flags.DEFINE_list("implementations", ["pallas_mosaic_gpu", "pallas_triton", "xla"],
+                            "Linear attention impls (a row that cannot run records why).")
 _PEERS = flags.DEFINE_list("peers", [], f"Peers to time beside ours: {', '.join(peers.LINEAR)}.")
 _SOFTMAX = flags.DEFINE_string("softmax_implementation", "cudnn",
                                "Softmax attention row (empty: none).")
