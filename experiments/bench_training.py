@@ -49,8 +49,9 @@ _PROFILE_DIR = flags.DEFINE_string(
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps under the profiler.",
                                       lower_bound=1)
 _IMPLEMENTATION = flags.DEFINE_string(
-    "implementation", None, "Kernel for every mixer that takes `implementation` (e.g. "
-    "pallas_mosaic_gpu); default: each op's auto-selection.")
+    "implementation", None, "Kernel of every op whose table has it (config.kernels; e.g. "
+    "pallas_mosaic_gpu, or cudnn: softmax attention only); default: each op's "
+    "auto-selection.")
 _NUM_HEADS = flags.DEFINE_integer("num_heads", None, "Attention heads (default: the "
                                   "size's; head_dim = d_model / num_heads).", lower_bound=1)
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "If set, write the compiled train "
@@ -88,6 +89,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from attn_jax import sharding  # pylint: disable=g-import-not-at-top
+  from attn_jax.ops import dispatch  # pylint: disable=g-import-not-at-top
   from attn_jax.train import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
   from experiments.configs import common  # pylint: disable=g-import-not-at-top
 
@@ -97,7 +99,11 @@ def main(argv):
   if _NUM_HEADS.value:
     config.model.num_heads = _NUM_HEADS.value
   if _IMPLEMENTATION.value:
-    config.model.mixer_options["all"]["implementation"] = _IMPLEMENTATION.value
+    ops = [op for op in dispatch.OPS if _IMPLEMENTATION.value in dispatch.kernel_names(op)]
+    if not ops:
+      raise app.UsageError(f"--implementation={_IMPLEMENTATION.value!r} is no op's; "
+                           f"known: {dispatch.IMPLEMENTATIONS}.")
+    config.kernels.update({op: _IMPLEMENTATION.value for op in ops})
   config.train.num_steps = 1000
   mesh_sizes = {k: int(v) for k, v in (kv.split("=") for kv in _MESH.value.split(","))}
   mesh = sharding.make_mesh(mesh_sizes)
@@ -116,7 +122,8 @@ def main(argv):
   state = state_lib.init_state(setup)
 
   start = time.perf_counter()  # traced, lowered and compiled once
-  with jax.set_mesh(mesh), sharding.use_rules(sharding.RULES):
+  with (jax.set_mesh(mesh), sharding.use_rules(sharding.RULES),
+        dispatch.kernels(**setup.kernels)):
     lowered = train_step.jitted.lower(state, batch)
   xla_flops = (lowered.cost_analysis() or {}).get("flops")  # None where not given (GPU)
   train_step = lowered.compile()
@@ -145,6 +152,7 @@ def main(argv):
       "device": device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape),
       "size": _SIZE.value, "mixers": _MIXERS.value, "params": num_params,
       "num_heads": config.model.num_heads, "implementation": _IMPLEMENTATION.value,
+      "kernels": setup.kernels,
       "seq_len": _SEQ_LEN.value, "global_batch_size": _BATCH.value, "dtype": _DTYPE.value,
       "remat": _REMAT.value, "compile_s": round(compile_seconds, 1),
       "step_s": step_seconds, "tokens_per_s": tokens_per_sec,

@@ -17,6 +17,7 @@ from flax import nnx
 
 from attn_jax import layers, parallel, sharding
 from attn_jax.layers.common import Norm, Projection, partitioned
+from attn_jax.ops import dispatch
 
 # Activation checkpointing: what the backward pass may keep instead of recomputing.
 REMAT_POLICIES = {
@@ -97,6 +98,52 @@ class MLP(nnx.Module):
     return self.down(h)
 
 
+# What a block gives every mixer itself, never from `mixer_options`; and `implementation`,
+# which is a run option (`attn_jax.ops.dispatch.kernels`, `config.kernels`), not the model's.
+_NOT_OPTIONS = ("self", "d_model", "num_heads", "rngs", "causal", "dtype", "param_dtype",
+                "layer_index", "num_layers", "implementation")
+
+
+def _named_options(name):
+  """`(names of the options mixer `name` takes, whether it also takes **options)`."""
+  parameters = inspect.signature(layers.REGISTRY[name].__init__).parameters.values()
+  named = {p.name for p in parameters
+           if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in _NOT_OPTIONS}
+  return named, any(p.kind == p.VAR_KEYWORD for p in parameters)
+
+
+def check_mixer_options(mixer_options, where="mixer_options"):
+  """Raises ValueError naming a key of `mixer_options` that no mixer would use.
+
+  A section is "all" or a mixer name of `layers.REGISTRY`. A key of a mixer's section
+  must be an option of that mixer (a mixer taking `**options`, e.g. "swa", checks its
+  extra ones when built); a key of "all" an option of at least one mixer. Sections and
+  "all" keys for mixers the model does not use are accepted, so that one config serves
+  every variant (the shipped MQAR config sets `all.chunk_size` for a softmax model too).
+  `implementation` is refused: the kernel is `config.kernels`, not part of the model.
+  """
+  for section, options in dict(mixer_options or {}).items():
+    if section != "all" and section not in layers.REGISTRY:
+      raise ValueError(f"{where}.{section}: not a mixer name; expected 'all' or one of "
+                       f"{', '.join(layers.REGISTRY)}.")
+    for key in dict(options or {}):
+      if key == "implementation":
+        raise ValueError(
+            f"{where}.{section}.implementation: the kernel is a run option, not part of "
+            "the model; set config.kernels.<op> instead (e.g. "
+            "--config.kernels.linear_attention=xla).")
+      if section == "all":
+        if not any(key in _named_options(name)[0] for name in layers.REGISTRY):
+          known = sorted(set().union(*(_named_options(n)[0] for n in layers.REGISTRY)))
+          raise ValueError(f"{where}.all.{key}: no mixer takes the option {key!r}; the "
+                           f"options of the mixers: {', '.join(known)}.")
+        continue
+      named, takes_more = _named_options(section)
+      if key not in named and not takes_more:
+        raise ValueError(f"mixer {section!r} has no option {key!r} ({where}.{section}."
+                         f"{key}); its options: {', '.join(sorted(named))}.")
+
+
 def options_for(name, common, per_mixer, *, layer_index, num_layers):
   """The options of the mixer `name` at `layer_index`.
 
@@ -113,10 +160,16 @@ def options_for(name, common, per_mixer, *, layer_index, num_layers):
   return options
 
 
-def sequence_parallel_context():
-  """Ring attention / state passing when the mesh splits the `seq` axis, else nothing."""
+def ops_context(kernels=None):
+  """What a model's ops run under: ring attention / state passing when the mesh splits
+  the `seq` axis; the `kernels` (`((op, name), ...)`) that `attn_jax.load` gave it."""
+  stack = contextlib.ExitStack()
   axis = sharding.sequence_axis()
-  return parallel.sequence_parallel(axis) if axis else contextlib.nullcontext()
+  if axis:
+    stack.enter_context(parallel.sequence_parallel(axis))
+  if kernels:
+    stack.enter_context(dispatch.kernels(**dict(kernels)))
+  return stack
 
 
 class Block(nnx.Module):
@@ -148,6 +201,7 @@ def make_blocks(mixers, *, d_model, num_heads, mlp_dim, mixer_options, causal, r
                 dtype, param_dtype, norm_eps):
   """One `Block` per name in `mixers`, with its options from `mixer_options`
   (`{"all": {...}, name: {...}}`, see `options_for`)."""
+  check_mixer_options(mixer_options)
   options = dict(mixer_options or {})
   common = dict(options.pop("all", {}))
   return nnx.List([

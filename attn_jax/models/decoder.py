@@ -19,7 +19,7 @@ from flax import nnx
 from attn_jax import sharding
 from attn_jax.layers.common import Norm, Projection, check_positive_int
 from attn_jax.models.blocks import (Embed, check_remat, compute_dtype, expand_mixers,
-                                    make_blocks, run_blocks, sequence_parallel_context)
+                                    make_blocks, ops_context, run_blocks)
 
 
 class DecoderLM(nnx.Module):
@@ -49,6 +49,7 @@ class DecoderLM(nnx.Module):
     param_dtype = jnp.dtype(param_dtype)
     self.remat = check_remat(remat)
     self.mixers = tuple(expand_mixers(mixers, num_layers))
+    self.kernels = None  # a run option: set by `attn_jax.load(..., kernels=)`, never saved
     self.embed = Embed(vocab_size, d_model, rngs=rngs, param_dtype=param_dtype)
     self.blocks = make_blocks(self.mixers, d_model=d_model, num_heads=num_heads,
                               mlp_dim=mlp_dim, mixer_options=mixer_options, causal=True,
@@ -65,7 +66,7 @@ class DecoderLM(nnx.Module):
     With segment ids (packed sequences) no token sees another segment. Under a mesh
     whose `seq` axis is split (the sharding rules), attention runs sequence-parallel.
     """
-    with sequence_parallel_context():
+    with ops_context(self.kernels):
       x = self.embed(tokens, self.dtype or jnp.float32)
       x = run_blocks(self.blocks, x, segment_ids, self.remat)
       return self._logits(self.final_norm(x))
@@ -84,10 +85,11 @@ class DecoderLM(nnx.Module):
   def decode(self, tokens_t, caches):
     """One token per sequence: `tokens_t [batch, 1]` → (logits `[batch, 1, vocab]`,
     new caches)."""
-    x = self.embed(tokens_t, self.dtype or jnp.float32)
-    new = []
-    for block, cache in zip(self.blocks, caches):
-      x, cache = block.decode(x, cache)
-      new.append(cache)
-    return self._logits(self.final_norm(x)), new
+    with ops_context(self.kernels):
+      x = self.embed(tokens_t, self.dtype or jnp.float32)
+      new = []
+      for block, cache in zip(self.blocks, caches):
+        x, cache = block.decode(x, cache)
+        new.append(cache)
+      return self._logits(self.final_norm(x)), new
 

@@ -15,7 +15,7 @@ from flax import nnx
 
 from attn_jax.layers.common import Norm, Projection, check_positive_int
 from attn_jax.models.blocks import (Embed, check_remat, compute_dtype, expand_mixers,
-                                    make_blocks, run_blocks, sequence_parallel_context)
+                                    make_blocks, ops_context, run_blocks)
 
 POOLINGS = ("mean", "first")
 
@@ -43,6 +43,7 @@ class EncoderClassifier(nnx.Module):
     param_dtype = jnp.dtype(param_dtype)
     self.remat = check_remat(remat)
     self.mixers = tuple(expand_mixers(mixers, num_layers))
+    self.kernels = None  # a run option: set by `attn_jax.load(..., kernels=)`, never saved
     self.embed = Embed(vocab_size, d_model, rngs=rngs, param_dtype=param_dtype)
     self.blocks = make_blocks(self.mixers, d_model=d_model, num_heads=num_heads,
                               mlp_dim=mlp_dim, mixer_options=mixer_options, causal=False,
@@ -61,7 +62,7 @@ class EncoderClassifier(nnx.Module):
         get its own segment id so that real tokens do not attend to it.
       segment_ids: `[batch, seq]` ints; tokens attend within their segment.
     """
-    with sequence_parallel_context():
+    with ops_context(self.kernels):
       x = self.embed(tokens, self.dtype or jnp.float32)
       x = run_blocks(self.blocks, x, segment_ids, self.remat)
       x = self.final_norm(x).astype(jnp.float32)

@@ -6,6 +6,12 @@ out (an argument, a shape, the platform). `implementation=None` walks the table 
 the first entry that serves the call; an explicit name runs that entry alone, so its
 `NotImplementedError` reaches the user.
 
+Which kernel runs an op is a run option, not part of a model: `with kernels(
+linear_attention="xla"):` sets the implementation that calls with `implementation=None`
+use (an explicit argument still wins). It is read when JAX traces, so a jit-compiled
+function keeps the kernels it was traced with: the trainer enters it around its steps
+(`config.kernels`), `attn_jax.load(workdir, kernels=...)` around the loaded model's calls.
+
 A hook (`add_hook`) may take a call over before an implementation is chosen: sequence
 parallelism (`attn_jax.parallel`) wraps the ops in a `shard_map` this way, below every
 layer, without the ops knowing of it.
@@ -13,15 +19,20 @@ layer, without the ops knowing of it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas_mosaic_gpu", "triton", "pallas_triton",
                    "pallas_tpu")
+
+# The ops whose kernel a run may choose (`config.kernels.<op>`).
+OPS = ("dot_product_attention", "linear_attention")
 
 # Which Pallas backend can run natively on which platform.
 _NATIVE_PLATFORM = {
@@ -83,6 +94,65 @@ def traced_once(kernel: Callable[..., Any], static_argnames: tuple[str, ...]):
   return jax.jit(kernel, static_argnames=static_argnames)
 
 
+def kernel_names(op_name: str) -> tuple[str, ...]:
+  """The implementation names `op_name` accepts (the keys of its table)."""
+  # pylint: disable=g-import-not-at-top  (the op modules import this one)
+  from attn_jax.ops.attention import _TABLE as attention_table
+  from attn_jax.ops.linear_attention import _TABLE as linear_table
+  tables = {"dot_product_attention": attention_table, "linear_attention": linear_table}
+  if op_name not in tables:
+    raise ValueError(f"unknown op {op_name!r}; the ops with a kernel choice: {list(OPS)}.")
+  return tuple(tables[op_name])
+
+
+def check_kernels(choices: Mapping[str, str | None], where: str = "kernels") -> dict:
+  """`choices` ({op: name or None}) as a dict, checked against each op's table.
+
+  Raises:
+    ValueError: naming the key (`where.<op>`) and the names it accepts.
+  """
+  choices = dict(choices or {})
+  for op_name, name in choices.items():
+    if op_name not in OPS:
+      raise ValueError(f"{where}.{op_name}: unknown op; the ops with a kernel choice are "
+                       f"{list(OPS)}.")
+    if name is None:
+      continue
+    accepted = kernel_names(op_name)
+    if name not in accepted:
+      what = ("is not available for this op" if name in IMPLEMENTATIONS else "is unknown")
+      raise ValueError(f"{where}.{op_name}={name!r} {what}; expected None (automatic) or "
+                       f"one of {list(accepted)}.")
+  return choices
+
+
+_KERNELS: contextvars.ContextVar[Mapping[str, str | None]] = contextvars.ContextVar(
+    "attn_jax_kernels", default={})
+
+
+@contextlib.contextmanager
+def kernels(**choices: str | None):
+  """Within the context, ops called with `implementation=None` run `choices[op]`.
+
+  Args:
+    **choices: op name (`OPS`) -> an implementation name of its table, or None for the
+      automatic choice. Ops not named keep the enclosing context's choice.
+
+  Raises:
+    ValueError: for an unknown op or implementation name.
+  """
+  token = _KERNELS.set({**_KERNELS.get(), **check_kernels(choices)})
+  try:
+    yield
+  finally:
+    _KERNELS.reset(token)
+
+
+def current_kernel(op_name: str) -> str | None:
+  """The implementation `kernels(...)` chose for `op_name` here; None: automatic."""
+  return _KERNELS.get().get(op_name)
+
+
 # hook(op_name, run, implementation, *args, **kwargs) -> the op's result, or
 # NotImplemented to pass. `run(*args, **kwargs)` is the dispatch the hook would replace.
 _HOOKS: list[Callable[..., Any]] = []
@@ -102,8 +172,11 @@ def dispatch(op_name: str, table: dict[str, Callable[..., Any]], order: Sequence
     op_name: the op's name, for messages.
     table: implementation name -> function(*args, **kwargs).
     order: names to try, fastest first, when `implementation` is None.
-    implementation: None, or one of the keys of `table`.
+    implementation: None (the `kernels(...)` choice, else automatic), or one of the
+      keys of `table`.
   """
+  if implementation is None:
+    implementation = current_kernel(op_name)
   run = functools.partial(_choose, op_name, table, order, implementation)
   for hook in _HOOKS:
     result = hook(op_name, run, implementation, *args, **kwargs)

@@ -3,7 +3,7 @@
 A workdir that holds checkpoints is resumed only by a config that trains the same
 model on the same data the same way. Fields that only change how the run is executed
 (`RESUMABLE`: step count, logging/eval/checkpoint frequency, mesh, rules, data_dir,
-remat) may differ; anything else is refused with the list of differences.
+remat, kernels) may differ; anything else is refused with the list of differences.
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ import json
 
 import ml_collections
 
+from attn_jax.models.blocks import check_mixer_options
+from attn_jax.ops import dispatch
+
 # Prefixes of config fields a resumed run may change.
 RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "eval.",
              "checkpoint.", "mesh.", "sharding_rules", "data.data_dir", "model.remat",
-             "tensorboard")
+             "tensorboard", "kernels")
 
 
 class ConfigMismatchError(ValueError):
@@ -87,3 +90,5 @@ def check_config(config):
   if not isinstance(config.eval.num_steps, int) or config.eval.num_steps < 0:
     raise ValueError(f"config.eval.num_steps must be an int >= 0 (0: the whole split); "
                      f"got {config.eval.num_steps!r}.")
+  dispatch.check_kernels(config.get("kernels") or {}, where="config.kernels")
+  check_mixer_options(config.model.get("mixer_options"), where="config.model.mixer_options")

@@ -11,6 +11,7 @@ import jax
 from flax import nnx
 
 from attn_jax import sharding
+from attn_jax.ops import dispatch
 from attn_jax.train import config_check
 from attn_jax.train.checkpoint import Checkpoints, checkpoint_dir
 from attn_jax.train.state import ModelSpec
@@ -44,7 +45,7 @@ def load_config(workdir, step=None):
   return config_check.from_json(load_meta(workdir, step)["config"])
 
 
-def load(workdir, *, step=None, mesh=None, rules=None):
+def load(workdir, *, step=None, mesh=None, rules=None, kernels=None):
   """Rebuilds the model of `workdir` and restores its weights.
 
   Args:
@@ -54,6 +55,10 @@ def load(workdir, *, step=None, mesh=None, rules=None):
       `jax.sharding.Mesh` (e.g. `attn_jax.sharding.make_mesh({"fsdp": -1})`) shards them
       by the sharding rules.
     rules: the logical-axis rules for `mesh` (default `attn_jax.sharding.RULES`).
+    kernels: `{op: implementation}` the model's calls run with, e.g.
+      `{"linear_attention": "xla"}` (see `attn_jax.ops.dispatch.kernels`); default: the
+      automatic choice (or the caller's `dispatch.kernels` context). The kernels the run
+      trained with are not part of the model: a checkpoint loads with any.
 
   Returns:
     The `nnx.Module` (e.g. `DecoderLM`), in eval-ready state: `model(tokens)` gives
@@ -75,4 +80,6 @@ def load(workdir, *, step=None, mesh=None, rules=None):
     params = checkpoints.restore_params(meta["step"], target)
   finally:
     checkpoints.close()
-  return nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params)
+  model.kernels = tuple(sorted(dispatch.check_kernels(kernels).items())) or None
+  return model

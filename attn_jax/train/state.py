@@ -50,6 +50,7 @@ class TrainSetup:
   tx: optax.GradientTransformation
   schedule: Any
   shardings: dict  # like the train state: NamedShardings
+  kernels: dict = dataclasses.field(default_factory=dict)  # {op: name}, steps trace in it
 
   def abstract_state(self):
     """The train state as `jax.ShapeDtypeStruct`s with shardings (a restore target)."""
@@ -71,7 +72,7 @@ def make_setup(config, *, vocab_size, mesh, rules) -> TrainSetup:
                                         transform_non_params=lambda _: replicated)
   shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
   return TrainSetup(spec, graphdef, abstract_model, mesh, tuple(rules), tx, schedule,
-                    shardings)
+                    shardings, dict(config.get("kernels") or {}))
 
 
 def _fresh_state(setup, key):

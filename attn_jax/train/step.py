@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from attn_jax import sharding
+from attn_jax.ops import dispatch
 from attn_jax.train.cross_entropy import cross_entropy_and_argmax
 
 def token_metrics(logits, targets, loss_mask):
@@ -86,9 +87,10 @@ def make_loss_and_grad(setup, batch_shapes):
 
 
 def _in_context(jitted, setup):
-  """Calls (and traces) `jitted` under the setup's mesh and sharding rules."""
+  """Calls (and traces) `jitted` under the setup's mesh, sharding rules and kernels."""
   def call(*args):
-    with jax.set_mesh(setup.mesh), sharding.use_rules(setup.rules):
+    with (jax.set_mesh(setup.mesh), sharding.use_rules(setup.rules),
+          dispatch.kernels(**setup.kernels)):
       return jitted(*args)
   call.jitted = jitted
   return call

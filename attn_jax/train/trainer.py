@@ -30,6 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from attn_jax import data, models, sharding
+from attn_jax.ops import dispatch
 from attn_jax.train import config_check, metrics as metrics_lib
 from attn_jax.train.checkpoint import Checkpoints, absolute
 from attn_jax.train.state import count_params, init_state, make_setup
@@ -176,6 +177,9 @@ def train_and_evaluate(config, workdir):
     writer.log(f"model: {count_params(setup.abstract_model):,} parameters, mixers "
                f"{mixers}; mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
                f"{jax.process_count()} process(es)")
+    chosen = {op: name for op, name in setup.kernels.items() if name}
+    if chosen:
+      writer.log(f"kernels: {chosen} (config.kernels; other ops automatic)")
     if restored is not None:
       writer.log(f"resuming from the checkpoint of step {step}"
                  + (f" (dropped {dropped} metric records of later steps)" if dropped else ""))
@@ -267,7 +271,7 @@ def _evaluate(eval_step, params, evals, num_steps):
   return {"eval/loss": totals["loss_sum"] / count, "eval/accuracy": totals["correct"] / count}
 
 
-def evaluate(workdir, *, step=None, mesh=None, num_steps=None):
+def evaluate(workdir, *, step=None, mesh=None, num_steps=None, kernels=None):
   """Evaluates a workdir's checkpoint on the eval split with its saved config.
 
   Args:
@@ -276,6 +280,8 @@ def evaluate(workdir, *, step=None, mesh=None, num_steps=None):
     mesh: a `config.mesh`-style dict of axis sizes (default: the saved one if it fits
       this machine's devices, else pure data parallelism).
     num_steps: eval batches (default: the saved `config.eval.num_steps`; 0 = all).
+    kernels: `{op: implementation}` (see `attn_jax.ops.dispatch.kernels`); default: the
+      automatic choice, not the kernels the run trained with.
 
   Returns:
     `{"step", "eval/loss", "eval/accuracy"}`.
@@ -283,6 +289,7 @@ def evaluate(workdir, *, step=None, mesh=None, num_steps=None):
   from attn_jax.train.load import load_meta  # pylint: disable=g-import-not-at-top
   meta = load_meta(workdir, step)
   config = config_check.from_json(meta["config"])
+  config.kernels = dispatch.check_kernels(kernels)
   try:
     mesh = sharding.make_mesh(mesh or config.mesh)
   except ValueError:

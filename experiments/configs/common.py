@@ -11,11 +11,15 @@
     config.eval                 global_batch_size, num_steps (0: the whole eval split)
     config.checkpoint           every (steps), keep (newest N), async_save
     config.tensorboard          write TensorBoard event files
+    config.kernels              the implementation of each op (None: automatic), e.g.
+                                --config.kernels.linear_attention=xla; a run option, not
+                                part of the model (`attn_jax.ops.dispatch.kernels`)
 """
 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 # Decoder sizes: (d_model, num_layers, num_heads, mlp_dim). Parameter counts are for a
 # softmax model with a 32k vocabulary and tied embeddings.
@@ -70,4 +74,7 @@ def base_config():
   config.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep": 3,
                                                  "async_save": True})
   config.tensorboard = True
+  config.kernels = ml_collections.ConfigDict({  # str or None; None: automatic
+      "dot_product_attention": config_dict.placeholder(str),
+      "linear_attention": config_dict.placeholder(str)})
   return config

@@ -30,6 +30,7 @@ def test_prints_one_json_line_with_mfu(cost_analysis, tmp_path):
     assert list(tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz"))
     assert "no device lines" in lines[-1]
     assert result["num_heads"] == 1 and result["implementation"] == "xla"
+    assert result["kernels"] == {"dot_product_attention": "xla", "linear_attention": "xla"}
     assert "HloModule" in hlo.read_text()
   assert result["step_s"] > 0 and result["tokens_per_s"] > 0 and result["params"] > 0
   assert 0 < result["mfu"] < result["mfu_palm"]
