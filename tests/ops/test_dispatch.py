@@ -24,23 +24,15 @@ def test_pallas_needs_its_platform_or_interpret(monkeypatch):
     ops.linear_attention(q, k, v, implementation="pallas_tpu")
 
 
-def test_interpret_mode_runs_the_kernel_through_the_op(monkeypatch):
+@pytest.mark.parametrize("implementation", ["pallas_triton", "triton"])
+def test_interpret_mode_runs_the_kernel_through_the_op(monkeypatch, implementation):
+  if implementation == "triton":
+    pytest.importorskip("triton")
   monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
   q, k, v = _qkv()
   decay = -jnp.linspace(0.1, 1.0, 2)
   want = ops.linear_attention(q, k, v, log_decay=decay, implementation="xla", chunk_size=16)
-  got = ops.linear_attention(q, k, v, log_decay=decay, implementation="pallas_triton",
-                             chunk_size=16)
-  assert rel_err(got, want) < 1e-5
-
-
-def test_triton_language_kernel_through_the_op_in_interpret_mode(monkeypatch):
-  pytest.importorskip("triton")
-  monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
-  q, k, v = _qkv()
-  decay = -jnp.linspace(0.1, 1.0, 2)
-  want = ops.linear_attention(q, k, v, log_decay=decay, implementation="xla", chunk_size=16)
-  got = ops.linear_attention(q, k, v, log_decay=decay, implementation="triton",
+  got = ops.linear_attention(q, k, v, log_decay=decay, implementation=implementation,
                              chunk_size=16)
   assert rel_err(got, want) < 1e-5
 
