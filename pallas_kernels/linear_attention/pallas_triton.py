@@ -719,17 +719,18 @@ def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
           *(x.sum(0) for x in (d_b, d_keys, through)))
 
 
-def _prepare(q, k, v, g, resets, plan):
+def _prepare(q, k, v, g, resets, plan, chunk_cumsum):
   """Pads to whole pieces (zero q, k, v, no decay, no reset: the state is unchanged) and
-  derives b (cumulative log decay inside each chunk), rel (resets so far inside each
-  chunk) and each piece's decay M `[B, H, P, K|1, 1]` (zero if the piece holds a reset)."""
+  derives b (cumulative log decay inside each chunk; chunk_cumsum(g, plan) computes it for
+  a vector gate), rel (resets so far inside each chunk) and each piece's decay M
+  `[B, H, P, K|1, 1]` (zero if the piece holds a reset)."""
   batch, seq = k.shape[:2]
   t_pad = plan.chunks * plan.chunk
   pad = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - seq)] + [(0, 0)] * (x.ndim - 2))
   q, k, v, g, resets = map(pad, (q, k, v, g, resets))
   split = lambda x, n: x.reshape(batch, n, -1, *x.shape[2:])
   if g.ndim == 4:  # XLA's scan of a vector gate made a transposed copy of it (H100)
-    b = _chunk_cumsum(g, plan)
+    b = chunk_cumsum(g, plan)
   else:  # where the kernel was 1 % slower
     b = jnp.cumsum(split(g, plan.chunks), axis=2).reshape(g.shape)
   rel = jnp.cumsum(split(resets.astype(jnp.int32), plan.chunks), axis=2).reshape(resets.shape)
@@ -791,15 +792,16 @@ class Launches(NamedTuple):
   state: Callable[..., Any]  # `_state_call`
   gradients: Callable[..., Any]  # `_gradient_call`
   decay_gradient: Callable[..., Any]  # `_log_decay_gradient`
+  chunk_cumsum: Callable[..., Any] | None = None  # `_chunk_cumsum`; None: no vector gate
 
 
 TRITON_LAUNCHES = Launches(_fused_output_call, _state_call, _gradient_call,
-                           _log_decay_gradient)
+                           _log_decay_gradient, _chunk_cumsum)
 
 
 def _forward(q, k, v, g, h0, resets, plan, launches=TRITON_LAUNCHES):
   """The forward and its residuals."""
-  qp, kp, vp, b, rel, _, decay = _prepare(q, k, v, g, resets, plan)
+  qp, kp, vp, b, rel, _, decay = _prepare(q, k, v, g, resets, plan, launches.chunk_cumsum)
   # One pass: the chunk states never leave the chip.
   starts = _piece_starts(kp, vp, b, rel, h0, decay, plan, reverse=False,
                          state_call=launches.state)
@@ -813,7 +815,8 @@ def _backward(plan, residuals, cotangents, launches=TRITON_LAUNCHES):
   d_out, d_final = cotangents
   batch, seq, key_heads, key_dim = k.shape
   ratio = v.shape[2] // key_heads
-  qp, kp, vp, b, rel, resets_p, decay = _prepare(q, k, v, g, resets, plan)
+  qp, kp, vp, b, rel, resets_p, decay = _prepare(q, k, v, g, resets, plan,
+                                                  launches.chunk_cumsum)
   d_out = jnp.pad(d_out.astype(q.dtype), [(0, 0), (0, qp.shape[1] - seq), (0, 0), (0, 0)])
   states, _ = _state_pass(kp, vp, b, rel, h0, decay, plan, reverse=False,
                           state_call=launches.state)

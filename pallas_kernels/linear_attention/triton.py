@@ -12,9 +12,10 @@ while rel_i = 0, key j feeds h_{n+1} only from the chunk's last run, h passes a 
 if it holds no reset, pairs interact only within one run).
 
 This file holds the scalar gate (fixed decay and "no decay" broadcast to it), where
-every exponent above is ≤ 0; a vector gate (GLA) is refused for now. The kernels are
-`pallas_triton`'s written in Triton, composed by `pallas_triton`'s own `_forward` and
-`_backward` through its `Launches`:
+every exponent above is ≤ 0; the vector gate (GLA) is `triton_vector`'s, which
+`linear_attention` and the custom_vjp here dispatch to. The kernels are `pallas_triton`'s
+written in Triton, composed by `pallas_triton`'s own `_forward` and `_backward` through
+its `Launches`:
 
   * `_fused_output_kernel`: one program per (value block, sequence piece, batch × head)
     walks the piece's chunks in order with h `[K, BV]` on chip (f32) and writes o, so the
@@ -50,17 +51,12 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from pallas_kernels.linear_attention import pallas_triton
+from pallas_kernels.linear_attention import pallas_triton, triton_vector
 from pallas_kernels.triton_call import triton_call
 
 # pallas_triton's plan, preparation and passes are shared (see the module docstring).
 # pylint: disable=protected-access
-
-
-def _precision(dtype) -> str:
-  """tl.dot's input_precision: IEEE f32 for f32 operands, as `pallas_triton._dot`'s
-  HIGHEST (not TF32); ignored for 16-bit operands."""
-  return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"
+_precision = triton_vector._precision
 
 
 @triton.jit
@@ -363,12 +359,18 @@ def _linear_attention(q, k, v, g, h0, resets, plan):
   return _forward(q, k, v, g, h0, resets, plan)[0]
 
 
+def _launches(g):
+  """The vector gate's kernels (`triton_vector`) for g `[B, T, H, K]`, else this module's."""
+  return triton_vector.LAUNCHES if g.ndim == 4 else LAUNCHES
+
+
 def _forward(q, k, v, g, h0, resets, plan):
-  return pallas_triton._forward(q, k, v, g, h0, resets, plan, LAUNCHES)
+  return pallas_triton._forward(q, k, v, g, h0, resets, plan, _launches(g))
 
 
 def _backward(plan, residuals, cotangents):
-  return pallas_triton._backward(plan, residuals, cotangents, LAUNCHES)
+  g = residuals[3]
+  return pallas_triton._backward(plan, residuals, cotangents, _launches(g))
 
 
 _linear_attention.defvjp(_forward, _backward)
@@ -379,14 +381,15 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
                      block_sizes: pallas_triton.BlockSizes | None = None):
   """Causal linear attention by the Triton-language kernels, with its VJP.
 
-  The contract of `pallas_triton.linear_attention`, for the gates written so far.
+  The contract of `pallas_triton.linear_attention`.
 
   Args:
     query, key: `[batch, seq, heads, key_dim]`.
     value: `[batch, seq, value_heads, value_dim]`, value_heads a multiple r of heads;
       query/key head h serves value heads h·r … h·r + r − 1.
-    log_decay: None (no decay), `[value_heads]` (fixed per head) or `[batch, seq,
-      value_heads]` (scalar gate per token); float, ≤ 0.
+    log_decay: None (no decay), `[value_heads]` (fixed per head), `[batch, seq,
+      value_heads]` (scalar gate per token) or `[batch, seq, value_heads, key_dim]`
+      (vector gate over keys, `triton_vector`); float, ≤ 0.
     initial_state: `[batch, value_heads, key_dim, value_dim]`.
     resets: `[batch, seq]` bool: the state is zeroed before these tokens.
     scale: multiplies every output.
@@ -399,17 +402,13 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
     `[batch, value_heads, key_dim, value_dim]` float32.
 
   Raises:
-    NotImplementedError: log_decay is a vector gate (not written yet), or what
-      `pallas_triton`'s plan refuses (sizes that are not powers of two, below 16 when
-      compiled; an empty sequence).
+    NotImplementedError: what `pallas_triton`'s plan refuses (sizes that are not powers
+      of two, below 16 when compiled; an empty sequence).
   """
   batch, seq, key_heads, key_dim = key.shape
   heads, value_dim = value.shape[2:]
   g = pallas_triton.per_token_log_decay(log_decay, batch, seq, key_heads, heads, key_dim)
-  if g.ndim == 4:
-    raise NotImplementedError("log_decay of shape [batch, seq, heads, key_dim] (a vector "
-                              "gate): the Triton-language kernels serve scalar gates so far.")
-  plan = pallas_triton._make_plan(batch, seq, heads, key_dim, value_dim, query.dtype, False,
-                                  scale, chunk_size, block_sizes, interpret)
+  plan = pallas_triton._make_plan(batch, seq, heads, key_dim, value_dim, query.dtype,
+                                  g.ndim == 4, scale, chunk_size, block_sizes, interpret)
   return _linear_attention(query, key, value, g, initial_state.astype(jnp.float32),
                            resets.astype(bool), plan)

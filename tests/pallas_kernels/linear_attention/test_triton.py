@@ -1,7 +1,7 @@
-"""The Triton-language linear-attention kernels (`pallas_kernels.linear_attention.triton`,
-scalar gates) against the float32 recurrence: output, final state and the gradients of
-q, k, v, log decay and initial state, with random cotangents on the output and the final
-state, through the Pallas-Triton tests' helpers.
+"""The Triton-language linear-attention kernels (`pallas_kernels.linear_attention.triton`
+and, for the vector gate, `triton_vector`) against the float32 recurrence: output, final
+state and the gradients of q, k, v, log decay and initial state, with random cotangents
+on the output and the final state, through the Pallas-Triton tests' helpers.
 
 Off GPU the kernels run in Triton's interpreter (`pallas_kernels.triton_call`); on a GPU
 the same tests run them compiled by jax_triton (every size here is ≥ 16, as tl.dot
@@ -49,12 +49,82 @@ CASES = [
     Case(seq=1, value_heads=4, resets=True),
 ]
 
+VECTOR_CASES = [
+    # Strong decay (-5 per token): every chunk exact, two 16-row blocks per chunk; two
+    # key blocks of the state, the sequence in two pieces.
+    Case(batch=1, seq=48, key_dim=32, gate="vector", max_decay=5.0, resets=True,
+         chunk_size=32, blocks=BlockSizes(16, 16, pieces=2)),
+    # Mild decay: factored chunks; a sequence shorter than one chunk.
+    Case(batch=1, seq=20, heads=1, value_heads=1, gate="vector", resets=True,
+         chunk_size=32),
+    # The gradient kernels over two value blocks (dq, dk, decay parts summed); factored.
+    Case(batch=1, seq=45, value_dim=32, gate="vector", resets=True, chunk_size=32,
+         blocks=BlockSizes(16, 16, gradient_block_v=16)),
+    # Grouped value heads, exact chunks of one 16-row block.
+    Case(batch=1, seq=37, value_heads=4, key_dim=32, gate="vector", max_decay=5.0,
+         resets=True),
+    # bf16: factored, and exact (both 16-row blocks).
+    Case(batch=1, seq=40, gate="vector", resets=True, dtype="bfloat16", chunk_size=32),
+    Case(batch=1, seq=33, value_heads=4, gate="vector", max_decay=5.0, resets=True,
+         dtype="bfloat16", chunk_size=32),
+    # Weak decay over four chunks, no reset: the chunk states (both passes, two pieces)
+    # and the initial state carry most of every gradient.
+    Case(batch=1, seq=64, heads=1, value_heads=1, key_dim=32, gate="vector",
+         max_decay=0.05, blocks=BlockSizes(16, 16, pieces=2)),
+    # A single token.
+    Case(seq=1, value_heads=4, gate="vector", resets=True),
+]
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+
+KERNEL = functools.partial(triton_tests._kernel, module=lt, interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("case", CASES + VECTOR_CASES, ids=str)
 def test_matches_recurrence(case):
-  triton_tests._check_against_reference(
-      case, *triton_tests._inputs(case),
-      kernel=functools.partial(triton_tests._kernel, module=lt, interpret=INTERPRET))
+  triton_tests._check_against_reference(case, *triton_tests._inputs(case), kernel=KERNEL)
+
+
+def test_vector_gate_chunks_factored_and_exact():
+  """Vector-gate chunks on both sides of FACTORED_RANGE in one call (as the Pallas-Triton
+  test of that name): mild decay (factored), strong decay in every channel, and strong
+  decay in some channels only (exact row blocks)."""
+  case = Case(batch=1, seq=48, gate="vector", chunk_size=16, resets=True)
+  (q, k, v, g, h0), resets, cotangents = triton_tests._inputs(case)
+  strong = jnp.asarray(RNG.uniform(-10.0, -6.0, g.shape).astype(np.float32))
+  some_channels = jnp.arange(case.key_dim) % 2 == 0
+  g = jnp.concatenate([0.1 * g[:, :16], strong[:, 16:32],
+                       jnp.where(some_channels, strong, g)[:, 32:]], axis=1)
+  falls = (-g).reshape(1, 3, 16, case.value_heads, case.key_dim).sum(2).max(-1)
+  assert bool((falls[:, 0] < pt.FACTORED_RANGE).all())
+  assert bool((falls[:, 1:] > pt.FACTORED_RANGE).all())
+  triton_tests._check_against_reference(case, (q, k, v, g, h0), resets, cotangents,
+                                        kernel=KERNEL)
+
+
+def test_vector_gate_runs_no_pallas_kernel():
+  """The vector gate's forward and backward are Triton-language kernels only: no
+  `pallas_call` (`pallas_triton._prepare`'s chunk cumsum is one) in the gradient's jaxpr."""
+  case = Case(seq=20, gate="vector", resets=True)
+  args, resets, (d_out, _) = triton_tests._inputs(case)
+  loss = lambda *a: jnp.sum(KERNEL(case, resets)(*a)[0] * d_out)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss, range(5)))(*args))
+  assert "pallas_call" not in jaxpr
+  assert "pure_callback" in jaxpr or not INTERPRET  # the interpreted Triton kernels
+
+
+def test_vector_decay_gradient_sums_within_runs():
+  """The vector form of `test_decay_gradient_sums_within_runs`, on the Pallas-Triton
+  tests' parts and definition loop."""
+  batch, seq, heads, key_dim, chunk = 2, 48, 2, 16, 16
+  plan = pt._make_plan(batch, seq, heads, key_dim, key_dim, jnp.float32, True, 1.0, chunk,
+                       BlockSizes(16, 16), INTERPRET)
+  d_b, d_keys, b, through, resets, rel = triton_tests.decay_gradient_parts(True)
+  got = jax.jit(lambda *a: lt.triton_vector._decay_gradient_call(*a, plan))(
+      jnp.asarray(b), jnp.asarray(rel, jnp.int32), jnp.asarray(resets), jnp.asarray(d_b),
+      jnp.asarray(d_keys), jnp.asarray(through))
+  want = triton_tests.decay_gradient_by_definition(d_b, d_keys, b, through, resets, rel,
+                                                   chunk)
+  assert rel_err(got, want) < 1e-5
 
 
 def test_decay_gradient_sums_within_runs():
@@ -87,15 +157,6 @@ def test_decay_gradient_sums_within_runs():
         if last == 0:
           want[n, t, h] += np.exp(b[n, rows[-1], h]) * through[n, h, c].sum()
   assert rel_err(got, want) < 1e-5
-
-
-def test_vector_gate_is_refused_by_name():
-  case = Case(seq=16)
-  (q, k, v, _, h0), resets, _ = triton_tests._inputs(case)
-  g = jnp.zeros(v.shape[:3] + (case.key_dim,))
-  with pytest.raises(NotImplementedError, match="log_decay.*vector gate"):
-    lt.linear_attention(q, k, v, g, h0, resets, scale=1.0, chunk_size=16,
-                        interpret=INTERPRET)
 
 
 def test_unsupported_sizes_raise_not_implemented():
