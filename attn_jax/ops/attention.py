@@ -2,7 +2,8 @@
 
 Implementations: "xla" (`attention_xla`, everywhere), "cudnn" (through
 `jax.nn.dot_product_attention`, NVIDIA GPUs), and the Pallas flash-attention kernels of
-`pallas_kernels.flash_attention` ("pallas_mosaic_gpu", "pallas_triton", "pallas_tpu").
+`pallas_kernels.flash_attention` ("pallas_mosaic_gpu", "pallas_triton", "pallas_tpu"):
+the table `BACKENDS` at the end, which `dispatch` reads.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
 
   kwargs = dict(mask=mask, scale=scale, logits_soft_cap=logits_soft_cap,
                 return_residuals=bool(return_residuals))
-  return dispatch.dispatch("dot_product_attention", _TABLE, _auto_order(), implementation,
+  return dispatch.dispatch("dot_product_attention", BACKENDS, implementation,
                            query, key, value, q_segment_ids, kv_segment_ids, sinks, **kwargs)
 
 
@@ -164,11 +165,12 @@ def _cudnn(query, key, value, q_segment_ids, kv_segment_ids, sinks, *, mask, sca
       local_window_size=window, implementation="cudnn")
 
 
-def _pallas(name):
+def _flash_attention(kernel):
+  """The op's call of `kernel`, a `flash_attention` of `pallas_kernels.flash_attention`."""
+  kernel = dispatch.traced_once(kernel, _STATIC_ARGS)
+
   def run(query, key, value, q_segment_ids, kv_segment_ids, sinks, *, mask, scale,
-          logits_soft_cap, return_residuals):
-    interpret = dispatch.require_pallas_platform(name)
-    kernel = dispatch.traced_once(_kernel_module(name).flash_attention, _STATIC_ARGS)
+          logits_soft_cap, return_residuals, interpret):
     return kernel(
         query, key, value, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         sinks=sinks, scale=scale, is_causal=mask.is_causal, window=(mask.left, mask.right),
@@ -180,25 +182,32 @@ def _pallas(name):
 _STATIC_ARGS = ("scale", "is_causal", "window", "logits_soft_cap", "return_residuals",
                 "interpret")
 
-
-def _kernel_module(name):
-  import importlib
-  return importlib.import_module(f"pallas_kernels.flash_attention.{name}")
+# pylint: disable=g-import-not-at-top  (a kernel is imported when it first runs)
 
 
-_TABLE = {
-    "xla": attention_xla,
-    "cudnn": _cudnn,
-    "pallas_mosaic_gpu": _pallas("pallas_mosaic_gpu"),
-    "pallas_triton": _pallas("pallas_triton"),
-    "pallas_tpu": _pallas("pallas_tpu"),
-}
+def _pallas_mosaic_gpu():
+  from pallas_kernels.flash_attention import pallas_mosaic_gpu
+  return _flash_attention(pallas_mosaic_gpu.flash_attention)
 
 
-def _auto_order():
-  # On an H100 (docs/perf/flash_attention.md) cuDNN and the Mosaic GPU kernel are level
-  # (0.92-1.20x cuDNN forward + backward; cuDNN ahead on long rows); the kernels
-  # serve what cuDNN cannot (segment ids, soft-cap, sinks, log-sum-exp, right windows),
-  # Mosaic GPU on Hopper, Triton elsewhere.
-  return {"gpu": ("cudnn", "pallas_mosaic_gpu", "pallas_triton", "xla"),
-          "tpu": ("pallas_tpu", "xla")}.get(dispatch.platform(), ("xla",))
+def _pallas_triton():
+  from pallas_kernels.flash_attention import pallas_triton
+  return _flash_attention(pallas_triton.flash_attention)
+
+
+def _pallas_tpu():
+  from pallas_kernels.flash_attention import pallas_tpu
+  return _flash_attention(pallas_tpu.flash_attention)
+
+
+# On an H100 (docs/perf/flash_attention.md) cuDNN and the Mosaic GPU kernel are level
+# (0.92-1.20x cuDNN forward + backward; cuDNN ahead on long rows); the kernels
+# serve what cuDNN cannot (segment ids, soft-cap, sinks, log-sum-exp, right windows),
+# Mosaic GPU on Hopper, Triton elsewhere.
+BACKENDS = (
+    dispatch.Backend("xla", "any", lambda: attention_xla),
+    dispatch.Backend("cudnn", "gpu", lambda: _cudnn, interpretable=False),
+    dispatch.Backend("pallas_mosaic_gpu", "gpu", _pallas_mosaic_gpu),
+    dispatch.Backend("pallas_triton", "gpu", _pallas_triton),
+    dispatch.Backend("pallas_tpu", "tpu", _pallas_tpu),
+)

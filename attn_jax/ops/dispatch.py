@@ -1,10 +1,12 @@
 """Choosing an implementation for an op: platform, interpret mode, fall-through.
 
-Every op keeps an ordered table of implementations, fastest first. Each entry is a
-function that either computes the op or raises `NotImplementedError` naming what rules it
-out (an argument, a shape, the platform). `implementation=None` walks the table and takes
-the first entry that serves the call; an explicit name runs that entry alone, so its
-`NotImplementedError` reaches the user.
+Every op keeps one ordered table of its backends (`Backend`: a name, the platform it runs
+on, and a loader that imports its kernel), as tokamax's `api.py` does: `BACKENDS` in
+`attention.py` and `linear_attention.py`. A backend either computes the op or raises
+`NotImplementedError` naming what rules it out (an argument, a shape, the platform).
+`implementation=None` tries the backends of this platform in table order, fastest first,
+then those that run anywhere, and takes the first that serves the call; an explicit name
+runs that backend alone, so its `NotImplementedError` reaches the user.
 
 Which kernel runs an op is a run option, not part of a model: `with kernels(
 linear_attention="xla"):` sets the implementation that calls with `implementation=None`
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -34,13 +37,27 @@ IMPLEMENTATIONS = ("xla", "cudnn", "pallas_mosaic_gpu", "triton", "pallas_triton
 # The ops whose kernel a run may choose (`config.kernels.<op>`).
 OPS = ("dot_product_attention", "linear_attention")
 
-# Which Pallas backend can run natively on which platform.
-_NATIVE_PLATFORM = {
-    "pallas_mosaic_gpu": "gpu",
-    "triton": "gpu",  # Triton-language kernels through jax_triton
-    "pallas_triton": "gpu",
-    "pallas_tpu": "tpu",
-}
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """One implementation of an op: a row of the op's ordered table.
+
+  Attributes:
+    name: what `implementation=` and `config.kernels.<op>` call it.
+    platform: where it runs natively: "any", "gpu" or "tpu".
+    load: returns the function that computes the op from the op's dispatch arguments
+      (with `interpret=` added where it is interpretable), importing its kernel module only
+      then, so that importing `attn_jax.ops` stays cheap.
+    automatic: whether `implementation=None` may choose it.
+    interpretable: for a "gpu" or "tpu" backend: a Pallas or Triton kernel, which runs
+      off its platform in interpret mode (`ATTN_JAX_INTERPRET=1`); False (cuDNN): it
+      checks the platform itself and takes no `interpret=`.
+  """
+  name: str
+  platform: str
+  load: Callable[[], Callable[..., Any]]
+  automatic: bool = True
+  interpretable: bool = True
 
 
 def interpret_mode() -> bool:
@@ -62,15 +79,21 @@ def is_hopper() -> bool:
   return str(capability).startswith("9")
 
 
-def require_pallas_platform(name: str) -> bool:
-  """Checks that Pallas backend `name` can run here; returns whether to interpret.
+def automatic_order(backends: Sequence[Backend]) -> tuple[str, ...]:
+  """The names `implementation=None` tries here: this platform's, then those of "any"."""
+  here = [b.name for b in backends if b.automatic and b.platform == platform()]
+  return tuple(here + [b.name for b in backends if b.automatic and b.platform == "any"])
+
+
+def require_platform(backend: Backend) -> bool:
+  """Checks that an interpretable `backend` can run here; returns whether to interpret.
 
   Raises:
     NotImplementedError: the platform cannot run the backend and interpret mode is off.
   """
   if interpret_mode():
     return True
-  native = _NATIVE_PLATFORM[name]
+  name, native = backend.name, backend.platform
   if platform() != native:
     raise NotImplementedError(
         f"implementation={name!r} runs on {native.upper()}, but the default backend is "
@@ -95,14 +118,14 @@ def traced_once(kernel: Callable[..., Any], static_argnames: tuple[str, ...]):
 
 
 def kernel_names(op_name: str) -> tuple[str, ...]:
-  """The implementation names `op_name` accepts (the keys of its table)."""
+  """The implementation names `op_name` accepts (the names of its table)."""
   # pylint: disable=g-import-not-at-top  (the op modules import this one)
-  from attn_jax.ops.attention import _TABLE as attention_table
-  from attn_jax.ops.linear_attention import _TABLE as linear_table
-  tables = {"dot_product_attention": attention_table, "linear_attention": linear_table}
+  from attn_jax.ops.attention import BACKENDS as attention_backends
+  from attn_jax.ops.linear_attention import BACKENDS as linear_backends
+  tables = {"dot_product_attention": attention_backends, "linear_attention": linear_backends}
   if op_name not in tables:
     raise ValueError(f"unknown op {op_name!r}; the ops with a kernel choice: {list(OPS)}.")
-  return tuple(tables[op_name])
+  return tuple(backend.name for backend in tables[op_name])
 
 
 def check_kernels(choices: Mapping[str, str | None], where: str = "kernels") -> dict:
@@ -164,20 +187,22 @@ def add_hook(hook: Callable[..., Any]) -> None:
     _HOOKS.append(hook)
 
 
-def dispatch(op_name: str, table: dict[str, Callable[..., Any]], order: Sequence[str],
-             implementation: str | None, *args, **kwargs):
-  """Runs `implementation` from `table`, or the first in `order` that serves the call.
+def dispatch(op_name: str, backends: Sequence[Backend], implementation: str | None, *args,
+             **kwargs):
+  """Runs backend `implementation`, or the first of `automatic_order` that serves the call.
 
   Args:
     op_name: the op's name, for messages.
-    table: implementation name -> function(*args, **kwargs).
-    order: names to try, fastest first, when `implementation` is None.
+    backends: the op's table, fastest first.
     implementation: None (the `kernels(...)` choice, else automatic), or one of the
-      keys of `table`.
+      names of `backends`.
+    *args, **kwargs: what each backend's function takes (`Backend.load`).
   """
   if implementation is None:
     implementation = current_kernel(op_name)
-  run = functools.partial(_choose, op_name, table, order, implementation)
+  table = {backend.name: backend for backend in backends}
+  run = functools.partial(_choose, op_name, table, automatic_order(backends),
+                          implementation)
   for hook in _HOOKS:
     result = hook(op_name, run, implementation, *args, **kwargs)
     if result is not NotImplemented:
@@ -196,12 +221,18 @@ def _choose(op_name, table, order, implementation, *args, **kwargs):
       raise ValueError(
           f"{op_name}: implementation={implementation!r} is unknown; expected None or one "
           f"of {known}.")
-    return table[implementation](*args, **kwargs)
+    return _run(table[implementation], *args, **kwargs)
   reasons = []
   for name in order:
     try:
-      return table[name](*args, **kwargs)
+      return _run(table[name], *args, **kwargs)
     except NotImplementedError as e:
       reasons.append(f"{name}: {e}")
   raise NotImplementedError(f"{op_name}: no implementation serves this call:\n  "
                             + "\n  ".join(reasons))
+
+
+def _run(backend, *args, **kwargs):
+  if backend.interpretable and backend.platform != "any":
+    kwargs["interpret"] = require_platform(backend)
+  return backend.load()(*args, **kwargs)

@@ -7,12 +7,11 @@ Qin et al. 2024; RetNet, Sun et al. 2023; GLA, Yang et al. 2024; Mamba-2 SSD, Da
   S_t = a_t ⊙ S_{t-1} + k_t v_tᵀ,   o_t = scale · S_tᵀ q_t,   a_t = exp(log_decay).
 
 Implementations: "xla" (`linear_attention_xla`, the chunked form, everywhere) and the
-Pallas kernels of `pallas_kernels.linear_attention` as they land.
+Pallas kernels of `pallas_kernels.linear_attention` as they land: the table `BACKENDS`
+at the end, which `dispatch` reads.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +102,7 @@ def linear_attention(query, key, value, *, log_decay=None, scale=None, is_causal
   kwargs = dict(scale=scale, chunk_size=int(chunk_size))
   if is_causal:
     out, final = dispatch.dispatch(
-        "linear_attention", _TABLE, _auto_order(), implementation,
+        "linear_attention", BACKENDS, implementation,
         query, key, value, log_decay, initial_state, resets, **kwargs)
   else:
     out, final = _non_causal(query, key, value, initial_state, resets, segment_ids,
@@ -172,8 +171,8 @@ def _non_causal(query, key, value, initial_state, resets, segment_ids, implement
             for x in (query, key))
     final = initial_state + jnp.einsum("bthk,bthv->bhkv", k, value.astype(jnp.float32))
     return kwargs["scale"] * jnp.einsum("bthk,bhkv->bthv", q, final), final
-  run = lambda *a: dispatch.dispatch("linear_attention", _TABLE, _auto_order(),
-                                     implementation, *a, **kwargs)
+  run = lambda *a: dispatch.dispatch("linear_attention", BACKENDS, implementation, *a,
+                                     **kwargs)
   forward, final = run(query, key, value, None, initial_state, resets)
   flip = lambda x: jnp.flip(x, axis=1)
   backward_resets = flip(_resets(flip(segment_ids), *segment_ids.shape))
@@ -253,32 +252,44 @@ def _check_state(name, state, shape, normalize):
   return state.astype(jnp.float32)
 
 
-def _pallas(name):
-  """The chunked kernel `pallas_kernels.linear_attention.<name>` (Pallas, or Triton
-  language for "triton")."""
-  def run(query, key, value, log_decay, initial_state, resets, *, scale, chunk_size):
-    interpret = dispatch.require_pallas_platform(name)
-    try:
-      module = importlib.import_module(f"pallas_kernels.linear_attention.{name}")
-    except ModuleNotFoundError as e:
-      raise NotImplementedError(
-          f"implementation={name!r} needs the package {e.name!r}: pip install -e '.[gpu]' "
-          "(triton==3.6.0, jax-triton==0.3.1).") from e
-    kernel = dispatch.traced_once(module.linear_attention,
-                                  ("scale", "chunk_size", "interpret"))
-    return kernel(query, key, value, log_decay, initial_state, resets, scale=scale,
-                  chunk_size=chunk_size, interpret=interpret)
-  return run
+_STATIC_ARGS = ("scale", "chunk_size", "interpret")
+
+# pylint: disable=g-import-not-at-top  (a kernel is imported when it first runs)
 
 
-_TABLE = {"xla": _xla, "pallas_mosaic_gpu": _pallas("pallas_mosaic_gpu"),
-          "triton": _pallas("triton"), "pallas_triton": _pallas("pallas_triton"),
-          "pallas_tpu": _pallas("pallas_tpu")}
+def _pallas_mosaic_gpu():
+  from pallas_kernels.linear_attention import pallas_mosaic_gpu
+  return dispatch.traced_once(pallas_mosaic_gpu.linear_attention, _STATIC_ARGS)
 
 
-def _auto_order():
-  # On Hopper the Mosaic GPU kernels serve fixed and scalar decays (measured faster than
-  # pallas_triton: docs/perf/linear_attention.md); they refuse other GPUs and vector
-  # gates, which fall through to pallas_triton.
-  return {"gpu": ("pallas_mosaic_gpu", "pallas_triton", "xla"),
-          "tpu": ("pallas_tpu", "xla")}.get(dispatch.platform(), ("xla",))
+def _pallas_triton():
+  from pallas_kernels.linear_attention import pallas_triton
+  return dispatch.traced_once(pallas_triton.linear_attention, _STATIC_ARGS)
+
+
+def _triton():
+  """Triton-language kernels through jax_triton, an optional dependency."""
+  try:
+    from pallas_kernels.linear_attention import triton
+  except ModuleNotFoundError as e:
+    raise NotImplementedError(
+        f"implementation='triton' needs the package {e.name!r}: pip install -e '.[gpu]' "
+        "(triton==3.6.0, jax-triton==0.3.1).") from e
+  return dispatch.traced_once(triton.linear_attention, _STATIC_ARGS)
+
+
+def _pallas_tpu():
+  from pallas_kernels.linear_attention import pallas_tpu
+  return dispatch.traced_once(pallas_tpu.linear_attention, _STATIC_ARGS)
+
+
+# On Hopper the Mosaic GPU kernels serve fixed and scalar decays (measured faster than
+# pallas_triton: docs/perf/linear_attention.md); they refuse other GPUs and vector
+# gates, which fall through to pallas_triton. "triton" runs only when named.
+BACKENDS = (
+    dispatch.Backend("xla", "any", lambda: _xla),
+    dispatch.Backend("pallas_mosaic_gpu", "gpu", _pallas_mosaic_gpu),
+    dispatch.Backend("triton", "gpu", _triton, automatic=False),
+    dispatch.Backend("pallas_triton", "gpu", _pallas_triton),
+    dispatch.Backend("pallas_tpu", "tpu", _pallas_tpu),
+)

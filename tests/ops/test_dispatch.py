@@ -1,6 +1,9 @@
 """The dispatcher: explicit names, fall-through, interpret mode, clear refusals."""
 
+import dataclasses
 import importlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +103,32 @@ def test_identical_kernel_calls_share_one_trace(monkeypatch, op):
   assert len(kernels) == 2 and kernels[0] is kernels[1]
 
 
+@pytest.mark.parametrize("platform, attention, linear", [
+    ("gpu", ("cudnn", "pallas_mosaic_gpu", "pallas_triton", "xla"),
+     ("pallas_mosaic_gpu", "pallas_triton", "xla")),
+    ("tpu", ("pallas_tpu", "xla"), ("pallas_tpu", "xla")),
+    ("cpu", ("xla",), ("xla",)),
+])
+def test_automatic_order_per_platform(monkeypatch, platform, attention, linear):
+  monkeypatch.setattr(dispatch, "platform", lambda: platform)
+  for module, order in (("attention", attention), ("linear_attention", linear)):
+    backends = importlib.import_module(f"attn_jax.ops.{module}").BACKENDS
+    assert dispatch.automatic_order(backends) == order
+
+
+def test_implementations_are_the_names_of_the_tables():
+  names = {name for op in dispatch.OPS for name in dispatch.kernel_names(op)}
+  assert names == set(dispatch.IMPLEMENTATIONS)
+
+
+def test_importing_the_ops_imports_no_kernel():
+  code = ("import sys, attn_jax.ops; "
+          "print([m for m in sys.modules if m.split('.')[0] in ('pallas_kernels', 'triton')])")
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True)
+  assert run.stdout.strip() == "[]"
+
+
 def test_linear_attention_auto_order_on_a_gpu(monkeypatch):
   """On a GPU, None tries the Mosaic GPU kernels first and falls through to Triton for a
   call they cannot serve (here float32 inputs); both run interpreted on this CPU."""
@@ -108,16 +137,14 @@ def test_linear_attention_auto_order_on_a_gpu(monkeypatch):
   monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
   tried = []
 
-  def recording(name):
-    def run(*args, **kwargs):
-      tried.append(name)
-      return la._TABLE[name](*args, **kwargs)
-    return run
-  order = la._auto_order()
-  assert order[:2] == ("pallas_mosaic_gpu", "pallas_triton")
-  table = {name: recording(name) for name in order}
+  def recording(backend):
+    def load():
+      tried.append(backend.name)
+      return backend.load()
+    return dataclasses.replace(backend, load=load)
+  backends = [recording(backend) for backend in la.BACKENDS]
   q, k, v = _qkv(dim=16)
-  got = dispatch.dispatch("linear_attention", table, order, None, q, k, v, None,
+  got = dispatch.dispatch("linear_attention", backends, None, q, k, v, None,
                           jnp.zeros((1, 2, 16, 16)), jnp.zeros((1, 20), bool), scale=0.25,
                           chunk_size=16)[0]
   assert tried == ["pallas_mosaic_gpu", "pallas_triton"]
