@@ -71,8 +71,3 @@ def pack_documents(documents: Iterable[np.ndarray], seq_len: int, *,
       doc = doc[n - 1:] if n < len(doc) else doc[:0]
   if row is not None and fill > 0:
     yield row
-
-
-def stack_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """A list of rows → a dict of `[len(rows), seq_len]` arrays with the row dtypes."""
-  return {k: np.stack([r[k] for r in rows]) for k in ROW_FIELDS}
