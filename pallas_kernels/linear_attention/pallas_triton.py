@@ -893,13 +893,21 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
     NotImplementedError: naming the argument the kernels do not serve (a dimension or
       block that is not a power of two, or below 16 when compiled; an empty sequence).
   """
+  return call_with_plan(_linear_attention, query, key, value, log_decay, initial_state,
+                        resets, scale, chunk_size, interpret, block_sizes)
+
+
+def call_with_plan(kernel, query, key, value, log_decay, initial_state, resets, scale,
+                   chunk_size, interpret, block_sizes):
+  """kernel(q, k, v, g, h0, resets, plan): the public entry's work for a VJP function of
+  this module's form (also the Triton-language one's): per-token gate, plan, dtypes."""
   batch, seq, key_heads, key_dim = key.shape
   heads, value_dim = value.shape[2:]
   g = per_token_log_decay(log_decay, batch, seq, key_heads, heads, key_dim)
   plan = _make_plan(batch, seq, heads, key_dim, value_dim, query.dtype, g.ndim == 4, scale,
                     chunk_size, block_sizes, interpret)
-  return _linear_attention(query, key, value, g, initial_state.astype(jnp.float32),
-                           resets.astype(bool), plan)
+  return kernel(query, key, value, g, initial_state.astype(jnp.float32),
+                resets.astype(bool), plan)
 
 
 def per_token_log_decay(log_decay, batch, seq, key_heads, heads, key_dim):

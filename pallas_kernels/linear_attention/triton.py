@@ -379,36 +379,9 @@ _linear_attention.defvjp(_forward, _backward)
 def linear_attention(query, key, value, log_decay, initial_state, resets, *, scale: float,
                      chunk_size: int, interpret: bool = False,
                      block_sizes: pallas_triton.BlockSizes | None = None):
-  """Causal linear attention by the Triton-language kernels, with its VJP.
-
-  The contract of `pallas_triton.linear_attention`.
-
-  Args:
-    query, key: `[batch, seq, heads, key_dim]`.
-    value: `[batch, seq, value_heads, value_dim]`, value_heads a multiple r of heads;
-      query/key head h serves value heads h·r … h·r + r − 1.
-    log_decay: None (no decay), `[value_heads]` (fixed per head), `[batch, seq,
-      value_heads]` (scalar gate per token) or `[batch, seq, value_heads, key_dim]`
-      (vector gate over keys, `triton_vector`); float, ≤ 0.
-    initial_state: `[batch, value_heads, key_dim, value_dim]`.
-    resets: `[batch, seq]` bool: the state is zeroed before these tokens.
-    scale: multiplies every output.
-    chunk_size: tokens per chunk, a power of two (≥ 16 when compiled).
-    interpret: run the kernels in Triton's interpreter (CPU).
-    block_sizes: None for `pallas_triton.BlockSizes.get_default`.
-
-  Returns:
-    out `[batch, seq, value_heads, value_dim]` in the query's dtype and the final state
-    `[batch, value_heads, key_dim, value_dim]` float32.
-
-  Raises:
-    NotImplementedError: what `pallas_triton`'s plan refuses (sizes that are not powers
-      of two, below 16 when compiled; an empty sequence).
-  """
-  batch, seq, key_heads, key_dim = key.shape
-  heads, value_dim = value.shape[2:]
-  g = pallas_triton.per_token_log_decay(log_decay, batch, seq, key_heads, heads, key_dim)
-  plan = pallas_triton._make_plan(batch, seq, heads, key_dim, value_dim, query.dtype,
-                                  g.ndim == 4, scale, chunk_size, block_sizes, interpret)
-  return _linear_attention(query, key, value, g, initial_state.astype(jnp.float32),
-                           resets.astype(bool), plan)
+  """Causal linear attention by the Triton-language kernels, with its VJP: the arguments,
+  results and refusals of `pallas_triton.linear_attention` (its docstring), except that
+  `interpret` runs Triton's interpreter (CPU)."""
+  return pallas_triton.call_with_plan(_linear_attention, query, key, value, log_decay,
+                                      initial_state, resets, scale, chunk_size, interpret,
+                                      block_sizes)

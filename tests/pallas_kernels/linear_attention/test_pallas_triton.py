@@ -149,6 +149,11 @@ def test_vector_gate_chunks_factored_and_exact():
   """Vector-gate chunks on both sides of FACTORED_RANGE in one call: mild decay (factored
   form), strong decay in every channel, and strong decay in some channels only (the exact
   row-block form)."""
+  check_vector_gate_chunks_factored_and_exact(_kernel)
+
+
+def check_vector_gate_chunks_factored_and_exact(kernel):
+  """The test above for kernel(case, resets) (other modules' kernels too)."""
   case = Case(batch=1, seq=48, gate="vector", chunk_size=16, resets=True)
   (q, k, v, g, h0), resets, cotangents = _inputs(case)
   strong = jnp.asarray(RNG.uniform(-10.0, -6.0, g.shape).astype(np.float32))
@@ -158,7 +163,7 @@ def test_vector_gate_chunks_factored_and_exact():
   falls = (-g).reshape(1, 3, 16, case.value_heads, case.key_dim).sum(2).max(-1)
   assert bool((falls[:, 0] < pt.FACTORED_RANGE).all())
   assert bool((falls[:, 1:] > pt.FACTORED_RANGE).all())
-  _check_against_reference(case, (q, k, v, g, h0), resets, cotangents)
+  _check_against_reference(case, (q, k, v, g, h0), resets, cotangents, kernel=kernel)
 
 
 def _check_against_reference(case, args, resets, cotangents, kernel=_kernel):

@@ -88,17 +88,7 @@ def test_vector_gate_chunks_factored_and_exact():
   """Vector-gate chunks on both sides of FACTORED_RANGE in one call (as the Pallas-Triton
   test of that name): mild decay (factored), strong decay in every channel, and strong
   decay in some channels only (exact row blocks)."""
-  case = Case(batch=1, seq=48, gate="vector", chunk_size=16, resets=True)
-  (q, k, v, g, h0), resets, cotangents = triton_tests._inputs(case)
-  strong = jnp.asarray(RNG.uniform(-10.0, -6.0, g.shape).astype(np.float32))
-  some_channels = jnp.arange(case.key_dim) % 2 == 0
-  g = jnp.concatenate([0.1 * g[:, :16], strong[:, 16:32],
-                       jnp.where(some_channels, strong, g)[:, 32:]], axis=1)
-  falls = (-g).reshape(1, 3, 16, case.value_heads, case.key_dim).sum(2).max(-1)
-  assert bool((falls[:, 0] < pt.FACTORED_RANGE).all())
-  assert bool((falls[:, 1:] > pt.FACTORED_RANGE).all())
-  triton_tests._check_against_reference(case, (q, k, v, g, h0), resets, cotangents,
-                                        kernel=KERNEL)
+  triton_tests.check_vector_gate_chunks_factored_and_exact(KERNEL)
 
 
 def test_vector_gate_runs_no_pallas_kernel():
