@@ -44,7 +44,7 @@ _EXTRA_ROWS = flags.DEFINE_list(
     "or causal@8192/kv_heads=2 (unnamed: the flags' values).")
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
 _IMPLS = flags.DEFINE_list("implementations", ["cudnn", "xla", "pallas_triton"],
-                           "Implementations to time.")
+                           "Implementations to time (auto: the op's automatic choice).")
 _PEERS = flags.DEFINE_list("peers", [], f"Peers to time beside ours: {', '.join(peers.SOFTMAX)}.")
 _OUT = flags.DEFINE_string("output_dir", "/tmp/bench_attention", "Where JSON/markdown/plot go.")
 _TRIALS = flags.DEFINE_integer("trials", 15, "Timed trials per row (median reported).")
@@ -92,7 +92,8 @@ def _runner(impl: str, kwargs: dict, pass_: str):
   if impl.startswith("peer:"):
     attn = peers.softmax_attention(impl.removeprefix("peer:"), **kwargs)
   else:
-    attn = functools.partial(ops.dot_product_attention, implementation=impl, **kwargs)
+    attn = functools.partial(ops.dot_product_attention,
+                             implementation=benchmarking.implementation(impl), **kwargs)
   return benchmarking.jit_pass(attn, pass_, argnums=(0, 1, 2))
 
 

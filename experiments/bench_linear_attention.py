@@ -39,7 +39,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32
 _FORMS = flags.DEFINE_list("forms", ["fixed", "scalar", "vector"], "Decay forms.")
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
 _IMPLS = flags.DEFINE_list("implementations", ["pallas_mosaic_gpu", "pallas_triton", "xla"],
-                            "Linear attention impls (a row that cannot run records why).")
+                            "Linear attention impls (auto: the op's automatic choice; a row "
+                            "that cannot run records why).")
 _PEERS = flags.DEFINE_list("peers", [], f"Peers to time beside ours: {', '.join(peers.LINEAR)}.")
 _SOFTMAX = flags.DEFINE_string("softmax_implementation", "cudnn",
                                "Softmax attention row (empty: none).")
@@ -58,7 +59,8 @@ def _runner(impl, pass_, chunk_size):
   elif impl.startswith("peer:"):
     fn = peers.linear_attention(impl.removeprefix("peer:"))
   else:
-    fn = lambda q, k, v, g: ops.linear_attention(q, k, v, log_decay=g, implementation=impl,
+    fn = lambda q, k, v, g: ops.linear_attention(q, k, v, log_decay=g,
+                                                 implementation=benchmarking.implementation(impl),
                                                  chunk_size=chunk_size)
   argnums = (0, 1, 2) if impl.startswith("softmax:") else (0, 1, 2, 3)
   return benchmarking.jit_pass(fn, pass_, argnums)

@@ -38,6 +38,12 @@ def device_time(fn: Callable, *args, warmup: int = 3, trials: int = 15,
   return statistics.median(times)
 
 
+def implementation(name: str) -> str | None:
+  """The op's `implementation` argument for an `--implementations` entry: `auto` is None
+  (the op's automatic choice), anything else is passed through."""
+  return None if name == "auto" else name
+
+
 def jit_pass(fn: Callable, pass_: str, argnums: Sequence[int]) -> Callable:
   """`jit(fn)` for pass_ "fwd"; for "fwd_bwd" the jitted gradient, w.r.t. the arguments
   `argnums`, of `sum(fn(*args) * do)`, `do` (float32, fn's output shape) passed last."""
