@@ -42,9 +42,24 @@ run() {
   fi
 }
 
-# note TEXT: a comment in the dry-run plan (and a log line otherwise).
+# note TEXT: a comment in the dry-run plan (and a log line otherwise); every line of TEXT
+# stays a comment.
 note() {
-  if [[ "$DRY_RUN" == 1 ]]; then echo "# $*"; else log "$*"; fi
+  local text="$*"
+  if [[ "$DRY_RUN" == 1 ]]; then echo "# ${text//$'\n'/$'\n'# }"; else log "$text"; fi
+}
+
+# reject_control_characters ARG...: stops with an error naming the first argument that
+# holds a control character (a newline in a flag value would end a comment line of the
+# dry-run plan and run as a command when the plan is sourced).
+reject_control_characters() {
+  local arg
+  for arg in "$@"; do
+    if [[ "$arg" =~ [[:cntrl:]] ]]; then
+      die "argument $(quote "${arg%%=*}") holds a control character (newline, tab, ...):" \
+          "$(printf '%q' "$arg"). Pass it without one."
+    fi
+  done
 }
 
 # usage_from_header FILE: prints the comment block at the top of FILE (its --help).

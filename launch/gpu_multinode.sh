@@ -45,6 +45,7 @@
 # scancel) is passed on the same way. Exit status: the first failure's, else 0.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+reject_control_characters "$@"
 
 coordinator=""
 num_nodes=1

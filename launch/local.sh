@@ -27,6 +27,7 @@
 # $GRACE_SECONDS, default 60). The exit status is the first failure's, else 0.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+reject_control_characters "$@"
 
 num_processes=2
 devices_per_process=1

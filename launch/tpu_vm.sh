@@ -45,6 +45,7 @@
 # must see the same workdir, and a VM's disk goes with it).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+reject_control_characters "$@"
 
 name=""
 zone=""

@@ -295,3 +295,17 @@ def test_pack_code_takes_what_git_would_commit(tmp_path):
   assert members["dev.sh"].mode & 0o100, "dev.sh must stay executable"
   assert not [n for n in members if n.startswith((".venv", ".git/", "workdirs/"))
               or "__pycache__" in n]
+
+
+@pytest.mark.parametrize("script, flag", [
+    ("local.sh", "--log_dir"), ("gpu_multinode.sh", "--coordinator"),
+    ("tpu_vm.sh", "--name"), ("slurm_gpu.sbatch", "--config.workdir")])
+def test_control_characters_in_a_flag_value_are_rejected(stubs, script, flag, tmp_path):
+  """A newline in a flag value would end a comment line of the plan and run when the plan
+  is sourced: every script refuses it and names the flag."""
+  marker = tmp_path / "ran"
+  value = f"{flag}=x\ntouch {marker}"
+  args = ("--dry_run", "--", value) if script == "slurm_gpu.sbatch" else ("--dry_run", value)
+  message = plan(stubs, script, *args, returncode=2)
+  assert f"argument {flag} holds a control character" in message
+  assert not marker.exists()
