@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from attn_jax.layers.common import Projection, check_positive_int
 from attn_jax.layers.linear import qkv_convs, qkv_projections
-from attn_jax.layers.mixer import Mixer, RecurrentMixer
+from attn_jax.layers.mixer import LinearAttentionInputs, Mixer, RecurrentMixer
 from attn_jax.layers.softmax import SlidingWindowAttention
 from attn_jax.ops import feature_maps
 
@@ -43,18 +43,16 @@ class TaylorLinearAttention(RecurrentMixer):
   def __init__(self, d_model, num_heads, *, rngs, feature_dim=16, head_dim=None,
                causal=True, short_conv_size=None, chunk_size=64, dtype=None,
                param_dtype=jnp.float32, implementation=None):
-    super().__init__(d_model, num_heads, causal=causal, dtype=dtype)
-    conv_size = check_positive_int("short_conv_size", short_conv_size, allow_none=True)
+    super().__init__(d_model, num_heads, causal=causal, short_conv_size=short_conv_size,
+                     normalize=True, scale=1.0, chunk_size=chunk_size,
+                     implementation=implementation, dtype=dtype)
     self.feature_dim = check_positive_int("feature_dim", feature_dim)
     self.head_dim = self._head_dim(head_dim)
-    self.normalize, self.scale = True, 1.0
-    self.chunk_size = check_positive_int("chunk_size", chunk_size)
-    self.implementation = implementation
     h, f, hd = self.num_heads, self.feature_dim, self.head_dim
     p = dict(rngs=rngs, param_dtype=param_dtype)
     self.query, self.key, self.value = qkv_projections(d_model, h, f, hd, **p)
     self.out = Projection((h, hd), (d_model,), ("heads", "head_dim", "embed"), **p)
-    self.convs = qkv_convs(conv_size, (h, f), (h, hd), **p)
+    self.convs = qkv_convs(self.short_conv_size, (h, f), (h, hd), **p)
 
   def _state_shape(self):
     return self.num_heads, 1 + self.feature_dim + self.feature_dim ** 2, self.head_dim
@@ -62,7 +60,7 @@ class TaylorLinearAttention(RecurrentMixer):
   def _inputs(self, x, src, *, positions, segment_ids, conv_state):
     q, k, v, conv_state = self._conv_qkv(x, src, segment_ids, conv_state)
     phi = feature_maps.taylor_exp
-    return phi(q), phi(k), v, None, None, conv_state
+    return LinearAttentionInputs(phi(q), phi(k), v, conv_state)
 
   def _output(self, o, x, aux):
     return self.out(o.astype(x.dtype))
@@ -116,10 +114,6 @@ class Based(Mixer):
     if self.window is not None:
       cache["window"] = self.window.init_cache(batch_size, max_len)
     return cache
-
-  def init_state(self, batch_size):
-    """Alias of `init_cache(batch_size, max_len=window_size)` (the cache does not grow)."""
-    return self.init_cache(batch_size, self.window.window_size if self.window else 1)
 
   def decode(self, x_t, cache):
     """One token through both branches: `(y_t [batch, 1, d_model], new cache)`."""

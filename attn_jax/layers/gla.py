@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from attn_jax.layers.common import Norm, Projection, check_positive_int, silu
 from attn_jax.layers.linear import qkv_convs, qkv_projections
-from attn_jax.layers.mixer import RecurrentMixer
+from attn_jax.layers.mixer import LinearAttentionInputs, RecurrentMixer
 
 
 class GatedLinearAttention(RecurrentMixer):
@@ -36,7 +36,8 @@ class GatedLinearAttention(RecurrentMixer):
     v_head_dim: value head dim (default d_model // num_heads).
     gate_rank: rank of the gate projection (16).
     gate_temperature: τ, the gate's logit normaliser (16).
-    short_conv_size, chunk_size, implementation, dtype, param_dtype: as `LinearAttention`.
+    short_conv_size: None, or the width of a causal convolution (with SiLU) on q, k, v.
+    chunk_size, implementation, dtype: as `RecurrentMixer`; param_dtype: of the parameters.
 
   Decode state: `[batch, heads, head_dim, v_head_dim]` float32.
   """
@@ -46,17 +47,14 @@ class GatedLinearAttention(RecurrentMixer):
   def __init__(self, d_model, num_heads, *, rngs, head_dim=None, v_head_dim=None,
                gate_rank=16, gate_temperature=16.0, short_conv_size=None, causal=True,
                chunk_size=64, dtype=None, param_dtype=jnp.float32, implementation=None):
-    super().__init__(d_model, num_heads, causal=causal, dtype=dtype)
-    conv_size = check_positive_int("short_conv_size", short_conv_size, allow_none=True)
+    super().__init__(d_model, num_heads, causal=causal, short_conv_size=short_conv_size,
+                     chunk_size=chunk_size, implementation=implementation, dtype=dtype)
     self.head_dim = self._head_dim(head_dim, divisor=2)
     self.v_head_dim = (self._head_dim(None) if v_head_dim is None
                        else check_positive_int("v_head_dim", v_head_dim))
     if not gate_temperature > 0:
       raise ValueError(f"gate_temperature must be > 0; got {gate_temperature!r}.")
     self.gate_temperature = float(gate_temperature)
-    self.normalize, self.scale = False, self.head_dim ** -0.5
-    self.chunk_size = check_positive_int("chunk_size", chunk_size)
-    self.implementation = implementation
     h, dk, dv = self.num_heads, self.head_dim, self.v_head_dim
     rank = check_positive_int("gate_rank", gate_rank)
     p = dict(rngs=rngs, param_dtype=param_dtype)
@@ -67,7 +65,7 @@ class GatedLinearAttention(RecurrentMixer):
                                **p)
     self.out = Projection((h, dv), (d_model,), ("heads", "head_dim", "embed"), **p)
     self.norm = Norm((dv,), ("head_dim",), eps=1e-5, **p)
-    self.convs = qkv_convs(conv_size, (h, dk), (h, dv), **p)
+    self.convs = qkv_convs(self.short_conv_size, (h, dk), (h, dv), **p)
 
   def _state_shape(self):
     return self.num_heads, self.head_dim, self.v_head_dim
@@ -79,7 +77,7 @@ class GatedLinearAttention(RecurrentMixer):
 
   def _inputs(self, x, src, *, positions, segment_ids, conv_state):
     q, k, v, conv_state = self._conv_qkv(x, src, segment_ids, conv_state)
-    return q, k, v, self.log_decay(src), None, conv_state
+    return LinearAttentionInputs(q, k, v, conv_state, log_decay=self.log_decay(src))
 
   def _output(self, o, x, aux):
     return self.out(self.norm(o.astype(x.dtype)) * silu(self.gate(x)))

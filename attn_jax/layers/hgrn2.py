@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attn_jax.layers.common import (Norm, Projection, ShortConv, check_positive_int,
-                                    identity, silu)
-from attn_jax.layers.mixer import RecurrentMixer
+from attn_jax.layers.common import Norm, Projection, ShortConv, identity, silu
+from attn_jax.layers.mixer import LinearAttentionInputs, RecurrentMixer
 
 
 class HGRN2(RecurrentMixer):
@@ -40,7 +39,7 @@ class HGRN2(RecurrentMixer):
     lower_bound: β in [0, 1), the forget gate's lower bound.
     short_conv_size: None, or the width of a causal convolution (no activation, as in
       flash-linear-attention) on the query, forget and input projections.
-    chunk_size, implementation, dtype, param_dtype: as `LinearAttention`.
+    chunk_size, implementation, dtype: as `RecurrentMixer`; param_dtype: of the parameters.
 
   Decode state: `[batch, heads, head_dim, d_model // num_heads]` float32.
   """
@@ -51,16 +50,13 @@ class HGRN2(RecurrentMixer):
   def __init__(self, d_model, num_heads, *, rngs, head_dim=None, lower_bound=0.0,
                short_conv_size=None, causal=True, chunk_size=64, dtype=None,
                param_dtype=jnp.float32, implementation=None):
-    super().__init__(d_model, num_heads, causal=causal, dtype=dtype)
-    size = check_positive_int("short_conv_size", short_conv_size, allow_none=True)
+    super().__init__(d_model, num_heads, causal=causal, short_conv_size=short_conv_size,
+                     chunk_size=chunk_size, implementation=implementation, dtype=dtype)
     self.head_dim = self._head_dim(head_dim)
     self.v_head_dim = self._head_dim(None)
     if not 0.0 <= lower_bound < 1.0:
       raise ValueError(f"lower_bound must be in [0, 1); got {lower_bound!r}.")
     self.lower_bound = float(lower_bound)
-    self.normalize, self.scale = False, self.head_dim ** -0.5
-    self.chunk_size = check_positive_int("chunk_size", chunk_size)
-    self.implementation = implementation
     h, dk, dv = self.num_heads, self.head_dim, self.v_head_dim
     p = dict(rngs=rngs, param_dtype=param_dtype)
     names = ("embed", "heads", "head_dim")
@@ -69,9 +65,9 @@ class HGRN2(RecurrentMixer):
     self.input = Projection((d_model,), (h, dv), names, **p)
     self.out = Projection((h, dv), (d_model,), ("heads", "head_dim", "embed"), **p)
     self.norm = Norm((h, dv), ("heads", "head_dim"), axes=2, eps=1e-5, **p)
-    conv = lambda shape: ShortConv(shape, ("heads", "head_dim"), size=size,
+    conv = lambda shape: ShortConv(shape, ("heads", "head_dim"), size=self.short_conv_size,
                                    activation=identity, **p)
-    self.convs = None if size is None else nnx.Dict(
+    self.convs = None if self.short_conv_size is None else nnx.Dict(
         {"q": conv((h, dk)), "f": conv((h, dk)), "i": conv((h, dv))})
 
   def _state_shape(self):
@@ -92,7 +88,7 @@ class HGRN2(RecurrentMixer):
     v, conv_state = self._conv("i", self.input(src), segment_ids, conv_state)
     log_g = self.log_forget(f)
     k = (-jnp.expm1(log_g)).astype(v.dtype)  # 1 − g
-    return silu(q), k, v, log_g, None, conv_state
+    return LinearAttentionInputs(silu(q), k, v, conv_state, log_decay=log_g)
 
   def _output(self, o, x, aux):
     return self.out(self.norm(o.astype(x.dtype)))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from attn_jax.layers.common import Norm, Projection, check_positive_int, silu
 from attn_jax.layers.linear import qkv_convs, qkv_projections
-from attn_jax.layers.mixer import RecurrentMixer
+from attn_jax.layers.mixer import LinearAttentionInputs, RecurrentMixer
 
 
 def alibi_slopes(num_heads):
@@ -56,7 +56,7 @@ class LightningAttention(RecurrentMixer):
     layer_index, num_layers: position of the layer in the stack, for the decay schedule
       (0 ≤ layer_index < num_layers).
     short_conv_size: None, or the width of a causal convolution on q, k, v.
-    chunk_size, implementation, dtype, param_dtype: as `LinearAttention`.
+    chunk_size, implementation, dtype: as `RecurrentMixer`; param_dtype: of the parameters.
 
   Decode state: `[batch, heads, head_dim, head_dim]` float32.
   """
@@ -66,8 +66,9 @@ class LightningAttention(RecurrentMixer):
   def __init__(self, d_model, num_heads, *, rngs, head_dim=None, layer_index=0,
                num_layers=1, short_conv_size=None, causal=True, chunk_size=64, dtype=None,
                param_dtype=jnp.float32, implementation=None):
-    super().__init__(d_model, num_heads, causal=causal, dtype=dtype)
-    conv_size = check_positive_int("short_conv_size", short_conv_size, allow_none=True)
+    super().__init__(d_model, num_heads, causal=causal, short_conv_size=short_conv_size,
+                     scale=1.0, chunk_size=chunk_size, implementation=implementation,
+                     dtype=dtype)
     self.head_dim = self._head_dim(head_dim)
     num_layers = check_positive_int("num_layers", num_layers)
     if isinstance(layer_index, bool) or not isinstance(layer_index, int) or not (
@@ -76,24 +77,21 @@ class LightningAttention(RecurrentMixer):
                        f"{layer_index!r}.")
     # A tuple, not an array: a module's static attributes must not hold (traced) arrays.
     self.log_decays = lightning_log_decay(self.num_heads, layer_index, num_layers)
-    self.normalize, self.scale = False, 1.0
-    self.chunk_size = check_positive_int("chunk_size", chunk_size)
-    self.implementation = implementation
     h, hd = self.num_heads, self.head_dim
     p = dict(rngs=rngs, param_dtype=param_dtype)
     self.query, self.key, self.value = qkv_projections(d_model, h, hd, hd, **p)
     self.gate = Projection((d_model,), (h, hd), ("embed", "heads", "head_dim"), **p)
     self.out = Projection((h, hd), (d_model,), ("heads", "head_dim", "embed"), **p)
     self.norm = Norm((h, hd), ("heads", "head_dim"), axes=2, use_scale=False, **p)
-    self.convs = qkv_convs(conv_size, (h, hd), (h, hd), **p)
+    self.convs = qkv_convs(self.short_conv_size, (h, hd), (h, hd), **p)
 
   def _state_shape(self):
     return self.num_heads, self.head_dim, self.head_dim
 
   def _inputs(self, x, src, *, positions, segment_ids, conv_state):
     q, k, v, conv_state = self._conv_qkv(x, src, segment_ids, conv_state)
-    log_decay = jnp.asarray(self.log_decays, jnp.float32)
-    return silu(q), silu(k), v, log_decay, None, conv_state
+    return LinearAttentionInputs(silu(q), silu(k), v, conv_state,
+                                 log_decay=jnp.asarray(self.log_decays, jnp.float32))
 
   def _output(self, o, x, aux):
     return self.out(self.norm(o.astype(x.dtype)) * self.gate(x))

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attn_jax.layers.common import Projection, ShortConv, check_positive_int
-from attn_jax.layers.mixer import PATTERNS, RecurrentMixer
+from attn_jax.layers.common import Projection, ShortConv
+from attn_jax.layers.mixer import PATTERNS, LinearAttentionInputs, RecurrentMixer
 from attn_jax.ops import feature_maps
 
 
@@ -87,26 +87,24 @@ class LinearAttention(RecurrentMixer):
   def __init__(self, d_model, num_heads, *, rngs, head_dim=None, feature_map="elu_plus_one",
                normalize=True, causal=True, short_conv_size=None, scale=None, chunk_size=64,
                dtype=None, param_dtype=jnp.float32, implementation=None):
-    super().__init__(d_model, num_heads, causal=causal, dtype=dtype)
-    conv_size = check_positive_int("short_conv_size", short_conv_size, allow_none=True)
+    super().__init__(d_model, num_heads, causal=causal, short_conv_size=short_conv_size,
+                     normalize=normalize, scale=scale, chunk_size=chunk_size,
+                     implementation=implementation, dtype=dtype)
     self.head_dim = self._head_dim(head_dim)
     self.feature_map = get_feature_map(feature_map)
     self.feature_dim = feature_dim(self.feature_map, self.head_dim)
-    self.normalize, self.scale = bool(normalize), scale
-    self.chunk_size = check_positive_int("chunk_size", chunk_size)
-    self.implementation = implementation
     h, hd = self.num_heads, self.head_dim
     p = dict(rngs=rngs, param_dtype=param_dtype)
     self.query, self.key, self.value = qkv_projections(d_model, h, hd, hd, **p)
     self.out = Projection((h, hd), (d_model,), ("heads", "head_dim", "embed"), **p)
-    self.convs = qkv_convs(conv_size, (h, hd), (h, hd), **p)
+    self.convs = qkv_convs(self.short_conv_size, (h, hd), (h, hd), **p)
 
   def _state_shape(self):
     return self.num_heads, self.feature_dim, self.head_dim
 
   def _inputs(self, x, src, *, positions, segment_ids, conv_state):
     q, k, v, conv_state = self._conv_qkv(x, src, segment_ids, conv_state)
-    return self.feature_map(q), self.feature_map(k), v, None, None, conv_state
+    return LinearAttentionInputs(self.feature_map(q), self.feature_map(k), v, conv_state)
 
   def _output(self, o, x, aux):
     return self.out(o.astype(x.dtype))
@@ -124,11 +122,9 @@ class EfficientAttention(RecurrentMixer):
 
   def __init__(self, d_model, num_heads, *, rngs, head_dim=None, causal=False,
                chunk_size=64, dtype=None, param_dtype=jnp.float32, implementation=None):
-    super().__init__(d_model, num_heads, causal=causal, dtype=dtype)
+    super().__init__(d_model, num_heads, causal=causal, scale=1.0, chunk_size=chunk_size,
+                     implementation=implementation, dtype=dtype)
     self.head_dim = self._head_dim(head_dim)
-    self.normalize, self.scale = False, 1.0
-    self.chunk_size = check_positive_int("chunk_size", chunk_size)
-    self.implementation = implementation
     h, hd = self.num_heads, self.head_dim
     p = dict(rngs=rngs, param_dtype=param_dtype)
     self.query, self.key, self.value = qkv_projections(d_model, h, hd, hd, **p)
@@ -137,7 +133,7 @@ class EfficientAttention(RecurrentMixer):
   def _inputs(self, x, src, *, positions, segment_ids, conv_state):
     q = jax.nn.softmax(self.query(x).astype(jnp.float32), axis=-1).astype(x.dtype)
     k = softmax_over_positions(self.key(src), segment_ids)
-    return q, k, self.value(src), None, None, conv_state
+    return LinearAttentionInputs(q, k, self.value(src), conv_state)
 
   def _output(self, o, x, aux):
     return self.out(o.astype(x.dtype))

@@ -28,7 +28,7 @@ from flax import nnx
 
 from attn_jax.layers.common import (Norm, Projection, ShortConv, check_positive_int,
                                     partitioned)
-from attn_jax.layers.mixer import RecurrentMixer
+from attn_jax.layers.mixer import LinearAttentionInputs, RecurrentMixer
 
 
 def dt_bias_init(dt_min, dt_max):
@@ -55,7 +55,7 @@ class Mamba2(RecurrentMixer):
     state_size: N, the width of B and C (64).
     conv_size: width of the causal convolution (4).
     dt_min, dt_max: range of Δ at initialisation.
-    chunk_size, implementation, dtype, param_dtype: as `LinearAttention`.
+    chunk_size, implementation, dtype: as `RecurrentMixer`; param_dtype: of the parameters.
 
   Decode state: `[batch, heads, state_size, head_dim]` float32 plus the convolution's
   last `conv_size - 1` inputs.
@@ -67,7 +67,8 @@ class Mamba2(RecurrentMixer):
   def __init__(self, d_model, num_heads, *, rngs, expand=2, head_dim=None, state_size=64,
                conv_size=4, dt_min=0.001, dt_max=0.1, causal=True, chunk_size=64,
                dtype=None, param_dtype=jnp.float32, implementation=None):
-    super().__init__(d_model, num_heads, causal=causal, dtype=dtype)
+    super().__init__(d_model, num_heads, causal=causal, scale=1.0, chunk_size=chunk_size,
+                     implementation=implementation, dtype=dtype)
     expand = check_positive_int("expand", expand)
     if head_dim is None and (expand * d_model) % num_heads:
       raise ValueError(f"num_heads ({num_heads}) must divide expand · d_model "
@@ -79,9 +80,6 @@ class Mamba2(RecurrentMixer):
     if not 0 < dt_min <= dt_max:
       raise ValueError(f"need 0 < dt_min <= dt_max; got dt_min={dt_min!r}, "
                        f"dt_max={dt_max!r}.")
-    self.normalize, self.scale = False, 1.0
-    self.chunk_size = check_positive_int("chunk_size", chunk_size)
-    self.implementation = implementation
     h, hd, n = self.num_heads, self.head_dim, self.state_size
     p = dict(rngs=rngs, param_dtype=param_dtype)
     names = ("embed", "heads", "head_dim")
@@ -112,7 +110,7 @@ class Mamba2(RecurrentMixer):
     dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32) + self.dt_bias[...])
     log_decay = -dt * jnp.exp(self.a_log[...].astype(jnp.float32))  # [b, s, heads]
     v = (xs.astype(jnp.float32) * dt[..., None]).astype(xs.dtype)
-    return c, b, v, log_decay, xs, conv_state
+    return LinearAttentionInputs(c, b, v, conv_state, log_decay=log_decay, output_aux=xs)
 
   def _output(self, o, x, xs):
     y = o.astype(jnp.float32) + self.skip[...][:, None] * xs.astype(jnp.float32)

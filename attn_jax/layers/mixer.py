@@ -25,13 +25,14 @@ Caches are dicts of arrays (pytrees), with the number of tokens seen so far in `
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax import ops
 from attn_jax.layers.common import check_positive_int, segment_positions
-from attn_jax.ops.linear_attention import NORMALIZE_EPS
 
 PATTERNS = ("causal_self", "noncausal_self", "causal_cross", "noncausal_cross")
 
@@ -152,25 +153,61 @@ def kv_cache_append(cache, **entries):
   return new, kv_ids
 
 
+class LinearAttentionInputs(NamedTuple):
+  """What a recurrent mixer's `_inputs` hands to `ops.linear_attention` and `_output`.
+
+  Attributes:
+    query: `[batch, seq, heads, key_dim]`, from x (feature maps applied).
+    key: `[batch, src_seq, heads, key_dim]`, from the source (x, or the context).
+    value: `[batch, src_seq, value_heads, value_dim]`, from the source.
+    conv_state: the short convolutions' decode state after this token (a dict), or None
+      in the parallel path.
+    log_decay: None, `[value_heads]` float32 (fixed per head), `[batch, src_seq,
+      value_heads]` or `[batch, src_seq, value_heads, key_dim]` float32 (gates), ≤ 0.
+    output_aux: whatever `_output` needs besides o and x (Mamba-2's skip input), or None.
+  """
+
+  query: jax.Array
+  key: jax.Array
+  value: jax.Array
+  conv_state: dict | None
+  log_decay: jax.Array | None = None
+  output_aux: Any = None
+
+
 class RecurrentMixer(Mixer):
   """Driver of the linear-attention family: parallel form, decode step and cross patterns.
 
   A subclass defines `_inputs` (projections, convolution, feature maps, decay) and
-  `_output` (norm, gate, output projection) and sets `scale`, `normalize`, `chunk_size`,
-  `implementation`; this class runs `ops.linear_attention` (parallel) or
-  `ops.linear_attention_step` (decode) between them. The decode state is
+  `_output` (norm, gate, output projection); this class runs `ops.linear_attention`
+  (parallel) or `ops.linear_attention_step` (decode) between them. The decode state is
   `[batch, value_heads, key_dim, value_dim (+1 with normalize)]` float32, whatever the
   length decoded.
+
+  Args (the options the recurrent mixers share, besides d_model, num_heads, causal, dtype):
+    short_conv_size: None, or the width of the causal short convolution a subclass puts
+      on its projections; checked and kept as `self.short_conv_size`.
+    normalize: divide by `scale · qᵀ Σ k` (Katharopoulos et al.), as `ops.linear_attention`.
+    scale: logit scale; None for the op's default, `key_dim^-0.5`.
+    chunk_size, implementation: passed to `ops.linear_attention`.
   """
 
   PATTERNS = ("causal_self", "causal_cross")
   convs = None  # an nnx.Dict of ShortConv, or None
 
-  def _inputs(self, x, src, *, positions, segment_ids, conv_state):
-    """Returns `(q, k, v, log_decay, aux, new_conv_state)`.
+  def __init__(self, d_model, num_heads, *, causal=True, short_conv_size=None,
+               normalize=False, scale=None, chunk_size=64, implementation=None, dtype=None):
+    super().__init__(d_model, num_heads, causal=causal, dtype=dtype)
+    self.short_conv_size = check_positive_int("short_conv_size", short_conv_size,
+                                              allow_none=True)
+    self.normalize, self.scale = bool(normalize), scale
+    self.chunk_size = check_positive_int("chunk_size", chunk_size)
+    self.implementation = implementation
 
-    q from `x`, k, v and log_decay from `src` (x itself, or the context), as
-    `ops.linear_attention` takes them; `aux` is whatever `_output` needs besides x.
+  def _inputs(self, x, src, *, positions, segment_ids, conv_state):
+    """Returns the `LinearAttentionInputs` of a call.
+
+    q from `x`, k, v and log_decay from `src` (x itself, or the context).
     `positions [batch, seq]` is None in cross attention; `conv_state` is None in the
     parallel path.
     """
@@ -217,19 +254,14 @@ class RecurrentMixer(Mixer):
         raise ValueError(f"causal cross attention in {self.NAME!r} pairs query i with "
                          f"context token i: context must have the length of x ({seq}); "
                          f"got {src.shape[1]}.")
-    q, k, v, log_decay, aux, _ = self._inputs(x, src, positions=positions,
-                                              segment_ids=segment_ids, conv_state=None)
-    o = ops.linear_attention(q, k, v, log_decay=log_decay, scale=self.scale,
+    inputs = self._inputs(x, src, positions=positions, segment_ids=segment_ids,
+                          conv_state=None)
+    o = ops.linear_attention(inputs.query, inputs.key, inputs.value,
+                             log_decay=inputs.log_decay, scale=self.scale,
                              is_causal=self.causal, normalize=self.normalize,
                              segment_ids=segment_ids, chunk_size=self.chunk_size,
                              implementation=self.implementation)
-    return self._output(o, x, aux)
-
-  def _normalized(self, o):
-    if not self.normalize:
-      return o
-    return (o[..., :-1].astype(jnp.float32)
-            / (o[..., -1:].astype(jnp.float32) + NORMALIZE_EPS)).astype(o.dtype)
+    return self._output(o, x, inputs.output_aux)
 
   def init_cache(self, batch_size, max_len=None):
     """The recurrent state (`max_len` is ignored: the state does not grow)."""
@@ -244,23 +276,18 @@ class RecurrentMixer(Mixer):
     return {"state": jnp.zeros((batch_size, value_heads, key_dim, state_dim), jnp.float32),
             "conv": conv, "pos": jnp.zeros((), jnp.int32)}
 
-  def init_state(self, batch_size):
-    """Alias of `init_cache(batch_size)`."""
-    return self.init_cache(batch_size)
-
   def decode(self, x_t, cache):
     """One token: `x_t [batch, 1, d_model]` → `(y_t [batch, 1, d_model], new cache)`."""
     self._check_decode()
     x_t = self._cast_step(x_t)
     positions = jnp.broadcast_to(cache["pos"], (x_t.shape[0], 1))
-    q, k, v, log_decay, aux, conv = self._inputs(x_t, x_t, positions=positions,
-                                                 segment_ids=None,
-                                                 conv_state=cache["conv"])
-    if self.normalize:
-      v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+    inputs = self._inputs(x_t, x_t, positions=positions, segment_ids=None,
+                          conv_state=cache["conv"])
+    log_decay = inputs.log_decay
     if log_decay is not None and log_decay.ndim > 1:
       log_decay = log_decay[:, 0]
-    o, state = ops.linear_attention_step(cache["state"], q[:, 0], k[:, 0], v[:, 0],
-                                         log_decay=log_decay, scale=self.scale)
-    y = self._output(self._normalized(o)[:, None], x_t, aux)
-    return y, {"state": state, "conv": conv, "pos": cache["pos"] + 1}
+    o, state = ops.linear_attention_step(
+        cache["state"], inputs.query[:, 0], inputs.key[:, 0], inputs.value[:, 0],
+        log_decay=log_decay, scale=self.scale, normalize=self.normalize)
+    y = self._output(o[:, None], x_t, inputs.output_aux)
+    return y, {"state": state, "conv": inputs.conv_state, "pos": cache["pos"] + 1}

@@ -15,6 +15,7 @@ import numpy as np
 from attn_jax.ops import dispatch
 from attn_jax.ops.attention_mask import AttentionMask
 from attn_jax.ops.attention_xla import attention_xla
+from attn_jax.ops.checks import check_qkv
 
 
 def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
@@ -52,7 +53,7 @@ def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
     NotImplementedError: when the named implementation cannot serve the call.
   """
   query, key, value = (jnp.asarray(x) for x in (query, key, value))
-  _check_qkv(query, key, value)
+  check_qkv(query, key, value, grouped="query")
   batch, q_len, q_heads, head_dim = query.shape
   kv_len = key.shape[1]
   left, right = window_bounds(local_window_size)
@@ -78,30 +79,6 @@ def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
                 return_residuals=bool(return_residuals))
   return dispatch.dispatch("dot_product_attention", BACKENDS, implementation,
                            query, key, value, q_segment_ids, kv_segment_ids, sinks, **kwargs)
-
-
-def _check_qkv(query, key, value):
-  for name, x in (("query", query), ("key", key), ("value", value)):
-    if x.ndim != 4:
-      raise ValueError(f"{name} must be [batch, seq, heads, dim] (rank 4); got shape "
-                       f"{x.shape}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} must be floating point; got {x.dtype}.")
-  if not query.dtype == key.dtype == value.dtype:
-    raise ValueError(f"query, key and value must share one dtype; got {query.dtype}, "
-                     f"{key.dtype}, {value.dtype}.")
-  if key.shape[:3] != value.shape[:3]:
-    raise ValueError(f"key and value must agree in [batch, kv_seq, kv_heads]; got key "
-                     f"{key.shape} and value {value.shape}.")
-  if query.shape[0] != key.shape[0]:
-    raise ValueError(f"query and key must have the same batch; got query {query.shape} "
-                     f"and key {key.shape}.")
-  if query.shape[3] != key.shape[3]:
-    raise ValueError(f"query and key must have the same head_dim; got query {query.shape} "
-                     f"and key {key.shape}.")
-  if query.shape[2] % key.shape[2]:
-    raise ValueError(f"query heads ({query.shape[2]}) must be a multiple of key/value "
-                     f"heads ({key.shape[2]}); got query {query.shape}, key {key.shape}.")
 
 
 def window_bounds(local_window_size):

@@ -19,6 +19,7 @@ from jax import lax
 import numpy as np
 
 from attn_jax.ops import dispatch
+from attn_jax.ops.checks import check_qkv
 from attn_jax.ops.linear_attention_xla import chunked_linear_attention
 
 NORMALIZE_EPS = 1e-6
@@ -67,7 +68,7 @@ def linear_attention(query, key, value, *, log_decay=None, scale=None, is_causal
         f"query has {query.shape[1]} tokens and key {key.shape[1]}: different lengths "
         f"need is_causal=False and no segment_ids (non-causal cross attention); got "
         f"is_causal={is_causal}, segment_ids {'given' if segment_ids is not None else 'None'}.")
-  _check_qkv(query, key, value, same_seq=not cross)
+  check_qkv(query, key, value, grouped="value")
   batch, seq, heads, key_dim = key.shape
   value_heads, value_dim = value.shape[2:]
   state_dim = value_dim + int(bool(normalize))
@@ -113,25 +114,31 @@ def linear_attention(query, key, value, *, log_decay=None, scale=None, is_causal
   return (out, final) if return_final_state else out
 
 
-def linear_attention_step(state, query, key, value, *, log_decay=None, scale=None):
+def linear_attention_step(state, query, key, value, *, log_decay=None, scale=None,
+                          normalize=False):
   """One token of linear attention: the decoding form of `linear_attention`.
 
   Args:
-    state: `[batch, value_heads, key_dim, value_dim]` float32.
+    state: `[batch, value_heads, key_dim, value_dim (+1 with normalize)]` float32.
     query, key: `[batch, heads, key_dim]`; value: `[batch, value_heads, value_dim]`.
     log_decay: None, `[value_heads]`, `[batch, value_heads]` or
       `[batch, value_heads, key_dim]`, ≤ 0.
     scale: None means `key_dim ** -0.5`.
+    normalize: as `linear_attention`: divide by `scale · qᵀ z_t + eps`, z_t (the key sum)
+      carried as the state's extra last value column.
 
   Returns:
     `(out [batch, value_heads, value_dim] in the query's dtype, new_state float32)`.
   """
   query, key, value = (jnp.asarray(x) for x in (query, key, value))
-  _check_qkv(query[:, None], key[:, None], value[:, None], rank=3)
+  check_qkv(query, key, value, grouped="value", step=True)
   batch, heads, key_dim = key.shape
   value_heads, value_dim = value.shape[1:]
-  state = _check_state("state", state, (batch, value_heads, key_dim, value_dim), False)
+  state_dim = value_dim + int(bool(normalize))
+  state = _check_state("state", state, (batch, value_heads, key_dim, state_dim), normalize)
   scale = key_dim ** -0.5 if scale is None else float(scale)
+  if normalize:
+    value = jnp.concatenate([value, jnp.ones(value.shape[:-1] + (1,), value.dtype)], -1)
   q, k = (_expand_heads(x.astype(jnp.float32), value_heads // heads, axis=1)
           for x in (query, key))
   new_state = state
@@ -142,6 +149,8 @@ def linear_attention_step(state, query, key, value, *, log_decay=None, scale=Non
     new_state = decay[..., None] * new_state
   new_state = new_state + k[..., None] * value.astype(jnp.float32)[..., None, :]
   out = scale * jnp.einsum("bhkv,bhk->bhv", new_state, q)
+  if normalize:
+    out = out[..., :value_dim] / (out[..., value_dim:] + NORMALIZE_EPS)
   return out.astype(query.dtype), new_state
 
 
@@ -194,29 +203,6 @@ def _resets(segment_ids, batch, seq):
 
 def _expand_heads(x, repeats, axis):
   return x if repeats == 1 else jnp.repeat(x, repeats, axis=axis)
-
-
-def _check_qkv(query, key, value, rank=4, same_seq=True):
-  names = (("query", query), ("key", key), ("value", value))
-  layout = "[batch, seq, heads, dim]" if rank == 4 else "[batch, heads, dim]"
-  for name, x in names:
-    if x.ndim != 4:
-      raise ValueError(f"{name} must be {layout} (rank {rank}); got shape "
-                       f"{x.shape if rank == 4 else x.shape[:1] + x.shape[2:]}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} must be floating point; got {x.dtype}.")
-  if not query.dtype == key.dtype == value.dtype:
-    raise ValueError(f"query, key and value must share one dtype; got {query.dtype}, "
-                     f"{key.dtype}, {value.dtype}.")
-  but_seq = (lambda shape: shape) if same_seq else (lambda shape: shape[:1] + shape[2:])
-  if but_seq(query.shape) != but_seq(key.shape):
-    raise ValueError(f"query and key must have the same shape"
-                     f"{'' if same_seq else ' but for seq'}; got {query.shape} and "
-                     f"{key.shape}.")
-  if value.shape[:2] != key.shape[:2] or value.shape[2] % key.shape[2]:
-    raise ValueError(f"value must be [batch, seq, value_heads, value_dim] with the key's "
-                     f"batch and seq and value_heads a multiple of the key heads "
-                     f"({key.shape[2]}); got key {key.shape} and value {value.shape}.")
 
 
 def _check_log_decay(log_decay, batch, seq, heads, key_dim, token_axis):

@@ -15,7 +15,7 @@ def test_gate_decays_each_key_channel():
   # One token, then zeros: from step 3 on the convolution sees only zeros, so q, k, v
   # vanish and the state only decays, by the gate of a zero input: σ(b)^(1/τ).
   x = util.inputs(seed=17).at[:, 1:].set(0.0)
-  _, caches = util.decode_all(m, x, m.init_state(util.BATCH))
+  _, caches = util.decode_all(m, x, m.init_cache(util.BATCH))
   states = np.asarray(caches["state"], np.float64)  # [step, batch, heads, key, value]
   gate = (1 / (1 + np.exp(-util.param(m.decay_up.bias)))) ** (1 / 16)  # [heads, key]
   np.testing.assert_allclose(states[3], gate[..., None] * states[2], rtol=1e-5)

@@ -17,7 +17,7 @@ def _sigmoid(x):
 def test_first_state_is_one_minus_forget_times_input():
   m = util.build("hgrn2")  # lower bound 0.2, convolution width 3 without activation
   x = util.inputs(seed=19).at[:, 1:].set(0.0)
-  _, caches = util.decode_all(m, x, m.init_state(util.BATCH))
+  _, caches = util.decode_all(m, x, m.init_cache(util.BATCH))
   states = np.asarray(caches["state"], np.float64)
   x0 = np.asarray(x[:, 0], np.float64)
   # At the first token a width-3 convolution is its last tap times the input.

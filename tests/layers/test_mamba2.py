@@ -25,7 +25,7 @@ def test_state_update_is_scalar_decay_plus_rank_one():
   # After four zero tokens the convolution outputs SiLU(bias): the update is exactly
   # S ← a S + B (Δ x)ᵀ with a = exp(−softplus(b_Δ) · exp(A_log)) one scalar per head.
   x = util.inputs(seed=20).at[:, 1:].set(0.0)
-  _, caches = util.decode_all(m, x, m.init_state(util.BATCH))
+  _, caches = util.decode_all(m, x, m.init_cache(util.BATCH))
   states = np.asarray(caches["state"], np.float64)  # [step, batch, heads, N, P]
   dt = _softplus(util.param(m.dt_bias))  # [heads]
   a = np.exp(-dt * np.exp(util.param(m.a_log)))

@@ -16,7 +16,7 @@ def test_retention_decays_per_head():
   np.testing.assert_allclose(gamma, 1 - 2.0 ** -np.arange(5, 9))
   m = util.build("retnet")
   x = util.inputs(seed=16).at[:, 1].set(0.0)  # a token, then nothing
-  _, caches = util.decode_all(m, x, m.init_state(util.BATCH))
+  _, caches = util.decode_all(m, x, m.init_cache(util.BATCH))
   states = np.asarray(caches["state"], np.float64)  # [step, batch, heads, k, v]
   np.testing.assert_allclose(states[1], gamma[:2, None, None] * states[0], rtol=1e-5)
   assert states.shape[-1] == 2 * states.shape[-2]  # values twice as wide as keys

@@ -114,6 +114,25 @@ def test_step_by_step_equals_sequence(form):
   assert rel_err(state, final) < 1e-5
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_normalized_step_by_step_equals_sequence(form):
+  q, k, v, decay, s0, _ = _case(2, 12, 2, 4, 8, 6, form)
+  q, k = ops.feature_maps.elu_plus_one(q), ops.feature_maps.elu_plus_one(k)
+  # A positive state with its key-sum column keeps the denominators away from zero.
+  s0 = jnp.abs(jnp.concatenate([s0, s0[..., :1]], axis=-1))
+  out, final = ops.linear_attention(q, k, v, log_decay=decay, initial_state=s0,
+                                    normalize=True, return_final_state=True, chunk_size=4)
+  state, outs = s0, []
+  for t in range(q.shape[1]):
+    step_decay = decay if decay is None or decay.ndim == 1 else decay[:, t]
+    o, state = ops.linear_attention_step(state, q[:, t], k[:, t], v[:, t],
+                                         log_decay=step_decay, normalize=True)
+    outs.append(o)
+  assert outs[0].shape == (2, 4, 6) and state.shape == (2, 4, 8, 7)
+  assert rel_err(jnp.stack(outs, 1), out) < 1e-5
+  assert rel_err(state, final) < 1e-5
+
+
 def test_chunk_size_does_not_change_the_result():
   q, k, v, decay, s0, seg = _case(1, 45, 2, 2, 8, 8, "vector")
   outs = [ops.linear_attention(q, k, v, log_decay=decay, segment_ids=seg, chunk_size=c)
@@ -204,3 +223,16 @@ def test_step_rejects_bad_state():
   q = jnp.zeros((1, 2, 4))
   with pytest.raises(ValueError, match="state must have shape"):
     ops.linear_attention_step(jnp.zeros((1, 2, 4, 3)), q, q, q)
+  with pytest.raises(ValueError, match="normalize=True adds the normaliser column"):
+    ops.linear_attention_step(jnp.zeros((1, 2, 4, 4)), q, q, q, normalize=True)
+
+
+@pytest.mark.parametrize("args, match", [
+    (((1, 2, 4), (1, 2, 4), (1, 3, 4)), "multiple of the key heads"),
+    (((1, 2, 4), (1, 2, 8), (1, 2, 4)), r"the same shape\)"),
+    (((1, 1, 2, 4), (1, 2, 4), (1, 2, 4)), r"query must be \[batch, heads, dim\]"),
+])
+def test_step_rejects_bad_arguments(args, match):
+  q, k, v = (jnp.zeros(shape) for shape in args)
+  with pytest.raises(ValueError, match=match):
+    ops.linear_attention_step(jnp.zeros((1, 2, 4, 4)), q, k, v)
