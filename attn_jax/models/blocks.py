@@ -1,4 +1,5 @@
-"""The pieces both models stack: token embedding, SwiGLU MLP, and the pre-norm block.
+"""The pieces both models stack: token embedding, SwiGLU MLP, the pre-norm block, and the
+trunk `embed → blocks → final norm` that both models put their head on.
 
 A block is `x + mixer(norm(x))` then `x + mlp(norm(x))` (pre-norm residual, as in
 GPT-2/Llama), with any mixer of `attn_jax.layers.REGISTRY`. Parameters stay in
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax import layers, parallel, sharding
-from attn_jax.layers.common import Norm, Projection, partitioned
+from attn_jax.layers.common import Norm, Projection, check_positive_int, partitioned
 from attn_jax.ops import dispatch
 
 # Activation checkpointing: what the backward pass may keep instead of recomputing.
@@ -222,6 +223,42 @@ def run_blocks(blocks, x, segment_ids, remat):
   for block in blocks:
     x = apply(block, x, segment_ids)
   return x
+
+
+class Trunk(nnx.Module):
+  """`tokens → embed → blocks → final norm`: what `DecoderLM` and `EncoderClassifier` share.
+
+  A model subclasses it and adds its `head`. The trunk's parameters are the model's own
+  attributes (`embed`, `blocks`, `final_norm`), so checkpoint paths do not name the trunk.
+  Args are those of `DecoderLM`, with `param_dtype` a `jnp.dtype`; `causal` is given to
+  every mixer.
+  """
+
+  def __init__(self, *, vocab_size, d_model, num_layers, num_heads, mlp_dim, mixers, causal,
+               rngs, mixer_options, dtype, param_dtype, remat, norm_eps):
+    self.vocab_size = check_positive_int("vocab_size", vocab_size)
+    num_layers = check_positive_int("num_layers", num_layers)
+    self.dtype = compute_dtype(dtype)
+    self.remat = check_remat(remat)
+    self.mixers = tuple(expand_mixers(mixers, num_layers))
+    self.kernels = None  # a run option: set by `attn_jax.load(..., kernels=)`, never saved
+    self.embed = Embed(vocab_size, d_model, rngs=rngs, param_dtype=param_dtype)
+    self.blocks = make_blocks(self.mixers, d_model=d_model, num_heads=num_heads,
+                              mlp_dim=mlp_dim, mixer_options=mixer_options, causal=causal,
+                              rngs=rngs, dtype=self.dtype, param_dtype=param_dtype,
+                              norm_eps=norm_eps)
+    self.final_norm = Norm((d_model,), ("embed",), rngs=rngs, eps=norm_eps,
+                           param_dtype=param_dtype)
+
+  def features(self, tokens, segment_ids=None):
+    """`tokens [batch, seq]` int → normed features `[batch, seq, d_model]`.
+
+    Call it under `ops_context(self.kernels)`; with segment ids no token sees another
+    segment.
+    """
+    x = self.embed(tokens, self.dtype or jnp.float32)
+    x = run_blocks(self.blocks, x, segment_ids, self.remat)
+    return self.final_norm(x)
 
 
 def expand_mixers(mixers, num_layers):

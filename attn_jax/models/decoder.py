@@ -14,15 +14,13 @@ mixers, recurrent states for linear ones): see `generate.py`.
 from __future__ import annotations
 
 import jax.numpy as jnp
-from flax import nnx
 
 from attn_jax import sharding
-from attn_jax.layers.common import Norm, Projection, check_positive_int
-from attn_jax.models.blocks import (Embed, check_remat, compute_dtype, expand_mixers,
-                                    make_blocks, ops_context, run_blocks)
+from attn_jax.layers.common import Projection
+from attn_jax.models.blocks import Trunk, ops_context
 
 
-class DecoderLM(nnx.Module):
+class DecoderLM(Trunk):
   """A causal language model.
 
   Args:
@@ -43,20 +41,11 @@ class DecoderLM(nnx.Module):
   def __init__(self, *, vocab_size, d_model, num_layers, num_heads, mlp_dim, mixers, rngs,
                mixer_options=None, tie_embeddings=True, dtype=None, param_dtype="float32",
                remat="none", norm_eps=1e-6):
-    self.vocab_size = check_positive_int("vocab_size", vocab_size)
-    num_layers = check_positive_int("num_layers", num_layers)
-    self.dtype = compute_dtype(dtype)
     param_dtype = jnp.dtype(param_dtype)
-    self.remat = check_remat(remat)
-    self.mixers = tuple(expand_mixers(mixers, num_layers))
-    self.kernels = None  # a run option: set by `attn_jax.load(..., kernels=)`, never saved
-    self.embed = Embed(vocab_size, d_model, rngs=rngs, param_dtype=param_dtype)
-    self.blocks = make_blocks(self.mixers, d_model=d_model, num_heads=num_heads,
-                              mlp_dim=mlp_dim, mixer_options=mixer_options, causal=True,
-                              rngs=rngs, dtype=self.dtype, param_dtype=param_dtype,
-                              norm_eps=norm_eps)
-    self.final_norm = Norm((d_model,), ("embed",), rngs=rngs, eps=norm_eps,
-                           param_dtype=param_dtype)
+    super().__init__(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers,
+                     num_heads=num_heads, mlp_dim=mlp_dim, mixers=mixers, causal=True,
+                     rngs=rngs, mixer_options=mixer_options, dtype=dtype,
+                     param_dtype=param_dtype, remat=remat, norm_eps=norm_eps)
     self.head = None if tie_embeddings else Projection(
         (d_model,), (vocab_size,), ("embed", "vocab"), rngs=rngs, param_dtype=param_dtype)
 
@@ -67,9 +56,7 @@ class DecoderLM(nnx.Module):
     whose `seq` axis is split (the sharding rules), attention runs sequence-parallel.
     """
     with ops_context(self.kernels):
-      x = self.embed(tokens, self.dtype or jnp.float32)
-      x = run_blocks(self.blocks, x, segment_ids, self.remat)
-      return self._logits(self.final_norm(x))
+      return self._logits(self.features(tokens, segment_ids))
 
   def _logits(self, x):
     if self.head is None:

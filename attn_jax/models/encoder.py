@@ -11,16 +11,14 @@ of the sequence (`mask`, e.g. non-padding) or the first token ("cls").
 from __future__ import annotations
 
 import jax.numpy as jnp
-from flax import nnx
 
-from attn_jax.layers.common import Norm, Projection, check_positive_int
-from attn_jax.models.blocks import (Embed, check_remat, compute_dtype, expand_mixers,
-                                    make_blocks, ops_context, run_blocks)
+from attn_jax.layers.common import Projection, check_positive_int
+from attn_jax.models.blocks import Trunk, ops_context
 
 POOLINGS = ("mean", "first")
 
 
-class EncoderClassifier(nnx.Module):
+class EncoderClassifier(Trunk):
   """A sequence classifier.
 
   Args:
@@ -34,23 +32,16 @@ class EncoderClassifier(nnx.Module):
   def __init__(self, *, vocab_size, d_model, num_layers, num_heads, mlp_dim, mixers,
                num_classes, rngs, pooling="mean", mixer_options=None, dtype=None,
                param_dtype="float32", remat="none", norm_eps=1e-6):
-    num_layers = check_positive_int("num_layers", num_layers)
-    self.num_classes = check_positive_int("num_classes", num_classes)
+    num_classes = check_positive_int("num_classes", num_classes)
     if pooling not in POOLINGS:
       raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}.")
-    self.pooling = pooling
-    self.dtype = compute_dtype(dtype)
     param_dtype = jnp.dtype(param_dtype)
-    self.remat = check_remat(remat)
-    self.mixers = tuple(expand_mixers(mixers, num_layers))
-    self.kernels = None  # a run option: set by `attn_jax.load(..., kernels=)`, never saved
-    self.embed = Embed(vocab_size, d_model, rngs=rngs, param_dtype=param_dtype)
-    self.blocks = make_blocks(self.mixers, d_model=d_model, num_heads=num_heads,
-                              mlp_dim=mlp_dim, mixer_options=mixer_options, causal=False,
-                              rngs=rngs, dtype=self.dtype, param_dtype=param_dtype,
-                              norm_eps=norm_eps)
-    self.final_norm = Norm((d_model,), ("embed",), rngs=rngs, eps=norm_eps,
-                           param_dtype=param_dtype)
+    super().__init__(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers,
+                     num_heads=num_heads, mlp_dim=mlp_dim, mixers=mixers, causal=False,
+                     rngs=rngs, mixer_options=mixer_options, dtype=dtype,
+                     param_dtype=param_dtype, remat=remat, norm_eps=norm_eps)
+    self.num_classes = num_classes
+    self.pooling = pooling
     self.head = Projection((d_model,), (num_classes,), ("embed", None), rngs=rngs,
                            param_dtype=param_dtype)
 
@@ -63,9 +54,7 @@ class EncoderClassifier(nnx.Module):
       segment_ids: `[batch, seq]` ints; tokens attend within their segment.
     """
     with ops_context(self.kernels):
-      x = self.embed(tokens, self.dtype or jnp.float32)
-      x = run_blocks(self.blocks, x, segment_ids, self.remat)
-      x = self.final_norm(x).astype(jnp.float32)
+      x = self.features(tokens, segment_ids).astype(jnp.float32)
     if self.pooling == "first":
       pooled = x[:, 0]
     else:

@@ -72,20 +72,6 @@ def make_eval_step(setup, batch_shapes):
   return _in_context(jitted, setup)
 
 
-def make_loss_and_grad(setup, batch_shapes):
-  """`(params, batch) -> (loss, grads)`, jit'd with the setup's shardings (for tests)."""
-  in_batch = batch_shardings(setup.mesh, batch_shapes, setup.rules)
-
-  def loss_fn(params, batch):
-    sums = model_metrics(setup.graphdef, params, batch)
-    return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
-
-  jitted = jax.jit(jax.value_and_grad(loss_fn),
-                   in_shardings=(setup.shardings["params"], in_batch),
-                   out_shardings=(sharding.replicated(setup.mesh), setup.shardings["params"]))
-  return _in_context(jitted, setup)
-
-
 def _in_context(jitted, setup):
   """Calls (and traces) `jitted` under the setup's mesh, sharding rules and kernels."""
   def call(*args):

@@ -336,7 +336,8 @@ def _backward_kernel(*refs, gate, scale, subchunk):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _Static:
+  """Static configuration shared by the kernels (hashable)."""
   scale: float
   blocks: BlockSizes
   gate: str  # "none", "scalar" or "vector"
@@ -361,8 +362,8 @@ class _Specs:
     return pl.BlockSpec((None, None, None, 1, self.c),
                         lambda b, h, n: (b, h, self.chunk(n), 0, 0))
 
-  def gate(self, cfg, key_dim):
-    return self.per_head(key_dim) if cfg.gate == "vector" else self.scalar_gate()
+  def gate(self, st, key_dim):
+    return self.per_head(key_dim) if st.gate == "vector" else self.scalar_gate()
 
   def runs(self):
     return pl.BlockSpec((None, None, 1, self.c), lambda b, h, n: (b, self.chunk(n), 0, 0))
@@ -375,7 +376,7 @@ class _Specs:
                         lambda b, h, n: (b, h, self.chunk(n), 0, 0))
 
 
-def _pallas_call(kernel, cfg, grid, in_specs, out_specs, out_shape, state_shape):
+def _pallas_call(kernel, st, grid, in_specs, out_specs, out_shape, state_shape):
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -384,39 +385,39 @@ def _pallas_call(kernel, cfg, grid, in_specs, out_specs, out_shape, state_shape)
       out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=cfg.interpret,
+      interpret=st.interpret,
   )
 
 
-def _forward(cfg, q, k, v, g, runs, s0, save_states):
+def _forward(st, q, k, v, g, runs, s0, save_states):
   batch, heads, seq, vdim = v.shape
-  kdim, c = q.shape[-1], cfg.blocks.chunk
+  kdim, c = q.shape[-1], st.blocks.chunk
   n = seq // c
   sp = _Specs(heads // q.shape[1], c, n, reverse=False)
-  has_gate = cfg.gate != "none"
+  has_gate = st.gate != "none"
   in_specs = [sp.query_key(kdim), sp.query_key(kdim), sp.per_head(vdim)]
-  in_specs += [sp.gate(cfg, kdim)] * has_gate + [sp.runs(), sp.state(kdim, vdim)]
+  in_specs += [sp.gate(st, kdim)] * has_gate + [sp.runs(), sp.state(kdim, vdim)]
   out_specs = [sp.per_head(vdim), sp.state(kdim, vdim)]
   out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype),
                jax.ShapeDtypeStruct(s0.shape, F32)]
   if save_states:
     out_specs.append(sp.states(kdim, vdim))
     out_shape.append(jax.ShapeDtypeStruct((batch, heads, n, kdim, vdim), F32))
-  kernel = functools.partial(_forward_kernel, gate=cfg.gate, scale=cfg.scale,
-                             subchunk=cfg.blocks.subchunk, save_states=save_states)
+  kernel = functools.partial(_forward_kernel, gate=st.gate, scale=st.scale,
+                             subchunk=st.blocks.subchunk, save_states=save_states)
   args = [q, k, v] + [g] * has_gate + [runs, s0]
-  outs = _pallas_call(kernel, cfg, (batch, heads, n), in_specs, out_specs, out_shape,
+  outs = _pallas_call(kernel, st, (batch, heads, n), in_specs, out_specs, out_shape,
                       (kdim, vdim))(*args)
   return outs[0], outs[1], (outs[2] if save_states else None)
 
 
-def _backward(cfg, q, k, v, g, runs, states, do, dfinal):
+def _backward(st, q, k, v, g, runs, states, do, dfinal):
   batch, heads, seq, vdim = v.shape
-  kdim, c = q.shape[-1], cfg.blocks.chunk
+  kdim, c = q.shape[-1], st.blocks.chunk
   n = seq // c
   sp = _Specs(heads // q.shape[1], c, n, reverse=True)
-  has_gate = cfg.gate != "none"
-  gate_spec = [sp.gate(cfg, kdim)] * has_gate
+  has_gate = st.gate != "none"
+  gate_spec = [sp.gate(st, kdim)] * has_gate
   in_specs = [sp.query_key(kdim), sp.query_key(kdim), sp.per_head(vdim), *gate_spec,
               sp.runs(), sp.states(kdim, vdim), sp.per_head(vdim), sp.state(kdim, vdim)]
   out_specs = [sp.per_head(kdim), sp.per_head(kdim), sp.per_head(vdim), *gate_spec,
@@ -425,10 +426,10 @@ def _backward(cfg, q, k, v, g, runs, states, do, dfinal):
   out_shape += [jax.ShapeDtypeStruct(v.shape, F32)]
   out_shape += [jax.ShapeDtypeStruct(g.shape, F32)] if has_gate else []
   out_shape += [jax.ShapeDtypeStruct(dfinal.shape, F32)]
-  kernel = functools.partial(_backward_kernel, gate=cfg.gate, scale=cfg.scale,
-                             subchunk=cfg.blocks.subchunk)
+  kernel = functools.partial(_backward_kernel, gate=st.gate, scale=st.scale,
+                             subchunk=st.blocks.subchunk)
   args = [q, k, v] + [g] * has_gate + [runs, states, do, dfinal]
-  outs = _pallas_call(kernel, cfg, (batch, heads, n), in_specs, out_specs, out_shape,
+  outs = _pallas_call(kernel, st, (batch, heads, n), in_specs, out_specs, out_shape,
                       (kdim, vdim))(*args)
   dq, dk, dv = outs[:3]
   dg = outs[3] if has_gate else None
@@ -436,20 +437,20 @@ def _backward(cfg, q, k, v, g, runs, states, do, dfinal):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked(cfg, q, k, v, g, runs, s0):
-  out, final, _ = _forward(cfg, q, k, v, g, runs, s0, save_states=False)
+def _chunked(st, q, k, v, g, runs, s0):
+  out, final, _ = _forward(st, q, k, v, g, runs, s0, save_states=False)
   return out, final
 
 
-def _chunked_fwd(cfg, q, k, v, g, runs, s0):
-  out, final, states = _forward(cfg, q, k, v, g, runs, s0, save_states=True)
+def _chunked_fwd(st, q, k, v, g, runs, s0):
+  out, final, states = _forward(st, q, k, v, g, runs, s0, save_states=True)
   return (out, final), (q, k, v, g, runs, states)
 
 
-def _chunked_bwd(cfg, residuals, cotangents):
+def _chunked_bwd(st, residuals, cotangents):
   q, k, v, g, runs, states = residuals
   dout, dfinal = cotangents
-  dq, dk, dv, dg, ds0 = _backward(cfg, q, k, v, g, runs, states, dout.astype(v.dtype),
+  dq, dk, dv, dg, ds0 = _backward(st, q, k, v, g, runs, states, dout.astype(v.dtype),
                                   dfinal.astype(F32))
   group_sum = lambda x: x.reshape(q.shape[:2] + (-1,) + x.shape[2:]).sum(2).astype(q.dtype)
   return (group_sum(dq), group_sum(dk), dv.astype(v.dtype), dg, jnp.zeros_like(runs), ds0)
@@ -527,7 +528,7 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
       vector_gate=gate == "vector")
   if interpret is True:
     interpret = pltpu.InterpretParams()
-  cfg = _Config(scale=float(scale), blocks=blocks, gate=gate, interpret=interpret)
+  st = _Static(scale=float(scale), blocks=blocks, gate=gate, interpret=interpret)
 
   c = blocks.chunk
   pad = -seq % c
@@ -547,5 +548,5 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
   # r_i: resets in the chunk up to token i (padding joins the last run).
   runs = jnp.pad(resets.astype(jnp.int32), ((0, 0), (0, pad))).reshape(batch, n, c)
   runs = jnp.cumsum(runs, axis=-1).astype(F32).reshape(batch, n, 1, c)
-  out, final = _chunked(cfg, q, k, v, g, runs, initial_state.astype(F32))
+  out, final = _chunked(st, q, k, v, g, runs, initial_state.astype(F32))
   return jnp.swapaxes(out[:, :, :seq], 1, 2), final
