@@ -15,7 +15,7 @@ import numpy as np
 from attn_jax.ops import dispatch
 from attn_jax.ops.attention_mask import AttentionMask
 from attn_jax.ops.attention_xla import attention_xla
-from attn_jax.ops.checks import check_qkv
+from attn_jax.ops.checks import check_qkv, segment_ids_int32
 
 
 def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
@@ -63,8 +63,9 @@ def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
     raise ValueError("q_segment_ids and kv_segment_ids must be given together; got only "
                      + ("q_segment_ids." if kv_segment_ids is None else "kv_segment_ids."))
   if q_segment_ids is not None:
-    q_segment_ids = _segment_ids("q_segment_ids", q_segment_ids, (batch, q_len))
-    kv_segment_ids = _segment_ids("kv_segment_ids", kv_segment_ids, (batch, kv_len))
+    q_segment_ids, kv_segment_ids = segment_ids_int32(
+        ("q_segment_ids", q_segment_ids, (batch, q_len)),
+        ("kv_segment_ids", kv_segment_ids, (batch, kv_len)))
   if logits_soft_cap is not None:
     logits_soft_cap = float(logits_soft_cap)
     if not logits_soft_cap > 0:
@@ -98,15 +99,6 @@ def window_bounds(local_window_size):
       raise ValueError(f"local_window_size {side} bound must be a non-negative int or "
                        f"None; got {local_window_size!r}.")
   return (None if left is None else int(left)), (None if right is None else int(right))
-
-
-def _segment_ids(name, ids, shape):
-  ids = jnp.asarray(ids)
-  if ids.shape != shape:
-    raise ValueError(f"{name} must have shape {shape} (batch, seq); got {ids.shape}.")
-  if not jnp.issubdtype(ids.dtype, jnp.integer):
-    raise ValueError(f"{name} must be integers; got {ids.dtype}.")
-  return ids.astype(jnp.int32)
 
 
 def _cudnn(query, key, value, q_segment_ids, kv_segment_ids, sinks, *, mask, scale,

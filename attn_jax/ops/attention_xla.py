@@ -27,6 +27,11 @@ def attention_xla(query, key, value, q_segment_ids, kv_segment_ids, sinks, *,
   groups = q_heads // kv_heads
   # Query head h reads key/value head h // groups: split q heads into (kv_heads, groups).
   q = query.reshape(batch, q_len, kv_heads, groups, query.shape[-1])
+  # A non-finite key or value reaches only the queries that see it: the products run on
+  # finite copies (0 · NaN is NaN, in the forward and in the gradient), and the outputs
+  # of the queries that see such a key come back as NaN through `where`.
+  key, bad_key = _finite(key)  # [b, k, h, d], [b, k, h]
+  value, bad_value = _finite(value)
   logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, key,
                       preferred_element_type=jnp.float32) * scale
   if logits_soft_cap is not None:
@@ -49,8 +54,19 @@ def attention_xla(query, key, value, q_segment_ids, kv_segment_ids, sinks, *,
   out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(value.dtype), value,
                    preferred_element_type=jnp.float32)
   out = out / jnp.moveaxis(safe_denom, -1, 1)[..., None]
+  visible = jnp.broadcast_to(visible, (batch,) + visible.shape[1:])
+  sees_bad = jnp.einsum("bqk,bkh->bqh", visible.astype(jnp.float32),
+                        (bad_key | bad_value).astype(jnp.float32)) > 0  # [b, q, kv_heads]
+  out = jnp.where(sees_bad[:, :, :, None, None], jnp.nan, out)
   out = out.reshape(batch, q_len, q_heads, value.shape[-1]).astype(query.dtype)
   if not return_residuals:
     return out
   lse = jnp.where(seen, row_max + jnp.log(safe_denom), -jnp.inf)
+  lse = jnp.where(jnp.moveaxis(sees_bad, 1, 2)[:, :, None], jnp.nan, lse)
   return out, lse.reshape(batch, q_heads, q_len)
+
+
+def _finite(x):
+  """(x with its non-finite entries zeroed, [b, s, h] bool: the rows that held one)."""
+  finite = jnp.isfinite(x)
+  return jnp.where(finite, x, 0), ~jnp.all(finite, axis=-1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_qkv(query, key, value, *, grouped, step=False):
@@ -56,3 +58,37 @@ def check_qkv(query, key, value, *, grouped, step=False):
     raise ValueError(f"{grouped} heads ({many}) must be a multiple of the key heads "
                      f"({k[2]}); got key {key.shape} and {grouped} "
                      f"{(query if grouped == 'query' else value).shape}.")
+
+
+def segment_ids_int32(*named):
+  """Segment id arrays as int32 ids that are equal exactly where the given ids are.
+
+  named: `(name, ids, shape)` triples, ids `[batch, seq]` integers. Segment ids are only
+  compared for equality, so ids that do not fit int32 (64-bit ids, as document hashes
+  often are) are renumbered (`unique`, one numbering for all arrays), never truncated:
+  NumPy arrays on the host before JAX would cast them, 64-bit JAX arrays (x64 mode) on
+  the device. Raises ValueError naming the array for a wrong shape or dtype."""
+  arrays = []
+  for name, ids, shape in named:
+    ids = ids if isinstance(ids, jax.Array) else np.asarray(ids)
+    if ids.shape != tuple(shape) or not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise ValueError(f"{name} must be integers of shape (batch, seq) = {tuple(shape)}; "
+                       f"got {ids.dtype} {ids.shape}.")
+    arrays.append(ids)
+  host = not any(isinstance(ids, jax.Array) for ids in arrays)
+  xp = np if host else jnp
+  flat = xp.concatenate([xp.ravel(ids) for ids in arrays])
+  int32 = np.iinfo(np.int32)
+  if host:
+    wide = flat.size and (flat.min() < int32.min or flat.max() > int32.max)
+  else:
+    wide = jnp.iinfo(flat.dtype).max > int32.max or jnp.iinfo(flat.dtype).min < int32.min
+  if wide:
+    flat = (np.unique(flat, return_inverse=True)[1] if host else
+            jnp.unique(flat, return_inverse=True, size=flat.size)[1])
+  flat = jnp.asarray(flat.reshape(-1), jnp.int32) if host else flat.reshape(-1).astype(jnp.int32)
+  out, start = [], 0
+  for ids in arrays:
+    out.append(flat[start:start + ids.size].reshape(ids.shape))
+    start += ids.size
+  return tuple(out)

@@ -19,7 +19,7 @@ from jax import lax
 import numpy as np
 
 from attn_jax.ops import dispatch
-from attn_jax.ops.checks import check_qkv
+from attn_jax.ops.checks import check_qkv, segment_ids_int32
 from attn_jax.ops.linear_attention_xla import chunked_linear_attention
 
 NORMALIZE_EPS = 1e-6
@@ -41,7 +41,9 @@ def linear_attention(query, key, value, *, log_decay=None, scale=None, is_causal
     log_decay: None (no decay); `[value_heads]` fixed per-head decay (Lightning,
       TransNormer, RetNet); `[batch, seq, value_heads]` per-token scalar gate (simple GLA,
       Mamba-2); or `[batch, seq, value_heads, key_dim]` per-token gate over keys (GLA,
-      HGRN2). Values must be ≤ 0 (a_t ≤ 1) and finite.
+      HGRN2). Values must be ≤ 0 (a_t ≤ 1) and finite: concrete values that are not
+      raise ValueError; under jit a positive value turns into NaN (in every output it
+      reaches), since a traced value cannot raise.
     scale: None means `key_dim ** -0.5`.
     is_causal: False gives global (non-causal) linear attention: every token reads the
       state of its whole segment; no decay is allowed then.
@@ -81,11 +83,7 @@ def linear_attention(query, key, value, *, log_decay=None, scale=None, is_causal
     initial_state = _check_state("initial_state", initial_state,
                                  (batch, value_heads, key_dim, state_dim), normalize)
   if segment_ids is not None:
-    segment_ids = jnp.asarray(segment_ids)
-    if segment_ids.shape != (batch, seq) or not jnp.issubdtype(segment_ids.dtype,
-                                                                jnp.integer):
-      raise ValueError(f"segment_ids must be integers of shape (batch, seq) = "
-                       f"{(batch, seq)}; got {segment_ids.dtype} {segment_ids.shape}.")
+    segment_ids, = segment_ids_int32(("segment_ids", segment_ids, (batch, seq)))
   if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
   scale = key_dim ** -0.5 if scale is None else float(scale)
@@ -163,9 +161,32 @@ def _xla(query, key, value, log_decay, initial_state, resets, *, scale, chunk_si
     log_decay = jnp.zeros((batch, seq, value_heads), jnp.float32)
   elif log_decay.ndim == 1:
     log_decay = jnp.broadcast_to(log_decay, (batch, seq, value_heads))
-  return chunked_linear_attention(q, k, value, log_decay=log_decay.astype(jnp.float32),
-                                  scale=scale, initial_state=initial_state, resets=resets,
-                                  chunk_size=chunk_size)
+  # A non-finite q, k or v reaches only the outputs that see it (its own run, from its
+  # token on): the chunked products, whose masks are multiplications by 0 (0 · NaN is
+  # NaN), run on finite copies, and NaN comes back through `where` where it belongs.
+  (q, bad_q), (k, bad_k), (value, bad_v) = (_finite(x) for x in (q, k, value))
+  out, final = chunked_linear_attention(q, k, value, log_decay=log_decay.astype(jnp.float32),
+                                        scale=scale, initial_state=initial_state,
+                                        resets=resets, chunk_size=chunk_size)
+  seen = _seen_in_run(bad_k | bad_v, resets)  # [batch, seq, value_heads]
+  out = jnp.where((bad_q | seen)[..., None], jnp.nan, out)
+  final = jnp.where(seen[:, -1, :, None, None], jnp.nan, final)
+  return out, final
+
+
+def _finite(x):
+  """(x with its non-finite entries zeroed, `[b, s, h]` bool: the rows that held one)."""
+  finite = jnp.isfinite(x)
+  return jnp.where(finite, x, 0), ~jnp.all(finite, axis=-1)
+
+
+def _seen_in_run(bad, resets):
+  """`[batch, seq, heads]` bool: some token s ≤ t of t's run (segment) is `bad`."""
+  count = jnp.cumsum(bad.astype(jnp.int32), axis=1)
+  before = count - bad  # bad tokens before t
+  starts = resets.at[:, 0].set(True)[..., None]
+  base = lax.cummax(jnp.where(starts, before, 0), axis=1)  # bad tokens before t's run
+  return count > base
 
 
 def _non_causal(query, key, value, initial_state, resets, segment_ids, implementation,
@@ -222,7 +243,9 @@ def _check_log_decay(log_decay, batch, seq, heads, key_dim, token_axis):
   try:
     concrete = np.asarray(log_decay)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return log_decay
+    # Traced (under jit) the values cannot raise: a positive one becomes NaN, so the
+    # mistake shows in every output that it reaches (not a silently growing state).
+    return jnp.where(log_decay > 0, jnp.nan, log_decay)
   if np.any(concrete > 0) or not np.all(np.isfinite(concrete)):
     raise ValueError(f"log_decay must be finite and ≤ 0 (decay a = exp(log_decay) ≤ 1); "
                      f"got max {np.nanmax(concrete)}, min {np.nanmin(concrete)}.")

@@ -187,7 +187,7 @@ def test_jit_and_vmap():
      "together"),
     (lambda q, k, v: ops.dot_product_attention(
         q, k, v, q_segment_ids=jnp.zeros((1, 7), int), kv_segment_ids=jnp.zeros((1, 8), int)),
-     r"q_segment_ids must have shape \(1, 8\)"),
+     r"q_segment_ids must be integers of shape \(batch, seq\) = \(1, 8\)"),
     (lambda q, k, v: ops.dot_product_attention(q, k, v, sinks=jnp.zeros(3)), "sinks"),
     (lambda q, k, v: ops.dot_product_attention(q, k, v, logits_soft_cap=0.0), "logits_soft_cap"),
     (lambda q, k, v: ops.dot_product_attention(q, k, v, implementation="fast"), "unknown"),

@@ -1,0 +1,119 @@
+"""Non-finite values and out-of-range ids must not reach what cannot see them.
+
+A NaN or Inf in a query, key or value reaches exactly the outputs that see that token
+(the mask's visible pairs; for linear attention, the token's own run from the token on)
+and no gradient of an output that does not see it. Segment ids are compared for
+equality only: 64-bit ids past the int32 range keep their meaning. A positive log decay
+under jit turns into NaN instead of a silently growing state.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attn_jax import ops
+from tests.utils import fresh_keys, normal
+
+SEGMENTS = np.repeat(np.arange(4), 4)[None]  # [1, 16]: four runs of 4 tokens
+
+
+def _qkv(batch=1, seq=16, heads=2, dim=8):
+  return [normal(k, (batch, seq, heads, dim)) for k in fresh_keys(3)]
+
+
+def _plant(x, token, head=None):
+  return x.at[0, token].set(jnp.nan) if head is None else x.at[0, token, head, 1].set(jnp.inf)
+
+
+def _softmax(q, k, v, causal, segments, window=None):
+  seg = None if segments is None else jnp.asarray(segments)
+  return ops.dot_product_attention(q, k, v, is_causal=causal, q_segment_ids=seg,
+                                   kv_segment_ids=seg, local_window_size=window,
+                                   implementation="xla")
+
+
+@pytest.mark.parametrize("which", ["key", "value"])
+@pytest.mark.parametrize("causal, segments, window", [
+    (True, None, None), (False, SEGMENTS, None), (True, SEGMENTS, None),
+    (True, None, (2, 0))])
+def test_softmax_nonfinite_reaches_only_queries_that_see_it(which, causal, segments, window):
+  q, k, v = _qkv()
+  token = 9
+  args = dict(key=k, value=v)
+  args[which] = _plant(args[which], token)
+  rows = np.arange(16)
+  sees = np.ones(16, bool)
+  if causal:
+    sees &= rows >= token
+  if segments is not None:
+    sees &= SEGMENTS[0] == SEGMENTS[0, token]
+  if window is not None:
+    sees &= rows - token <= window[0]
+  out = _softmax(q, args["key"], args["value"], causal, segments, window)
+  bad = ~np.isfinite(np.asarray(out[0])).all(axis=(1, 2))
+  np.testing.assert_array_equal(bad, sees)
+  clean = _softmax(q, k, v, causal, segments, window)
+  np.testing.assert_array_equal(np.asarray(out[0, ~sees]), np.asarray(clean[0, ~sees]))
+
+  def loss(q, k, v):  # the outputs that do not see the planted token
+    return jnp.sum(jnp.where(jnp.asarray(~sees)[None, :, None, None],
+                             _softmax(q, k, v, causal, segments, window), 0.0))
+  grads = jax.grad(loss, (0, 1, 2))(q, args["key"], args["value"])
+  assert all(bool(jnp.isfinite(g).all()) for g in grads)
+
+
+@pytest.mark.parametrize("which", ["query", "key", "value"])
+@pytest.mark.parametrize("form", ["none", "scalar", "vector"])
+@pytest.mark.parametrize("chunk_size", [4, 16, 64])
+def test_linear_nonfinite_reaches_only_its_run(which, form, chunk_size):
+  q, k, v = _qkv()
+  log_decay = {"none": None,
+               "scalar": -jax.random.uniform(fresh_keys(1)[0], (1, 16, 2)),
+               "vector": -jax.random.uniform(fresh_keys(1)[0], (1, 16, 2, 8))}[form]
+  token, head = 5, 1
+  args = dict(query=q, key=k, value=v)
+  args[which] = _plant(args[which], token, head)
+
+  def run(q, k, v):
+    return ops.linear_attention(q, k, v, log_decay=log_decay, segment_ids=SEGMENTS,
+                                chunk_size=chunk_size, implementation="xla")
+  out = run(args["query"], args["key"], args["value"])
+  rows = np.arange(16)
+  sees = (rows == token) if which == "query" else (
+      (rows >= token) & (SEGMENTS[0] == SEGMENTS[0, token]))
+  bad = ~np.isfinite(np.asarray(out[0, :, head])).all(axis=1)
+  np.testing.assert_array_equal(bad, sees)
+  assert np.isfinite(np.asarray(out[0, :, 1 - head])).all()
+  clean = run(q, k, v)
+  np.testing.assert_allclose(np.asarray(out[0, ~sees]), np.asarray(clean[0, ~sees]),
+                             rtol=1e-6, atol=1e-6)
+
+  def loss(q, k, v):
+    return jnp.sum(jnp.where(jnp.asarray(~sees)[None, :, None, None], run(q, k, v), 0.0))
+  grads = jax.grad(loss, (0, 1, 2))(args["query"], args["key"], args["value"])
+  assert all(bool(jnp.isfinite(g).all()) for g in grads)
+
+
+def test_int64_segment_ids_past_int32_stay_distinct():
+  q, k, v = _qkv()
+  small = np.repeat(np.arange(2), 8)[None]
+  wide = np.where(small == 0, 2 ** 33, 2 ** 33 + 1).astype(np.int64)  # equal mod 2**32
+  want = _softmax(q, k, v, True, small)
+  np.testing.assert_array_equal(np.asarray(_softmax(q, k, v, True, wide)), np.asarray(want))
+  linear = lambda ids: ops.linear_attention(q, k, v, segment_ids=ids, implementation="xla")
+  np.testing.assert_array_equal(np.asarray(linear(wide)), np.asarray(linear(small)))
+
+
+def test_positive_log_decay_under_jit_is_nan_not_silent():
+  q, k, v = _qkv()
+  decay = jnp.asarray([-0.1, 5.0])
+  run = jax.jit(lambda g: ops.linear_attention(q, k, v, log_decay=g, implementation="xla"))
+  out = run(decay)
+  assert np.isnan(np.asarray(out[:, :, 1])).all()
+  np.testing.assert_allclose(
+      np.asarray(out[:, :, 0]),
+      np.asarray(ops.linear_attention(q, k, v, log_decay=decay.at[1].set(-0.1),
+                                      implementation="xla")[:, :, 0]), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="log_decay must be finite and ≤ 0"):
+    ops.linear_attention(q, k, v, log_decay=decay, implementation="xla")
