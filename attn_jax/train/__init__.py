@@ -4,11 +4,11 @@
     model = attn_jax.load(workdir)
 """
 
-from attn_jax.train.checkpoint import Checkpoints
+from attn_jax.train.checkpoint import Checkpoints, CorruptCheckpoint
 from attn_jax.train.config_check import ConfigMismatchError
 from attn_jax.train.load import load, load_config, load_meta
 from attn_jax.train.metrics import read_metrics
 from attn_jax.train.trainer import NonFiniteLossError, evaluate, train_and_evaluate
 
-__all__ = ["Checkpoints", "ConfigMismatchError", "NonFiniteLossError", "evaluate", "load",
-           "load_config", "load_meta", "read_metrics", "train_and_evaluate"]
+__all__ = ["Checkpoints", "ConfigMismatchError", "CorruptCheckpoint", "NonFiniteLossError",
+           "evaluate", "load", "load_config", "load_meta", "read_metrics", "train_and_evaluate"]

@@ -7,9 +7,12 @@ rebuild the model). Saves are asynchronous: training continues while the arrays 
 written, and orbax renames a checkpoint into place only when all of it is written, so a
 directory without the temporary suffix is complete.
 
-Resuming takes the newest checkpoint that restores. One that fails (files truncated or
-missing) is reported and moved to `<workdir>/corrupt_checkpoints/` — never deleted — and
-the next older one is tried; half-written temporary directories are reported and skipped.
+Resuming takes the newest checkpoint that restores and verifies. One that fails (files
+truncated or missing, or arrays whose bytes changed since the save) is reported and moved
+to `<workdir>/corrupt_checkpoints/` — never deleted — and the next older one is tried;
+half-written temporary directories are reported and skipped. Verification: at save the
+`meta` item records a fingerprint of every array (`fingerprint`: its float64 sum and sum
+of squares, computed on the devices); restored arrays must be finite and match it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -60,7 +65,8 @@ class Checkpoints:
 
   def save(self, step, state, data_state, meta):
     """Starts an asynchronous save of `state` at `step` (returns once it is under way)."""
-    meta = {**meta, "step": int(step), "format_version": FORMAT_VERSION}
+    meta = {**meta, "step": int(step), "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint(_saved_arrays(state))}
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state["params"]),
         opt_state=ocp.args.StandardSave({"step": state["step"],
@@ -89,8 +95,10 @@ class Checkpoints:
     return None
 
   def restore_params(self, step, abstract_params):
+    """The `params` item of checkpoint `step`, verified against its fingerprint."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params)))
+        params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+    verify(step, {"params": restored["params"]}, restored["meta"])
     return restored["params"]
 
   def restore(self, step, abstract_state):
@@ -103,6 +111,7 @@ class Checkpoints:
     opt = restored["opt_state"]
     state = {"step": opt["step"], "params": restored["params"],
              "opt_state": opt["opt_state"]}
+    verify(step, _saved_arrays(state), restored["meta"])
     return state, restored["data"], restored["meta"]
 
   def restore_latest(self, abstract_state):
@@ -145,3 +154,56 @@ class Checkpoints:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class CorruptCheckpoint(ValueError):
+  """A checkpoint whose arrays restore but are not what was saved."""
+
+
+def _saved_arrays(state):
+  return {"params": state["params"], "opt_state": state["opt_state"]}
+
+
+@jax.jit
+def _sums(tree):
+  """Per array: [sum, sum of squares, sum of magnitudes] in float32, on its devices."""
+  def sums(x):
+    x = x.astype(jnp.float32)
+    return jnp.stack([jnp.sum(x), jnp.sum(x * x), jnp.sum(jnp.abs(x))])
+  return jax.tree.map(sums, tree)
+
+
+def fingerprint(tree):
+  """`{path: [sum, sum of squares, sum of magnitudes]}` of every array of `tree`: what `verify`
+  compares a restored tree with. Computed on the devices (one pass over the arrays)."""
+  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(_sums(tree)))
+  return {jax.tree_util.keystr(path): [float(v) for v in np.asarray(value)]
+          for path, value in leaves}
+
+
+def verify(step, tree, meta):
+  """Raises CorruptCheckpoint naming `step` unless every array of `tree` (all or part of
+  what was saved) is finite and, where `meta` has a fingerprint (checkpoints written
+  since it was added), matches it.
+
+  The sums are compared to 1e-4 of the sum of magnitudes (a restore onto another device
+  layout may sum in another order); a changed byte moves them far more."""
+  got = fingerprint(tree)
+  bad = [path for path, sums in got.items() if not np.all(np.isfinite(sums))]
+  if bad:
+    raise CorruptCheckpoint(f"checkpoint {step}: non-finite values in {len(bad)} arrays "
+                            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}).")
+  saved = meta.get("fingerprint") if isinstance(meta, dict) else None
+  if saved is None:
+    return
+  def differs(now, then):
+    tolerance = 1e-4 * max(then[2], now[2]) + 1e-30
+    return (abs(now[0] - then[0]) > tolerance
+            or abs(now[1] - then[1]) > 1e-4 * max(then[1], now[1]) + 1e-30)
+  changed = [path for path, value in got.items()
+             if path not in saved or differs(value, saved[path])]
+  if changed:
+    raise CorruptCheckpoint(
+        f"checkpoint {step}: {len(changed)} arrays differ from what was saved "
+        f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): the files were "
+        "changed or damaged after the save.")

@@ -8,12 +8,13 @@ a given mesh — not necessarily the mesh it was trained on.
 from __future__ import annotations
 
 import jax
+from absl import logging
 from flax import nnx
 
 from attn_jax import sharding
 from attn_jax.ops import dispatch
 from attn_jax.train import config_check
-from attn_jax.train.checkpoint import Checkpoints, checkpoint_dir
+from attn_jax.train.checkpoint import Checkpoints, CorruptCheckpoint, checkpoint_dir
 from attn_jax.train.state import ModelSpec
 
 
@@ -35,7 +36,17 @@ def load_meta(workdir, step=None):
     if step is not None and step not in steps:
       raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoints.directory}; "
                               f"there are {steps}.")
-    return checkpoints.read_meta(step)
+    candidates = [step] if step is not None else list(reversed(steps))
+    for i, candidate in enumerate(candidates):
+      try:
+        return checkpoints.read_meta(candidate)
+      except Exception as e:  # orbax and json raise many types for damaged files
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        if i + 1 == len(candidates):
+          raise CorruptCheckpoint(f"checkpoint {candidate} in {checkpoints.directory}: its "
+                                  f"meta item does not read ({reason}).") from None
+        logging.warning("checkpoint %d: its meta item does not read (%s); using the "
+                        "previous one, %d.", candidate, reason, candidates[i + 1])
   finally:
     checkpoints.close()
 
@@ -77,9 +88,28 @@ def load(workdir, *, step=None, mesh=None, rules=None, kernels=None):
                         nnx.to_pure_dict(abstract), shardings)
   checkpoints = Checkpoints(workdir, read_only=True)
   try:
-    params = checkpoints.restore_params(meta["step"], target)
+    params = _restore_params(checkpoints, int(meta["step"]), target, fall_back=step is None)
   finally:
     checkpoints.close()
   model = nnx.merge(graphdef, params)
   model.kernels = tuple(sorted(dispatch.check_kernels(kernels).items())) or None
   return model
+
+
+def _restore_params(checkpoints, step, target, fall_back):
+  """The verified params of checkpoint `step`; with `fall_back`, of the newest older one
+  that restores if `step`'s does not (with a warning naming both). Raises CorruptCheckpoint
+  (or orbax's error) naming the step otherwise; nothing is moved or deleted."""
+  candidates = [s for s in reversed(checkpoints.steps()) if s <= step] if fall_back else [step]
+  for i, candidate in enumerate(candidates):
+    try:
+      params = checkpoints.restore_params(candidate, target)
+    except Exception as e:  # orbax raises many types for unreadable files
+      if i + 1 == len(candidates):
+        raise CorruptCheckpoint(f"checkpoint {candidate} in {checkpoints.directory} does "
+                                f"not restore: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:300]}") from None
+      logging.warning("checkpoint %d does not restore (%s); loading the previous one, %d.",
+                      candidate, str(e).splitlines()[0][:300], candidates[i + 1])
+      continue
+    return params

@@ -20,27 +20,53 @@ from etils import epath
 METRICS_FILE = "metrics.jsonl"
 
 
+ABANDONED_FILE = "metrics_abandoned.jsonl"
+
+
 def read_metrics(workdir):
-  """The records of `<workdir>/metrics.jsonl`, in order (a list of dicts)."""
+  """The records of `<workdir>/metrics.jsonl`, in order (a list of dicts); a last line
+  cut short by a killed run is left out."""
   path = epath.Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [record for record in map(_record, path.read_text().splitlines())
+          if record is not None]
 
 
 def drop_after(workdir, step):
-  """Removes the records of steps after `step`: a resumed run redoes those steps.
+  """Moves the records of steps after `step` (a resumed run redoes them; from step 0,
+  all) and any line cut short by a killed run out of `metrics.jsonl` into
+  `metrics_abandoned.jsonl`, each marked with the step the run resumed from: no step is
+  recorded twice and nothing written is lost.
 
-  Returns the number of records removed.
+  Returns the number of lines moved.
   """
   path = epath.Path(workdir) / METRICS_FILE
   if jax.process_index() != 0 or not path.exists():
     return 0
   lines = [line for line in path.read_text().splitlines() if line.strip()]
-  kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-  if len(kept) != len(lines):
+  kept, moved = [], []
+  for line in lines:
+    record = _record(line)
+    if record is not None and record.get("step", 0) <= step:
+      kept.append(line)
+    else:
+      moved.append(json.dumps({"resumed_from": int(step),
+                               **(record if record is not None else {"line": line})}))
+  if moved:
+    with open(epath.Path(workdir) / ABANDONED_FILE, "a", encoding="utf-8") as f:
+      f.write("".join(line + "\n" for line in moved))
     path.write_text("".join(line + "\n" for line in kept))
-  return len(lines) - len(kept)
+  return len(moved)
+
+
+def _record(line):
+  """The JSON object of one line of `metrics.jsonl`; None for a blank or cut-short one."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  return record if isinstance(record, dict) else None
 
 
 class MetricsWriter:

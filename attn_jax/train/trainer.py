@@ -157,15 +157,19 @@ def train_and_evaluate(config, workdir):
   writer = None
   preemption = _Preemption()
   try:
-    restored = (checkpoints.restore_latest(setup.abstract_state()) if checkpoints.steps()
-                else None)
+    found = checkpoints.steps()
+    restored = checkpoints.restore_latest(setup.abstract_state()) if found else None
     num_steps = config.train.num_steps
     if restored is not None:
       step, state, data_state, _ = restored
       train.pipeline.restore(data_state)
-      dropped = metrics_lib.drop_after(workdir, step)
+      start = f"resuming from the checkpoint of step {step}"
     else:
-      step, state, dropped = 0, init_state(setup), 0
+      step, state = 0, init_state(setup)
+      start = "starting at step 0: " + (
+          f"none of the checkpoints {found} restores (moved to corrupt_checkpoints/)"
+          if found else "no checkpoint in the workdir yet")
+    dropped = metrics_lib.drop_after(workdir, step)
     meta = {"config": config_check.to_json(config), "vocab_size": int(vocab_size)}
     if jax.process_index() == 0:
       (workdir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -180,9 +184,8 @@ def train_and_evaluate(config, workdir):
     chosen = {op: name for op, name in setup.kernels.items() if name}
     if chosen:
       writer.log(f"kernels: {chosen} (config.kernels; other ops automatic)")
-    if restored is not None:
-      writer.log(f"resuming from the checkpoint of step {step}"
-                 + (f" (dropped {dropped} metric records of later steps)" if dropped else ""))
+    writer.log(start + (f" ({dropped} metric records of later steps moved to "
+                        f"{metrics_lib.ABANDONED_FILE})" if dropped else ""))
     train_step = make_train_step(setup, {k: train.shape for k in train.keys})
     eval_step = make_eval_step(setup, {k: evals.shape for k in evals.keys})
     tokens_per_step = int(np.prod(train.shape))

@@ -170,3 +170,62 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
   steps = train.Checkpoints(tmp_path, read_only=True).steps()
   assert steps and max(steps) < bad
   assert metrics_lib.read_metrics(tmp_path)[-1]["step"] < bad
+
+
+def test_restart_without_a_checkpoint_says_so_and_keeps_metrics_unique(
+    tmp_path, data_dir, capsys):
+  """Killed before the first save (a cut-short last line too): the rerun starts at step 0,
+  says why, records every step once, and keeps the abandoned records aside."""
+  (tmp_path / "metrics.jsonl").write_text(
+      '{"step": 1, "train/loss": 9.0}\n{"step": 2, "train/loss": 8.0}\n{"step": 3, "tra')
+  train.train_and_evaluate(tiny_config(data_dir, num_steps=4), tmp_path)
+  out = capsys.readouterr()
+  assert "starting at step 0: no checkpoint in the workdir yet (3 metric records" in (
+      out.out + out.err)
+  steps = [r["step"] for r in train.read_metrics(tmp_path) if "train/loss" in r]
+  assert steps == [1, 2, 3, 4]
+  abandoned = [json.loads(line) for line in
+               (tmp_path / metrics_lib.ABANDONED_FILE).read_text().splitlines()]
+  assert [r.get("step") for r in abandoned] == [1, 2, None]
+  assert all(r["resumed_from"] == 0 for r in abandoned)
+
+
+def test_changed_checkpoint_bytes_are_caught_and_load_falls_back(tmp_path, reference,
+                                                                caplog):
+  """Arrays that restore but differ from what was saved (here: one weight changed in
+  the saved fingerprint's stead) are refused, naming the step; `attn_jax.load` falls
+  back to the previous checkpoint and says so."""
+  ref_dir, _, _ = reference
+  workdir = tmp_path / "copy"
+  subprocess.run(["cp", "-r", str(ref_dir), str(workdir)], check=True)
+  meta_files = [os.path.join(root, name)
+                for root, _, files in os.walk(workdir / "checkpoints" / "10" / "meta")
+                for name in files]
+  for path in meta_files:
+    try:
+      meta = json.loads(open(path).read())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      continue
+    if "fingerprint" in meta:
+      first = min(k for k in meta["fingerprint"] if k.startswith("['params']"))
+      meta["fingerprint"][first][1] *= 1.01  # as if a weight had changed since the save
+      open(path, "w").write(json.dumps(meta))
+      break
+  else:
+    raise AssertionError(f"no meta with a fingerprint among {meta_files}")
+  with pytest.raises(train.CorruptCheckpoint, match="checkpoint 10: 1 arrays differ"):
+    attn_jax.load(workdir, step=10)
+  caplog.set_level("WARNING")
+  model = attn_jax.load(workdir)
+  assert "checkpoint 10 does not restore" in caplog.text and "previous one, 8" in caplog.text
+  want = attn_jax.load(workdir, step=8)
+  np.testing.assert_array_equal(np.asarray(model.embed.embedding[...]),
+                                np.asarray(want.embed.embedding[...]))
+
+
+def test_verify_refuses_non_finite_arrays():
+  tree = {"w": np.ones((3, 2), np.float32)}
+  meta = {"fingerprint": train.checkpoint.fingerprint(tree)}
+  train.checkpoint.verify(7, tree, meta)
+  with pytest.raises(train.CorruptCheckpoint, match="checkpoint 7: non-finite"):
+    train.checkpoint.verify(7, {"w": np.full((3, 2), np.nan, np.float32)}, {})
