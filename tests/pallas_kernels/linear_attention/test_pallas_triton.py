@@ -82,6 +82,9 @@ CASES = [
     Case(seq=37, value_heads=4, key_dim=32, gate="vector", max_decay=5.0, resets=True),
     # A single token.
     Case(seq=1, value_heads=4, gate="vector", resets=True),
+    # Head dims that are not powers of two (zero-padded to 32 and 32).
+    Case(seq=45, key_dim=24, value_dim=20, resets=True, max_decay=2.0),
+    Case(seq=37, key_dim=20, value_dim=24, gate="vector", resets=True, chunk_size=32),
 ]
 
 
@@ -256,12 +259,15 @@ def test_unsupported_arguments_raise_not_implemented():
   v, h0, resets = jnp.zeros((1, 8, 1, 24)), jnp.zeros((1, 1, 16, 24)), jnp.zeros((1, 8), bool)
   call = lambda q, v, h0, **kw: pt.linear_attention(q, q, v, None, h0, resets, scale=1.0,
                                                     **{"chunk_size": 16, **kw})
-  with pytest.raises(NotImplementedError, match="value_dim=24"):
-    call(q, v, h0, interpret=True)
   with pytest.raises(NotImplementedError, match="chunk_size=24"):
     call(q, v[..., :16], h0[..., :16], chunk_size=24, interpret=True)
-  with pytest.raises(NotImplementedError, match="key_dim=8"):  # tl.dot needs 16
-    call(q[..., :8], v[..., :16], h0[:, :, :8, :16], interpret=False)
+
+
+def test_head_dims_are_padded_to_what_triton_tiles_take():
+  assert [pt.padded_dim(d, interpret=True) for d in (1, 8, 16, 24, 80, 96)] == [
+      1, 8, 16, 32, 128, 128]
+  assert [pt.padded_dim(d, interpret=False) for d in (8, 16, 24)] == [16, 16, 32]
+  assert pt.padded_dim(16, interpret=False, vector=True) == 32  # bf16 wrong at 16 on H100
 
 
 def test_default_block_sizes_come_from_the_table():

@@ -73,6 +73,8 @@ VECTOR_CASES = [
          max_decay=0.05, blocks=BlockSizes(16, 16, pieces=2)),
     # A single token.
     Case(seq=1, value_heads=4, gate="vector", resets=True),
+    Case(batch=1, seq=45, key_dim=24, value_dim=20, gate="vector", resets=True,
+         chunk_size=32),  # head dims zero-padded to 32
 ]
 
 
@@ -151,6 +153,6 @@ def test_decay_gradient_sums_within_runs():
 
 def test_unsupported_sizes_raise_not_implemented():
   q, resets = jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8), bool)
-  v, h0 = jnp.zeros((1, 8, 1, 24)), jnp.zeros((1, 1, 16, 24))
-  with pytest.raises(NotImplementedError, match="value_dim=24"):
-    lt.linear_attention(q, q, v, None, h0, resets, scale=1.0, chunk_size=16, interpret=True)
+  v, h0 = jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 1, 16, 16))
+  with pytest.raises(NotImplementedError, match="chunk_size=24"):
+    lt.linear_attention(q, q, v, None, h0, resets, scale=1.0, chunk_size=24, interpret=True)
