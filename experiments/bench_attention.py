@@ -14,6 +14,8 @@ forward+backward the gradients of q, k and v).
 inputs in the same process (`experiments/peers.py`; `pip install -e '.[bench]'`), as rows
 `peer:NAME`, and gives our rows `vs_best_peer` = the fastest peer's time / ours (above 1,
 ours is faster). A peer that is not installed or refuses a row is skipped with a note.
+On a CPU backend the size flags left unset default to a small sweep instead; the run
+prints one line with its values and the flags of the default sweep.
 Writes JSON and a markdown table under `--output_dir` after every row (a run stopped by
 a time limit keeps the rows it finished), and a plot at the end.
 """
@@ -24,11 +26,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
 from attn_jax import ops
 from attn_jax.ops.attention_mask import AttentionMask
-from experiments import benchmarking, peers
+from experiments import benchmarking, cli, peers
 
 _SEQ = flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths.")
 _TOKENS = flags.DEFINE_integer("tokens_per_batch", 16384, "batch = tokens_per_batch // seq.")
@@ -48,6 +50,10 @@ _IMPLS = flags.DEFINE_list("implementations", ["cudnn", "xla", "pallas_triton"],
 _PEERS = flags.DEFINE_list("peers", [], f"Peers to time beside ours: {', '.join(peers.SOFTMAX)}.")
 _OUT = flags.DEFINE_string("output_dir", "/tmp/bench_attention", "Where JSON/markdown/plot go.")
 _TRIALS = flags.DEFINE_integer("trials", 15, "Timed trials per row (median reported).")
+
+# What a CPU runs when these flags are not set (`benchmarking.small_sweep_on_cpu`).
+_CPU_SWEEP = {"seq_lens": "256,512", "tokens_per_batch": "1024", "heads": "4", "head_dim": "64",
+              "extra_rows": "causal_window:128@512"}
 
 
 def _mask_kwargs(mask: str) -> dict:
@@ -143,6 +149,7 @@ def bench_row(impl, seq, mask, shape, pass_, key):
 def main(argv):
   del argv
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  benchmarking.small_sweep_on_cpu(_CPU_SWEEP)
   impls = list(_IMPLS.value) + peers.usable(_PEERS.value, "softmax")
   columns = ["impl", "mask", "seq", "batch", "heads", "kv_heads", "head_dim", "pass_", "ms",
              "tflops", "x_cudnn", "x_xla", "vs_best_peer", "max_rel_err", "error"]
@@ -166,7 +173,8 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  """The `attn-jax-bench-attention` console script."""
+  cli.run(main, __name__)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ the same process (`experiments/peers.py`; `pip install -e '.[bench]'`), as rows
 `peer:NAME` (forward+backward: gradients of q, k, v and the log decay too), and gives our
 linear rows `vs_best_peer` = the fastest peer's time / ours (above 1, ours is faster). A
 peer that is not installed or refuses a row is skipped with a note.
+On a CPU backend the size flags left unset default to a small sweep instead; the run
+prints one line with its values and the flags of the default sweep.
 Writes JSON and a markdown table under `--output_dir` after every row (a run stopped by
 a time limit keeps the rows it finished), and a plot at the end.
 """
@@ -25,10 +27,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
 from attn_jax import ops
-from experiments import benchmarking, peers
+from experiments import benchmarking, cli, peers
 
 _SEQ = flags.DEFINE_list("seq_lens", ["1024", "4096", "16384", "65536"], "Sequence lengths.")
 _TOKENS = flags.DEFINE_integer("tokens_per_batch", 65536, "batch = tokens_per_batch // seq.")
@@ -47,6 +49,10 @@ _SOFTMAX = flags.DEFINE_string("softmax_implementation", "cudnn",
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "chunk_size passed to the op.")
 _OUT = flags.DEFINE_string("output_dir", "/tmp/bench_linear_attention", "Output folder.")
 _TRIALS = flags.DEFINE_integer("trials", 10, "Timed trials per row (median reported).")
+
+# What a CPU runs when these flags are not set (`benchmarking.small_sweep_on_cpu`).
+_CPU_SWEEP = {"seq_lens": "256,512", "tokens_per_batch": "1024", "heads": "4",
+              "key_dim": "64", "value_dim": "64"}
 
 
 def _runner(impl, pass_, chunk_size):
@@ -102,6 +108,7 @@ def bench_row(impl, seq, form, pass_, key):
 def main(argv):
   del argv
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  benchmarking.small_sweep_on_cpu(_CPU_SWEEP)
   impls = (list(_IMPLS.value) + peers.usable(_PEERS.value, "linear")
            + ([f"softmax:{_SOFTMAX.value}"] if _SOFTMAX.value else []))
   columns = ["impl", "form", "seq", "batch", "pass_", "ms", "mtok_s", "x_xla", "vs_best_peer",
@@ -128,7 +135,8 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  """The `attn-jax-bench-linear-attention` console script."""
+  cli.run(main, __name__)
 
 
 if __name__ == "__main__":

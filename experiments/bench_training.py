@@ -29,6 +29,8 @@ import time
 
 from absl import app, flags, logging
 
+from experiments import cli
+
 _SIZE = flags.DEFINE_string("size", "medium", "Model size (experiments/configs/common.py).")
 _MIXERS = flags.DEFINE_list("mixers", ["softmax"], "Per-layer mixer pattern.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
@@ -172,7 +174,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(main, __name__)
 
 
 if __name__ == "__main__":

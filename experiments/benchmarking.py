@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 
 def device_time(fn: Callable, *args, warmup: int = 3, trials: int = 15,
@@ -36,6 +37,25 @@ def device_time(fn: Callable, *args, warmup: int = 3, trials: int = 15,
     jax.block_until_ready(out)
     times.append((time.perf_counter() - start) / inner)
   return statistics.median(times)
+
+
+def small_sweep_on_cpu(small: dict[str, str]) -> None:
+  """On a CPU backend, gives each flag of `small` (`{name: value as typed}`) that the
+  command line did not set its small value, and prints one line saying so.
+
+  The default sweeps are sized for a GPU, far too large to wait for on a CPU. The line
+  also gives the flags that restore the default sweep.
+  """
+  if jax.default_backend() != "cpu":
+    return
+  unset = [flags.FLAGS[name] for name in small if not flags.FLAGS[name].present]
+  if not unset:
+    return
+  full = " ".join(flag.serialize() for flag in unset)
+  for flag in unset:
+    setattr(flags.FLAGS, flag.name, flag.parser.parse(small[flag.name]))
+  print(f"CPU backend: a small sweep ({' '.join(flag.serialize() for flag in unset)}); "
+        f"for the GPU-sized one pass {full}", flush=True)
 
 
 def implementation(name: str) -> str | None:

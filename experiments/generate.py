@@ -6,9 +6,18 @@ r"""Continues prompts with a trained model: `python -m experiments.generate --wo
 `--prompt` needs a text dataset's tokenizer (from the saved config; the byte tokenizer is
 also decoded back to text); `--prompt_tokens` takes token ids for any model.
 `--temperature=0` (default) decodes greedily; > 0 samples, optionally among `--top_k`.
+Prints the prompt, then each continuation (new tokens only) on a line of its own:
+
+    prompt:    5 70 9 81 5
+    generated: 70 12 ...
+
+as token ids, or as quoted text (escapes show newlines) with the byte tokenizer. A
+workdir without checkpoints, or without the checkpoint of `--step`, exits with status 2.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 from absl import app, flags, logging
@@ -31,7 +40,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   from attn_jax import data, models, train  # pylint: disable=g-import-not-at-top
-  config = train.load_config(_WORKDIR.value, _STEP.value)
+  try:
+    config = train.load_config(_WORKDIR.value, _STEP.value)
+  except FileNotFoundError as e:  # no such workdir or step: the message says which
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   tokenizer = None
   if _PROMPT.value is not None:
     spec = config.data.get("tokenizer")
@@ -49,12 +62,16 @@ def main(argv):
   out = np.asarray(models.generate(model, prompts, max_new_tokens=_MAX_NEW.value,
                                    temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                                    rng=jax.random.key(_SEED.value)))
+  print(f"prompt:    {_show(prompt, tokenizer)}")
   for row in out:
-    new = row[len(prompt):]
-    if tokenizer is not None and tokenizer.spec == "byte":
-      print(_PROMPT.value + bytes(new.astype(np.uint8).tolist()).decode("utf-8", "replace"))
-    else:
-      print(" ".join(str(t) for t in row.tolist()))
+    print(f"generated: {_show(row[len(prompt):], tokenizer)}")
+
+
+def _show(tokens, tokenizer):
+  """Quoted text for the byte tokenizer (the only one that decodes), else token ids."""
+  if tokenizer is not None and tokenizer.spec == "byte":
+    return repr(bytes(np.asarray(tokens, np.uint8).tolist()).decode("utf-8", "replace"))
+  return " ".join(str(t) for t in np.asarray(tokens).tolist())
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import cli
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                               "mqar.py")
 
@@ -74,15 +76,15 @@ def main(argv):
   except train.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  if "eval/accuracy" in result:
+  if "eval/accuracy" in result:  # printed by every process (the trainer logs on one)
     print(f"final eval accuracy {result['eval/accuracy']:.4f} (loss "
-          f"{result['eval/loss']:.4f}) at step {result['step']}; workdir {workdir}",
+          f"{result['eval/loss']:.4f}) at step {result['eval_step']}; workdir {workdir}",
           flush=True)
 
 
 def run():
   """The `attn-jax-train` console script."""
-  app.run(main)
+  cli.run(main, __name__)
 
 
 if __name__ == "__main__":

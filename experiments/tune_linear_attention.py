@@ -25,7 +25,7 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from experiments import benchmarking
+from experiments import benchmarking, cli
 from pallas_kernels.linear_attention import pallas_triton
 
 _SEQ = flags.DEFINE_list("seq_lens", ["1024", "65536"], "Sequence lengths.")
@@ -103,7 +103,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(main, __name__)
 
 
 if __name__ == "__main__":

@@ -123,8 +123,10 @@ def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir` (resuming it), evaluating and checkpointing.
 
   Returns:
-    A dict with the last train and eval metrics and `"step"` (the final step; smaller
-    than `config.train.num_steps` when stopped by SIGTERM) and `"preempted"`.
+    A dict with the last train and eval metrics, `"step"` (the final step; smaller
+    than `config.train.num_steps` when stopped by SIGTERM), `"eval_step"` (the step the
+    eval metrics belong to: earlier than `"step"` when SIGTERM stopped the run between
+    evaluations) and `"preempted"`.
 
   Raises:
     ConfigMismatchError: the workdir holds a checkpoint of a different config.
@@ -199,7 +201,7 @@ def train_and_evaluate(config, workdir):
         writer.write(at_step, out)
       writer.log(f"eval at step {at_step} ({time.perf_counter() - started:.0f} s): loss "
                  f"{out['eval/loss']:.4f}  accuracy {out['eval/accuracy']:.4f}")
-      result.update(out)
+      result.update(out, eval_step=at_step)
 
     def save(at_step):
       checkpoints.save(at_step, state, train.pipeline.state(), meta)
@@ -234,9 +236,6 @@ def train_and_evaluate(config, workdir):
         break
     result["step"] = step
     checkpoints.wait()
-    if "eval/accuracy" in result:
-      writer.log(f"final: step {step}, eval loss {result['eval/loss']:.4f}, eval "
-                 f"accuracy {result['eval/accuracy']:.4f}")
     return result
   finally:
     preemption.restore()

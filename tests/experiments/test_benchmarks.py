@@ -52,6 +52,7 @@ def test_bench_attention_rows(tmp_path):
       "--peers=cudnn,jax_linear_attention"], tmp_path)
   assert "note: peer cudnn skipped: needs an NVIDIA GPU" in stdout
   assert "note: peer jax_linear_attention skipped: computes linear attention" in stdout
+  assert "small sweep" not in stdout  # every size flag given
   assert [(r["mask"], r["kv_heads"], r["head_dim"], r["pass_"]) for r in rows] == [
       (m, kv, d, p) for m, kv, d in [("full", 2, 16), ("causal", 2, 16),
                                      ("causal_window:8", 2, 16), ("causal", 1, 8)]
@@ -73,6 +74,30 @@ def test_bench_linear_attention_rows(tmp_path):
   assert [r["pass_"] for r in rows if r["impl"] == "softmax:xla"] == ["fwd", "fwd_bwd"]
   assert all(r["ms"] > 0 and r["mtok_s"] > 0 and "error" not in r for r in rows)
   assert all(r["max_rel_err"] < 2e-2 for r in rows if r["impl"] == "xla")
+
+
+def test_cpu_sweep_is_small_where_the_size_flags_are_unset(tmp_path):
+  """On a CPU the GPU-sized defaults give way to a small sweep, flag by flag: the flags
+  given keep their values, and one line says what changed and how to get the full sweep."""
+  rows, stdout = _run("experiments.bench_attention", [
+      "--implementations=xla", "--masks=causal", "--passes=fwd", "--trials=1",
+      "--seq_lens=64"], tmp_path / "attention")
+  line = next(line for line in stdout.splitlines() if "small sweep" in line)
+  assert line == (
+      "CPU backend: a small sweep (--tokens_per_batch=1024 --heads=4 --head_dim=64 "
+      "--extra_rows=causal_window:128@512); for the GPU-sized one pass "
+      "--tokens_per_batch=16384 --heads=16 --head_dim=128 "
+      "--extra_rows=causal_window:1024@16384")
+  assert [(r["mask"], r["seq"], r["batch"], r["heads"], r["head_dim"]) for r in rows] == [
+      ("causal", 64, 16, 4, 64), ("causal_window:128", 512, 2, 4, 64)]
+
+  rows, stdout = _run("experiments.bench_linear_attention", [
+      "--implementations=xla", "--softmax_implementation=", "--forms=fixed",
+      "--passes=fwd", "--trials=1", "--key_dim=16"], tmp_path / "linear")
+  assert ("CPU backend: a small sweep (--seq_lens=256,512 --tokens_per_batch=1024 --heads=4 "
+          "--value_dim=64); for the GPU-sized one pass --seq_lens=1024,4096,16384,65536 "
+          "--tokens_per_batch=65536 --heads=16 --value_dim=128") in stdout
+  assert [(r["seq"], r["batch"]) for r in rows] == [(256, 4), (512, 2)]
 
 
 def _check_vs_best_peer(rows, group_key, ours, peer_impls):

@@ -8,6 +8,7 @@ like one: `tests/launch/test_local.py`, through `launch/local.sh`.)
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,6 +65,22 @@ def _binary(config_file, workdir, *extra, env=None, cwd=ROOT):
                           stderr=subprocess.STDOUT, text=True)
 
 
+def _module(module, *args):
+  """`python -m module *args` from the repository root, finished."""
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, timeout=300,
+                        env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
+                        text=True, check=False)
+
+
+def _assert_one_final_line(text):
+  """One closing line, naming the step of the run's last evaluation; returns that step."""
+  finals = [line for line in text.splitlines() if "final" in line]
+  evaluated = int(re.findall(r"eval at step (\d+)", text)[-1])
+  assert len(finals) == 1 and finals[0].startswith("final eval accuracy"), text
+  assert f"at step {evaluated};" in finals[0], text
+  return evaluated
+
+
 def _assert_same_metrics(got, want, steps):
   for key, record in got.items():
     if key[0] not in steps:
@@ -76,7 +93,7 @@ def _assert_same_metrics(got, want, steps):
 
 def test_run_writes_metrics_checkpoints_and_loads(reference):
   workdir, result, records = reference
-  assert result["step"] == STEPS and not result["preempted"]
+  assert result["step"] == result["eval_step"] == STEPS and not result["preempted"]
   assert {s for s, kind in records if kind == "train"} == set(range(1, STEPS + 1))
   assert {s for s, kind in records if kind == "eval"} == {4, 8, 10}
   assert np.isfinite(records[(STEPS, "train")]["train/loss"])
@@ -113,12 +130,13 @@ def test_sigterm_then_rerun_resumes_with_identical_metrics(tmp_path, data_dir, r
   assert "SIGTERM: saved the checkpoint of step" in text, text
   saved = int(text.split("SIGTERM: saved the checkpoint of step ")[1].split()[0])
   assert 4 <= saved < STEPS
+  assert _assert_one_final_line(text) < saved  # the evaluation's step, not the step saved
 
   second = _binary(config_file, "run", cwd=tmp_path)
   out, _ = second.communicate(timeout=300)
   assert second.returncode == 0, out
   assert f"resuming from the checkpoint of step {saved}" in out, out
-  assert "final eval accuracy" in out
+  assert _assert_one_final_line(out) == STEPS
   got = _by_step(train.read_metrics(workdir))
   assert set(got) == set(want)
   _assert_same_metrics(got, want, range(1, STEPS + 1))
@@ -221,6 +239,33 @@ def test_changed_checkpoint_bytes_are_caught_and_load_falls_back(tmp_path, refer
   want = attn_jax.load(workdir, step=8)
   np.testing.assert_array_equal(np.asarray(model.embed.embedding[...]),
                                 np.asarray(want.embed.embedding[...]))
+
+
+def test_evaluate_and_generate_name_a_missing_workdir_or_step(tmp_path, reference):
+  """The message alone on stderr (no traceback) and exit status 2."""
+  ref_dir, _, _ = reference
+  cases = [(tmp_path / "none", [], f"no checkpoint in {tmp_path / 'none' / 'checkpoints'};"),
+           (ref_dir, ["--step=100"], "no checkpoint of step 100 in ")]
+  for module, extra in (("experiments.evaluate", []),
+                        ("experiments.generate", ["--prompt_tokens=1,2"])):
+    for workdir, step, message in cases:
+      done = _module(module, f"--workdir={workdir}", *step, *extra)
+      assert done.returncode == 2, done.stderr
+      assert done.stderr.startswith(f"error: {message}"), done.stderr
+      assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_generate_prints_the_prompt_and_each_continuation_apart(reference):
+  ref_dir, _, _ = reference
+  done = _module("experiments.generate", f"--workdir={ref_dir}", "--prompt_tokens=5,9,3",
+                 "--max_new_tokens=4", "--num_samples=2", "--temperature=1")
+  assert done.returncode == 0, done.stderr
+  prompt, *generated = done.stdout.splitlines()
+  assert prompt == "prompt:    5 9 3"
+  assert len(generated) == 2, done.stdout
+  for line in generated:
+    label, *tokens = line.split()
+    assert label == "generated:" and len(tokens) == 4 and all(t.isdigit() for t in tokens)
 
 
 def test_verify_refuses_non_finite_arrays():
