@@ -168,6 +168,12 @@ ensure_vm() {
   describe_cmd
   if [[ "$DRY_RUN" == 1 ]]; then
     quote "${DESCRIBE[@]}"
+    if [[ -z "$accelerator_type" ]]; then
+      note "a dry run looks nothing up (the command above tells whether '$name' exists):" \
+           "READY/ACTIVE: reuse it; not found: the real run stops and asks for" \
+           "--accelerator_type to create it."
+      return 0
+    fi
     note "READY/ACTIVE: reuse it; not found: create it:"
     create_vm
     (( queued )) && note "then poll the describe command until the state is ACTIVE"

@@ -1,8 +1,9 @@
 """Any folder of text as a language-modelling dataset: a TFDS builder over local files.
 
-Every file is one document. The files (a folder, searched recursively with hidden files
-skipped, a glob pattern, or one file) are read in sorted path order, tokenized (bytes,
-SentencePiece or tiktoken: `attn_jax.data.tokenizers`) and cut into rows of `seq_len` by
+Every file is one document. The regular files (of a folder, searched recursively with
+hidden files skipped, of a glob pattern, or one file; FIFOs, sockets and devices are
+skipped with a warning) are read in sorted path order, tokenized (bytes, SentencePiece or
+tiktoken: `attn_jax.data.tokenizers`) and cut into rows of `seq_len` by
 `attn_jax.data.packing.pack_documents` at build time, so a stored example is a ready
 training row (`inputs`, `targets`, `loss_mask`, `segment_ids`). The last `eval_fraction` of
 the rows (the end of the last files) form the "test" split, the rest "train".
@@ -25,25 +26,38 @@ from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from attn_jax.data import packing
 from attn_jax.data import tfds_compat
 from attn_jax.data import tokenizers
 
 
+_warned = set()  # (path, skipped entries) already warned about
+
+
 def list_text_files(path: str) -> list[str]:
-  """Sorted absolute paths of the files named by `path` (folder, glob pattern or file)."""
+  """Sorted absolute paths of the regular files named by `path` (folder, glob pattern or
+  file). Anything else found (a FIFO, socket or device, whose read could block forever, or
+  a broken link) is left out, with one warning naming them."""
   path = os.path.expanduser(path)
   if os.path.isdir(path):
-    files = []
+    found = []
     for root, dirs, names in os.walk(path):
       dirs[:] = [d for d in dirs if not d.startswith(".")]
-      files += [os.path.join(root, n) for n in names if not n.startswith(".")]
-  elif os.path.isfile(path):
-    files = [path]
+      found += [os.path.join(root, n) for n in names if not n.startswith(".")]
+  elif os.path.lexists(path):
+    found = [path]
   else:
-    files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
-  return sorted(os.path.abspath(f) for f in files)
+    found = [f for f in glob.glob(path, recursive=True) if not os.path.isdir(f)]
+  files = sorted(os.path.abspath(f) for f in found if os.path.isfile(f))
+  skipped = tuple(sorted(os.path.abspath(f) for f in found if not os.path.isfile(f)))
+  if skipped and (path, skipped) not in _warned:  # a config and its build both list them
+    _warned.add((path, skipped))
+    logging.warning("path=%r: skipping %d entries that are not regular files (a read could "
+                    "block or fail): %s", path, len(skipped), ", ".join(skipped[:10]) +
+                    (", ..." if len(skipped) > 10 else ""))
+  return files
 
 
 def _fingerprint(path: str, files: list[str]) -> str:

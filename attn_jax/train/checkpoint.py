@@ -18,7 +18,10 @@ of squares, computed on the devices); restored arrays must be finite and match i
 from __future__ import annotations
 
 import os
+import re
+import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -82,8 +85,7 @@ class Checkpoints:
     step = self.manager.latest_step() if step is None else step
     if step is None:
       return None
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-        "meta"]
+    return self._restore(step, meta=ocp.args.JsonRestore())["meta"]
 
   def newest_meta(self):
     """The `meta` of the newest checkpoint whose meta reads (None without any)."""
@@ -96,18 +98,17 @@ class Checkpoints:
 
   def restore_params(self, step, abstract_params):
     """The `params` item of checkpoint `step`, verified against its fingerprint."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+    restored = self._restore(step, params=ocp.args.StandardRestore(abstract_params),
+                             meta=ocp.args.JsonRestore())
     verify(step, {"params": restored["params"]}, restored["meta"])
     return restored["params"]
 
   def restore(self, step, abstract_state):
     """`(state, data_state, meta)` of checkpoint `step`, into `abstract_state`'s shardings."""
     target = {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_state["params"]),
-        opt_state=ocp.args.StandardRestore(target),
-        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    restored = self._restore(step, params=ocp.args.StandardRestore(abstract_state["params"]),
+                             opt_state=ocp.args.StandardRestore(target),
+                             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
     opt = restored["opt_state"]
     state = {"step": opt["step"], "params": restored["params"],
              "opt_state": opt["opt_state"]}
@@ -125,13 +126,17 @@ class Checkpoints:
       try:
         state, data_state, meta = self.restore(step, abstract_state)
       except Exception as e:  # orbax raises many types for unreadable files
-        logging.warning("checkpoint %d in %s does not restore (%s: %s); moving it to "
+        logging.warning("checkpoint %d in %s does not restore (%s); moving it to "
                         "corrupt_checkpoints/ and trying the previous one.", step,
-                        self.directory, type(e).__name__, str(e).splitlines()[0][:300])
+                        self.directory, describe_error(e))
         self._move_aside(step)
         continue
       return step, state, data_state, meta
     return None
+
+  def _restore(self, step, **items):
+    _ignore_abandoned_reads()  # before: some abandoned reads end before the error is raised
+    return self.manager.restore(step, args=ocp.args.Composite(**items))
 
   def _report_partial(self):
     if not self.directory.exists():
@@ -158,6 +163,41 @@ class Checkpoints:
 
 class CorruptCheckpoint(ValueError):
   """A checkpoint whose arrays restore but are not what was saved."""
+
+
+def describe_error(e, limit=1000):
+  """`Type: message` of a failed restore, on one line: TensorStore's messages end with
+  the JSON spec of every layer of the failed read (~2,000 characters per array), cut
+  here; what is left names the array, the item's folder, the file and what is wrong."""
+  message = str(e).splitlines()[0] if str(e) else ""
+  message = message.split(" [tensorstore_spec", 1)[0]
+  message = re.sub(r'(Error opening "\w+" driver: )+', "", message)
+  if len(message) > limit:
+    message = message[:limit] + " ..."
+  return f"{type(e).__name__}: {message}"
+
+
+def _ignore_abandoned_reads():
+  """Drops the "Event loop is closed" reports of the reads a failed restore abandoned.
+
+  When one array fails, orbax closes its event loop while TensorStore still reads the
+  others; each of those reads that ends later reports a RuntimeError from asyncio's
+  `call_soon_threadsafe` through `sys.unraisablehook` (about 20 tracebacks for a tiny
+  model). Installed by every restore (unless in place); every other report passes on to
+  the hook that was there before.
+  """
+  if getattr(sys.unraisablehook, "drops_abandoned_reads", False):
+    return
+  before = sys.unraisablehook
+
+  def hook(unraisable):
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    if not (unraisable.object is None and unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"
+            and any(f.name == "call_soon_threadsafe" for f in frames)):
+      before(unraisable)
+  hook.drops_abandoned_reads = True
+  sys.unraisablehook = hook
 
 
 def _saved_arrays(state):

@@ -14,7 +14,8 @@ from flax import nnx
 from attn_jax import sharding
 from attn_jax.ops import dispatch
 from attn_jax.train import config_check
-from attn_jax.train.checkpoint import Checkpoints, CorruptCheckpoint, checkpoint_dir
+from attn_jax.train.checkpoint import (Checkpoints, CorruptCheckpoint, checkpoint_dir,
+                                       describe_error)
 from attn_jax.train.state import ModelSpec
 
 
@@ -41,7 +42,7 @@ def load_meta(workdir, step=None):
       try:
         return checkpoints.read_meta(candidate)
       except Exception as e:  # orbax and json raise many types for damaged files
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        reason = describe_error(e)
         if i + 1 == len(candidates):
           raise CorruptCheckpoint(f"checkpoint {candidate} in {checkpoints.directory}: its "
                                   f"meta item does not read ({reason}).") from None
@@ -107,9 +108,8 @@ def _restore_params(checkpoints, step, target, fall_back):
     except Exception as e:  # orbax raises many types for unreadable files
       if i + 1 == len(candidates):
         raise CorruptCheckpoint(f"checkpoint {candidate} in {checkpoints.directory} does "
-                                f"not restore: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:300]}") from None
+                                f"not restore: {describe_error(e)}") from None
       logging.warning("checkpoint %d does not restore (%s); loading the previous one, %d.",
-                      candidate, str(e).splitlines()[0][:300], candidates[i + 1])
+                      candidate, describe_error(e), candidates[i + 1])
       continue
     return params

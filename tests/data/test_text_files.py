@@ -2,6 +2,10 @@
 
 import collections
 import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -94,6 +98,45 @@ def test_glob_and_listing(folder):
   assert [os.path.basename(f) for f in
           text_files.list_text_files(str(folder / "**" / "*.txt"))] == ["a.txt", "d.txt",
                                                                         "b.txt"]
+
+
+def test_fifo_is_skipped_with_a_warning(tmp_path, caplog):
+  (tmp_path / "a.txt").write_text("a document")
+  os.mkfifo(tmp_path / "pipe")
+  caplog.set_level("WARNING")
+  assert text_files.list_text_files(str(tmp_path)) == [str(tmp_path / "a.txt")]
+  assert text_files.list_text_files(str(tmp_path / "*")) == [str(tmp_path / "a.txt")]
+  warnings = [r.getMessage() for r in caplog.records if "not regular files" in r.getMessage()]
+  assert len(warnings) == 2 and all(str(tmp_path / "pipe") in w for w in warnings)
+  with pytest.raises(ValueError, match="names no files"):
+    data.make_pipeline(_config(tmp_path / "pipe", tmp_path), "train", global_batch_size=1)
+
+
+def test_folder_with_a_fifo_builds(tmp_path):
+  """Reading a FIFO blocks until a writer comes: the build runs in a subprocess with a
+  timeout, so a regression fails instead of hanging the suite."""
+  folder = tmp_path / "text"
+  folder.mkdir()
+  (folder / "a.txt").write_text("The quick brown fox jumps over the lazy dog.\n" * 4)
+  os.mkfifo(folder / "pipe")
+  code = f"""
+      from attn_jax import data
+      config = data.default_text_config({str(folder)!r})
+      config.update(data_dir={str(tmp_path / "data")!r}, seq_len=32, eval_fraction=0.0)
+      print(data.make_pipeline(config, "train", global_batch_size=1, prefetch=False)
+            .num_examples)
+      """
+  root = pathlib.Path(__file__).resolve().parents[2]
+  try:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)},
+                            capture_output=True, text=True, timeout=120)
+  except subprocess.TimeoutExpired:
+    pytest.fail("building a folder that holds a FIFO did not finish in 120 s")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert int(result.stdout.split()[-1]) == 6  # 180 bytes in rows of 32
+  assert result.stderr.count("not regular files") == 1, result.stderr[-3000:]
+  assert str(folder / "pipe") in result.stderr
 
 
 def test_errors_name_the_field(folder, tmp_path):

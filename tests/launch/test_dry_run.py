@@ -167,12 +167,28 @@ def test_tpu_vm_deletes_nothing(stubs):
       assert "delete" not in text and not re.search(r"\brm\b", text), text
 
 
+def test_tpu_vm_dry_run_without_accelerator_type_does_not_claim_the_vm_is_missing(stubs):
+  """A dry run looks nothing up, so it cannot know whether the VM exists: it plans the
+  reuse and says what the real run does if the VM is not found."""
+  environ = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
+  result = subprocess.run(["bash", str(LAUNCH / "tpu_vm.sh"), "--dry_run", *TPU,
+                           "--no_stream", "--", "--workdir=/w"], env=environ,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  assert "does not exist" not in result.stdout + result.stderr
+  assert "a dry run looks nothing up" in result.stdout
+  assert "not found: the real run stops and asks for --accelerator_type" in result.stdout
+  commands = split_commands(result.stdout)
+  assert commands[0][:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "lm-v6e"]
+  assert not find(commands, "gcloud", "compute", "tpus", "tpu-vm", "create")
+  assert len(find(commands, *SSH)) == 3  # extract, install, start
+
+
 @pytest.mark.parametrize("args, message", [
     ((), "--name is required"),
     (("--name=x",), "--zone is required"),
     (("--name=Bad_Name", "--zone=z"), "--name must be lower-case"),
     (("--name=x", "--zone=z", "--workdir=/w"), "unknown flag '--workdir=/w'"),
-    (("--name=x", "--zone=z"), "give --accelerator_type to create it"),
     (("--name=x", "--zone=z", "--accelerator_type=v9-8"), "no default --version"),
 ])
 def test_tpu_vm_errors_name_the_flag(stubs, args, message):
