@@ -54,9 +54,8 @@ def attention_xla(query, key, value, q_segment_ids, kv_segment_ids, sinks, *,
   out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(value.dtype), value,
                    preferred_element_type=jnp.float32)
   out = out / jnp.moveaxis(safe_denom, -1, 1)[..., None]
-  visible = jnp.broadcast_to(visible, (batch,) + visible.shape[1:])
-  sees_bad = jnp.einsum("bqk,bkh->bqh", visible.astype(jnp.float32),
-                        (bad_key | bad_value).astype(jnp.float32)) > 0  # [b, q, kv_heads]
+  # [b, q, kv_heads]; a reduction, not a dot (no extra matmul on the CPU's thread pool)
+  sees_bad = jnp.any(visible[..., None] & (bad_key | bad_value)[:, None], axis=2)
   out = jnp.where(sees_bad[:, :, :, None, None], jnp.nan, out)
   out = out.reshape(batch, q_len, q_heads, value.shape[-1]).astype(query.dtype)
   if not return_residuals:

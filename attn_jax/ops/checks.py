@@ -75,18 +75,21 @@ def segment_ids_int32(*named):
       raise ValueError(f"{name} must be integers of shape (batch, seq) = {tuple(shape)}; "
                        f"got {ids.dtype} {ids.shape}.")
     arrays.append(ids)
-  host = not any(isinstance(ids, jax.Array) for ids in arrays)
-  xp = np if host else jnp
-  flat = xp.concatenate([xp.ravel(ids) for ids in arrays])
   int32 = np.iinfo(np.int32)
+  host = not any(isinstance(ids, jax.Array) for ids in arrays)
   if host:
-    wide = flat.size and (flat.min() < int32.min or flat.max() > int32.max)
+    wide = any(ids.size and (ids.min() < int32.min or ids.max() > int32.max)
+               for ids in arrays)
   else:
-    wide = jnp.iinfo(flat.dtype).max > int32.max or jnp.iinfo(flat.dtype).min < int32.min
-  if wide:
-    flat = (np.unique(flat, return_inverse=True)[1] if host else
-            jnp.unique(flat, return_inverse=True, size=flat.size)[1])
-  flat = jnp.asarray(flat.reshape(-1), jnp.int32) if host else flat.reshape(-1).astype(jnp.int32)
+    wide = any(jnp.iinfo(ids.dtype).max > int32.max or jnp.iinfo(ids.dtype).min < int32.min
+               for ids in arrays)
+  if not wide:  # each array on its own: no concatenation to reshard when sharded
+    return tuple(jnp.asarray(ids).astype(jnp.int32) for ids in arrays)
+  xp = np if host else jnp
+  flat = xp.concatenate([xp.ravel(xp.asarray(ids)) for ids in arrays])
+  flat = (np.unique(flat, return_inverse=True)[1] if host else
+          jnp.unique(flat, return_inverse=True, size=flat.size)[1])
+  flat = jnp.asarray(flat).reshape(-1).astype(jnp.int32)
   out, start = [], 0
   for ids in arrays:
     out.append(flat[start:start + ids.size].reshape(ids.shape))

@@ -43,10 +43,9 @@ def test_interpret_mode_runs_the_kernel_through_the_op(monkeypatch, implementati
 def test_auto_on_cpu_is_xla_and_unsupported_kernel_calls_say_so(monkeypatch):
   monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
   q, k, v = _qkv(dim=16)
-  v = v[..., :12]  # value_dim 12 is not a power of two
-  with pytest.raises(NotImplementedError, match="value_dim"):
-    ops.linear_attention(q, k, v, implementation="pallas_triton", chunk_size=16)
-  ops.linear_attention(q, k, v)  # auto: served by XLA
+  with pytest.raises(NotImplementedError, match="chunk_size=24"):  # not a power of two
+    ops.linear_attention(q, k, v, implementation="pallas_triton", chunk_size=24)
+  ops.linear_attention(q, k, v, chunk_size=24)  # auto: served by XLA
 
 
 def test_cudnn_is_not_available_for_linear_attention():
