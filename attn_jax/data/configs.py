@@ -23,10 +23,13 @@ def default_mqar_config() -> ml_collections.ConfigDict:
   4 queries, Zoology's power law (power_a = 0.01), Zoology's 100,000 training examples (so a
   few thousand steps see each example only a few times) and 1,000 test examples. Built once
   per data_dir (about half a minute on a CPU). docs/data.md has the runs that chose it.
+  `random_non_queries`: filler tokens between pairs and queries are random (True, as in
+  Based's Figure 2) or 0 (False, as in Zoology's Figure 2).
   """
   return ml_collections.ConfigDict({
       **_COMMON, "name": "mqar", "vocab_size": 128, "seq_len": 64, "num_kv_pairs": 4,
-      "power_a": 0.01, "num_train_examples": 100_000, "num_eval_examples": 1_000})
+      "power_a": 0.01, "num_train_examples": 100_000, "num_eval_examples": 1_000,
+      "random_non_queries": True})
 
 
 def default_text_config(path: str = "") -> ml_collections.ConfigDict:

@@ -11,7 +11,9 @@ efficient language models", §3 and App. E). One example of length `seq_len`:
                         replacement with P(g) ∝ (g + 1)^(power_a - 1): a power law, so most
                         queries come soon after the pairs, as repeated bigrams do in text
                         (power_a = 1 is uniform; Zoology uses 0.01).
-  every other position  a random token of [0, vocab_size) (Zoology's `random_non_queries`).
+  every other position  a random token of [0, vocab_size) (Zoology's `random_non_queries`,
+                        our default and Based's Figure 2 setting), or token 0 with
+                        `random_non_queries=False` (Zoology's Figure 2 configs).
 
 Targets are next-token targets: at a query position the target is the value paired with that
 key, and `loss_mask` is 1 there and 0 everywhere else, so the loss and the accuracy count the
@@ -52,20 +54,27 @@ class MqarConfig(tfds.core.BuilderConfig):
   power_a: float = 0.01
   num_train_examples: int = 100_000
   num_eval_examples: int = 1_000
+  random_non_queries: bool = True
 
   @classmethod
   def make(cls, *, vocab_size: int, seq_len: int, num_kv_pairs: int, power_a: float,
-           num_train_examples: int, num_eval_examples: int,
+           num_train_examples: int, num_eval_examples: int, random_non_queries: bool = True,
            description: str | None = None, prefix: str = "") -> MqarConfig:
-    """Checks the fields (errors name them, after `prefix`) and names the config."""
+    """Checks the fields (errors name them, after `prefix`) and names the config (the
+    name of a random-filler config is the one it had before the field existed)."""
     check_mqar_fields(vocab_size=vocab_size, seq_len=seq_len, num_kv_pairs=num_kv_pairs,
                       power_a=power_a, num_train_examples=num_train_examples,
                       num_eval_examples=num_eval_examples, prefix=prefix)
+    if not isinstance(random_non_queries, bool):
+      raise ValueError(f"{prefix}random_non_queries={random_non_queries!r} is invalid: "
+                       "expected True (random filler tokens) or False (token 0)")
     name = (f"v{vocab_size}-t{seq_len}-kv{num_kv_pairs}-a{float(power_a)!r}"
-            f"-n{num_train_examples}-{num_eval_examples}")
+            f"-n{num_train_examples}-{num_eval_examples}"
+            + ("" if random_non_queries else "-zeros"))
     return cls(name=name, description=description, vocab_size=vocab_size, seq_len=seq_len,
                num_kv_pairs=num_kv_pairs, power_a=float(power_a),
-               num_train_examples=num_train_examples, num_eval_examples=num_eval_examples)
+               num_train_examples=num_train_examples, num_eval_examples=num_eval_examples,
+               random_non_queries=random_non_queries)
 
 
 def check_mqar_fields(*, vocab_size, seq_len, num_kv_pairs, power_a, num_train_examples,
@@ -100,8 +109,10 @@ def query_gap_probabilities(num_slots: int, power_a: float) -> np.ndarray:
 
 
 def mqar_examples(num_examples: int, *, vocab_size: int, seq_len: int, num_kv_pairs: int,
-                  power_a: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """`num_examples` MQAR examples as arrays `[num_examples, seq_len]`.
+                  power_a: float, rng: np.random.Generator,
+                  random_non_queries: bool = True) -> dict[str, np.ndarray]:
+  """`num_examples` MQAR examples as arrays `[num_examples, seq_len]`; positions that are
+  neither a pair nor a query hold random tokens, or 0 without `random_non_queries`.
 
   Returns:
     "inputs" int32, "targets" int32 (0 where not a query), "loss_mask" float32 (1 exactly
@@ -119,7 +130,8 @@ def mqar_examples(num_examples: int, *, vocab_size: int, seq_len: int, num_kv_pa
   gaps = np.argsort(rng.exponential(size=(n, num_slots)) / p, axis=1)[:, :kv]
   query_pos = 2 * kv + 2 * gaps
 
-  inputs = rng.integers(0, vocab_size, size=(n, t))
+  filler = rng.integers(0, vocab_size, size=(n, t))  # drawn either way: same keys, gaps
+  inputs = filler if random_non_queries else np.zeros_like(filler)
   inputs[:, 0:2 * kv:2] = keys
   inputs[:, 1:2 * kv:2] = values
   np.put_along_axis(inputs, query_pos, keys, axis=1)
@@ -135,9 +147,11 @@ def _default_configs() -> list[MqarConfig]:
       vocab_size=128, seq_len=64, num_kv_pairs=4, power_a=0.01, num_train_examples=100_000,
       num_eval_examples=1_000,
       description="Default: small enough for a 2-layer softmax transformer on a CPU.")
-  # Zoology's Figure 2 grid at its smallest vocab: 100k train / 3k test examples.
+  # Zoology's Figure 2 grid: vocab 8192, 100k train / 3k test examples, and token 0 as
+  # filler (`random_non_queries=False` in its iclr24_zoology_figure2 configs).
   zoology = [MqarConfig.make(vocab_size=8192, seq_len=t, num_kv_pairs=kv, power_a=0.01,
                              num_train_examples=100_000, num_eval_examples=3_000,
+                             random_non_queries=False,
                              description="Zoology (Arora et al. 2023) Figure 2 setting.")
              for t, kv in ((64, 4), (128, 8), (256, 16), (512, 64))]
   return [small, *zoology]
@@ -178,6 +192,7 @@ class Mqar(tfds_compat.LocalCodePath, tfds.core.GeneratorBasedBuilder):
       rng = np.random.default_rng([_SPLIT_SEEDS[split], start // _CHUNK])
       chunk = mqar_examples(min(_CHUNK, num_examples - start), vocab_size=c.vocab_size,
                             seq_len=c.seq_len, num_kv_pairs=c.num_kv_pairs,
-                            power_a=c.power_a, rng=rng)
+                            power_a=c.power_a, rng=rng,
+                            random_non_queries=c.random_non_queries)
       for i in range(len(chunk["inputs"])):
         yield start + i, {k: v[i] for k, v in chunk.items()}

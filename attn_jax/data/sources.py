@@ -86,7 +86,8 @@ def open_source(data_config: Any, split: str) -> Source:
 
 def _mqar_builder_config(cfg: Mapping[str, Any]) -> mqar.MqarConfig:
   fields = {k: cfg[k] for k in ("vocab_size", "seq_len", "num_kv_pairs", "power_a",
-                                "num_train_examples", "num_eval_examples")}
+                                "num_train_examples", "num_eval_examples",
+                                "random_non_queries")}
   made = mqar.MqarConfig.make(**fields, prefix="config.data.")
   # TFDS accepts a custom config only if its name is not a predefined one.
   return mqar.Mqar.builder_configs.get(made.name, made)

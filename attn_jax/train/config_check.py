@@ -46,8 +46,10 @@ def _flatten(tree, prefix=""):
 
 
 def differences(saved, current):
-  """`[(field, saved value, current value)]` for fields that may not change on resume."""
+  """`[(field, saved value, current value)]` for fields that may not change on resume.
+  A field added since the checkpoint was saved (`ADDED_FIELDS`) reads as its default."""
   saved, current = _flatten(to_json(saved)), _flatten(to_json(current))
+  saved = {**{k: v for k, v in ADDED_FIELDS.items() if k in current}, **saved}
   diffs = []
   for key in sorted(set(saved) | set(current)):
     if any(key == p or key.startswith(p) for p in RESUMABLE):
@@ -55,6 +57,11 @@ def differences(saved, current):
     if saved.get(key, "<missing>") != current.get(key, "<missing>"):
       diffs.append((key, saved.get(key, "<missing>"), current.get(key, "<missing>")))
   return diffs
+
+
+# Fields added to configs after runs were saved without them: `field: the value the
+# saved runs had` (their behaviour then), so those runs still resume and load.
+ADDED_FIELDS = {"data.random_non_queries": True}
 
 
 def check_resumable(saved, current, workdir, step):

@@ -2,12 +2,14 @@
 
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 
 from attn_jax import data
 from attn_jax.data import mqar
 from attn_jax.data import sources
+from attn_jax.train import config_check
 
 
 def check_mqar_rows(rows, *, vocab_size, seq_len, num_kv_pairs):
@@ -53,6 +55,32 @@ def test_query_gaps_follow_power_law():
   np.testing.assert_allclose(p.sum(), 1.0)
   assert (np.diff(p) < 0).all()
   np.testing.assert_allclose(mqar.query_gap_probabilities(10, 1.0), 0.1)
+
+
+def test_zero_filler_keeps_pairs_and_queries():
+  """`random_non_queries=False` (Zoology's Figure 2): token 0 between pairs and queries,
+  everything else as with random filler from the same generator."""
+  kwargs = dict(vocab_size=64, seq_len=40, num_kv_pairs=4, power_a=0.01)
+  rand = mqar.mqar_examples(50, rng=np.random.default_rng(5), **kwargs)
+  zero = mqar.mqar_examples(50, rng=np.random.default_rng(5), random_non_queries=False,
+                            **kwargs)
+  kept = np.zeros(rand["inputs"].shape, bool)
+  kept[:, :8] = True
+  kept |= rand["loss_mask"] > 0
+  np.testing.assert_array_equal(zero["inputs"][kept], rand["inputs"][kept])
+  assert not zero["inputs"][~kept].any() and rand["inputs"][~kept].any()
+  for key in ("targets", "loss_mask"):
+    np.testing.assert_array_equal(zero[key], rand[key])
+  check_mqar_rows(zero, vocab_size=64, seq_len=40, num_kv_pairs=4)
+
+
+def test_zoology_figure2_configs_use_zero_filler():
+  zoology = [c for c in mqar.Mqar.BUILDER_CONFIGS if c.vocab_size == 8192]
+  assert [(c.seq_len, c.num_kv_pairs) for c in zoology] == [(64, 4), (128, 8), (256, 16),
+                                                            (512, 64)]
+  assert all(not c.random_non_queries and c.name.endswith("-zeros") for c in zoology)
+  default = mqar.Mqar.BUILDER_CONFIGS[0]
+  assert default.random_non_queries and default.name == "v128-t64-kv4-a0.01-n100000-1000"
 
 
 def test_generation_depends_only_on_rng():
@@ -102,7 +130,7 @@ def test_predefined_configs_are_reused():
   default = sources._mqar_builder_config(sources.configs.resolve(data.default_mqar_config()))
   assert default is mqar.Mqar.builder_configs[default.name]
   assert default.name == "v128-t64-kv4-a0.01-n100000-1000"
-  assert "v8192-t256-kv16-a0.01-n100000-3000" in mqar.Mqar.builder_configs
+  assert "v8192-t256-kv16-a0.01-n100000-3000-zeros" in mqar.Mqar.builder_configs
 
 
 @pytest.mark.parametrize("field,value", [
@@ -116,3 +144,13 @@ def test_bad_field_is_named(field, value, tmp_path):
   with pytest.raises(ValueError, match=field if field != "seq_len" else "num_kv_pairs"):
     data.make_pipeline(config, "train", global_batch_size=4)
   assert not os.listdir(tmp_path)  # Checked before anything is built.
+
+
+def test_a_run_saved_before_the_filler_field_still_resumes():
+  """Configs saved without `data.random_non_queries` read it as True (their data)."""
+  current = ml_collections.ConfigDict({"data": data.default_mqar_config().to_dict()})
+  saved = current.to_dict()
+  del saved["data"]["random_non_queries"]
+  assert config_check.differences(saved, current) == []
+  current.data.random_non_queries = False
+  assert config_check.differences(saved, current) == [("data.random_non_queries", True, False)]
