@@ -5,7 +5,8 @@ Based pairs two cheap mixers that cover each other's weakness:
 
 * global linear attention with the 2nd-order Taylor feature map of exp,
   `φ(q)ᵀφ(k) = 1 + qᵀk/√d + (qᵀk)²/(2d)`, on small projected q, k (feature_dim 16, so
-  φ has 1 + 16 + 256 features), normalised as in Katharopoulos et al.: it recalls
+  φ has 1 + 16 + 136 = 153 features: the symmetric second-order terms once, as Based's
+  `TaylorExp`), normalised as in Katharopoulos et al.: it recalls
   across the whole context with a constant-size state;
 * exact softmax attention in a small sliding window (64–128 tokens) for precise local
   shifts and comparisons.
@@ -34,7 +35,8 @@ from attn_jax.ops import feature_maps
 class TaylorLinearAttention(RecurrentMixer):
   """Based's linear attention branch: Taylor features of q, k in `feature_dim`, normalised.
 
-  Decode state: `[batch, heads, 1 + feature_dim + feature_dim², head_dim + 1]` float32.
+  Decode state: `[batch, heads, 1 + f + f(f+1)/2, head_dim + 1]` float32, f = feature_dim
+  (153 features at f = 16, as Based counts them).
   """
 
   NAME = "based"
@@ -55,7 +57,8 @@ class TaylorLinearAttention(RecurrentMixer):
     self.convs = qkv_convs(self.short_conv_size, (h, f), (h, hd), **p)
 
   def _state_shape(self):
-    return self.num_heads, 1 + self.feature_dim + self.feature_dim ** 2, self.head_dim
+    f = self.feature_dim
+    return self.num_heads, 1 + f + f * (f + 1) // 2, self.head_dim
 
   def _inputs(self, x, src, *, positions, segment_ids, conv_state):
     q, k, v, conv_state = self._conv_qkv(x, src, segment_ids, conv_state)

@@ -9,6 +9,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def identity(x):
@@ -27,16 +28,20 @@ def relu(x):
 
 
 def taylor_exp(x):
-  """Second-order Taylor map of exp(qᵀk) (Based; Arora et al., 2024).
+  """Second-order Taylor map of exp(qᵀk/√d) (Based; Arora et al., 2024).
 
-  φ(x) = [1, x / d^{1/4}, vec(x xᵀ) / (√2 · √d)] so that
-  φ(q)ᵀφ(k) = 1 + qᵀk/√d + (qᵀk)²/(2d) ≈ exp(qᵀk/√d). Feature dim 1 + d + d².
+  φ(x) = [1, x / d^{1/4}, (x_i x_j · w_ij)_{i ≤ j}], w_ii = 1 / (√2 · √d) and
+  w_ij = 1 / √d for i < j (the symmetric second-order terms once, as Based's
+  `TaylorExp`), so that φ(q)ᵀφ(k) = 1 + qᵀk/√d + (qᵀk)²/(2d) ≈ exp(qᵀk/√d).
+  Feature dim 1 + d + d(d+1)/2: 153 for d = 16, where the full outer product
+  (1 + d + d²) would carry 273 features in every state.
   """
   d = x.shape[-1]
-  outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], d * d)
+  i, j = np.triu_indices(d)
+  weight = np.where(i == j, 1.0 / (math.sqrt(2.0) * math.sqrt(d)), 1.0 / math.sqrt(d))
+  pairs = x[..., i] * x[..., j] * weight.astype(x.dtype)
   ones = jnp.ones((*x.shape[:-1], 1), dtype=x.dtype)
-  return jnp.concatenate(
-      [ones, x / d ** 0.25, outer / (math.sqrt(2.0) * math.sqrt(d))], axis=-1)
+  return jnp.concatenate([ones, x / d ** 0.25, pairs], axis=-1)
 
 
 FEATURE_MAPS = {

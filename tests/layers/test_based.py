@@ -41,7 +41,7 @@ def test_cache_does_not_grow():
   m = util.build("based")
   cache = m.init_cache(util.BATCH, max_len=10_000)
   assert cache["window"]["key"].shape[1] == 3
-  assert cache["linear"]["state"].shape == (util.BATCH, util.HEADS, 1 + 4 + 16, 9)
+  assert cache["linear"]["state"].shape == (util.BATCH, util.HEADS, 1 + 4 + 10, 9)
 
 
 @pytest.mark.parametrize("options, argument", [

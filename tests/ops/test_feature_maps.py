@@ -12,7 +12,7 @@ def test_taylor_exp_inner_product_is_second_order_exp():
   kq, kk = fresh_keys(2)
   q, k = normal(kq, (5, 16)), normal(kk, (5, 16))
   phi_q, phi_k = feature_maps.taylor_exp(q), feature_maps.taylor_exp(k)
-  assert phi_q.shape == (5, 1 + 16 + 256)
+  assert phi_q.shape == (5, 1 + 16 + 136)  # 153, Based's count (16·17/2 second-order)
   x = jnp.sum(q * k, -1) / 4.0  # qᵀk / √d
   np.testing.assert_allclose(jnp.sum(phi_q * phi_k, -1), 1 + x + x * x / 2, rtol=1e-5)
 
