@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One GPU session's checks and timings, time-boxed, for a lent machine with little time:
+# run it from the repository root with the peers' wheels in .whl/ (experiments/
+# gpu_peer_setup.sh) and an output folder, e.g. on the device machine:
+#
+#   bash experiments/gpu_session.sh "$OUT" [STEP ...]
+#
+# STEPs (default: all, in this order; each bounded by its own timeout, so a slow step
+# leaves the others their time): tests (compiled kernel tests: Mosaic GPU linear
+# attention, Pallas-Triton and Triton-language linear attention incl. the bf16 vector
+# gate), linear (the linear-attention sweep: auto, pallas_mosaic_gpu, jla), flash (the
+# softmax sweep: auto, pallas_mosaic_gpu, cuDNN, FlashAttention-3), training (issue 21
+# item 5: Lightning vs softmax LM, medium with 8 heads of 128, 32k tokens per step, at
+# seq 1k, 4k, 16k, 32k). Logs and JSON go under OUT; a compact table to stdout.
+set -uo pipefail
+out=${1:?usage: gpu_session.sh OUT [tests|linear|flash|training ...]}
+shift
+steps=("${@:-tests linear flash training}")
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_peer_setup.sh" || exit 1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+quiet() { grep -v "^[WIE][0-9]\{4\} \|Warning\|warn(" ; }
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
+
+for step in ${steps[*]}; do
+  case "$step" in
+    tests)
+      JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu_only \
+        tests/pallas_kernels/linear_attention/test_pallas_mosaic_gpu.py 2>&1 | tail -5 \
+        | tee "$out/tests_mosaic_linear.log"
+      JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider \
+        tests/pallas_kernels/linear_attention/test_pallas_triton.py -k "vector" 2>&1 \
+        | tail -5 | tee "$out/tests_pallas_triton_vector.log"
+      JAX_PLATFORMS=cuda,cpu timeout 150 python3 -m pytest -q -p no:cacheprovider \
+        tests/pallas_kernels/linear_attention/test_triton.py \
+        tests/pallas_kernels/test_triton_call.py 2>&1 | tail -5 | tee "$out/tests_triton.log"
+      ;;
+    linear)
+      timeout 300 python3 -m experiments.bench_linear_attention --peers=jax_linear_attention \
+        --implementations=auto,pallas_mosaic_gpu --forms=fixed,scalar \
+        --softmax_implementation= --trials=7 --output_dir="$out/linear" 2>&1 | quiet \
+        | grep "^|" | tee "$out/linear.md"
+      ;;
+    flash)
+      timeout 300 python3 -m experiments.bench_attention --peers=cudnn,flash_attn3_jax \
+        --implementations=auto,pallas_mosaic_gpu --masks=causal \
+        --extra_rows=causal@3000,causal@4096/head_dim=256,causal@8192/kv_heads=2,causal_window:1024@16384 \
+        --trials=7 --output_dir="$out/flash" 2>&1 | quiet | grep "^|" | tee "$out/flash.md"
+      ;;
+    training)
+      for seq in 1024 32768 4096 16384; do
+        for mixer in lightning softmax; do
+          line=$(timeout 90 python3 -m experiments.bench_training --size=medium --num_heads=8 \
+            --mixers=$mixer --seq_len=$seq --global_batch_size=$((32768 / seq)) --steps=5 \
+            --warmup=1 2>"$out/training_${mixer}_${seq}.err" | grep '^{')
+          [[ -n "$line" ]] || line="{\"mixers\": [\"$mixer\"], \"seq_len\": $seq, \"error\": \"no result (timeout or crash; see training_${mixer}_${seq}.err)\"}"
+          echo "$line" | tee -a "$out/training.jsonl"
+        done
+      done
+      ;;
+    *) echo "gpu_session.sh: unknown step '$step' (tests, linear, flash, training)" >&2 ;;
+  esac
+done
