@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax.ops.attention_mask import AttentionMask
+from attn_jax.ops.nonfinite import zero_nonfinite
 
 
 def attention_xla(query, key, value, q_segment_ids, kv_segment_ids, sinks, *,
@@ -30,8 +31,8 @@ def attention_xla(query, key, value, q_segment_ids, kv_segment_ids, sinks, *,
   # A non-finite key or value reaches only the queries that see it: the products run on
   # finite copies (0 · NaN is NaN, in the forward and in the gradient), and the outputs
   # of the queries that see such a key come back as NaN through `where`.
-  key, bad_key = _finite(key)  # [b, k, h, d], [b, k, h]
-  value, bad_value = _finite(value)
+  key, bad_key = zero_nonfinite(key)  # [b, k, h, d], [b, k, h]
+  value, bad_value = zero_nonfinite(value)
   logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, key,
                       preferred_element_type=jnp.float32) * scale
   if logits_soft_cap is not None:
@@ -63,9 +64,3 @@ def attention_xla(query, key, value, q_segment_ids, kv_segment_ids, sinks, *,
   lse = jnp.where(seen, row_max + jnp.log(safe_denom), -jnp.inf)
   lse = jnp.where(jnp.moveaxis(sees_bad, 1, 2)[:, :, None], jnp.nan, lse)
   return out, lse.reshape(batch, q_heads, q_len)
-
-
-def _finite(x):
-  """(x with its non-finite entries zeroed, [b, s, h] bool: the rows that held one)."""
-  finite = jnp.isfinite(x)
-  return jnp.where(finite, x, 0), ~jnp.all(finite, axis=-1)

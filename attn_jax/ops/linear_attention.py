@@ -21,6 +21,7 @@ import numpy as np
 from attn_jax.ops import dispatch
 from attn_jax.ops.checks import check_qkv, segment_ids_int32
 from attn_jax.ops.linear_attention_xla import chunked_linear_attention
+from attn_jax.ops.nonfinite import zero_nonfinite
 
 NORMALIZE_EPS = 1e-6
 
@@ -164,7 +165,7 @@ def _xla(query, key, value, log_decay, initial_state, resets, *, scale, chunk_si
   # A non-finite q, k or v reaches only the outputs that see it (its own run, from its
   # token on): the chunked products, whose masks are multiplications by 0 (0 · NaN is
   # NaN), run on finite copies, and NaN comes back through `where` where it belongs.
-  (q, bad_q), (k, bad_k), (value, bad_v) = (_finite(x) for x in (q, k, value))
+  (q, bad_q), (k, bad_k), (value, bad_v) = (zero_nonfinite(x) for x in (q, k, value))
   out, final = chunked_linear_attention(q, k, value, log_decay=log_decay.astype(jnp.float32),
                                         scale=scale, initial_state=initial_state,
                                         resets=resets, chunk_size=chunk_size)
@@ -173,11 +174,6 @@ def _xla(query, key, value, log_decay, initial_state, resets, *, scale, chunk_si
   final = jnp.where(seen[:, -1, :, None, None], jnp.nan, final)
   return out, final
 
-
-def _finite(x):
-  """(x with its non-finite entries zeroed, `[b, s, h]` bool: the rows that held one)."""
-  finite = jnp.isfinite(x)
-  return jnp.where(finite, x, 0), ~jnp.all(finite, axis=-1)
 
 
 def _seen_in_run(bad, resets):

@@ -38,16 +38,8 @@ def load_meta(workdir, step=None):
       raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoints.directory}; "
                               f"there are {steps}.")
     candidates = [step] if step is not None else list(reversed(steps))
-    for i, candidate in enumerate(candidates):
-      try:
-        return checkpoints.read_meta(candidate)
-      except Exception as e:  # orbax and json raise many types for damaged files
-        reason = describe_error(e)
-        if i + 1 == len(candidates):
-          raise CorruptCheckpoint(f"checkpoint {candidate} in {checkpoints.directory}: its "
-                                  f"meta item does not read ({reason}).") from None
-        logging.warning("checkpoint %d: its meta item does not read (%s); using the "
-                        "previous one, %d.", candidate, reason, candidates[i + 1])
+    return _first_readable(checkpoints, candidates, checkpoints.read_meta,
+                           "has a meta item that does not read")
   finally:
     checkpoints.close()
 
@@ -89,7 +81,12 @@ def load(workdir, *, step=None, mesh=None, rules=None, kernels=None):
                         nnx.to_pure_dict(abstract), shardings)
   checkpoints = Checkpoints(workdir, read_only=True)
   try:
-    params = _restore_params(checkpoints, int(meta["step"]), target, fall_back=step is None)
+    newest = int(meta["step"])
+    candidates = ([s for s in reversed(checkpoints.steps()) if s <= newest]
+                  if step is None else [newest])
+    params = _first_readable(checkpoints, candidates,
+                             lambda s: checkpoints.restore_params(s, target),
+                             "does not restore")
   finally:
     checkpoints.close()
   model = nnx.merge(graphdef, params)
@@ -97,19 +94,17 @@ def load(workdir, *, step=None, mesh=None, rules=None, kernels=None):
   return model
 
 
-def _restore_params(checkpoints, step, target, fall_back):
-  """The verified params of checkpoint `step`; with `fall_back`, of the newest older one
-  that restores if `step`'s does not (with a warning naming both). Raises CorruptCheckpoint
-  (or orbax's error) naming the step otherwise; nothing is moved or deleted."""
-  candidates = [s for s in reversed(checkpoints.steps()) if s <= step] if fall_back else [step]
-  for i, candidate in enumerate(candidates):
+def _first_readable(checkpoints, candidates, read, failure):
+  """`read(step)` of the first of `candidates` (steps, newest first) that reads and
+  verifies; a warning naming each one that does not and the one tried next. Raises
+  CorruptCheckpoint naming the last candidate's step and `failure` if none reads; nothing
+  is moved or deleted."""
+  for i, step in enumerate(candidates):
     try:
-      params = checkpoints.restore_params(candidate, target)
-    except Exception as e:  # orbax raises many types for unreadable files
+      return read(step)
+    except Exception as e:  # orbax and json raise many types for damaged files
       if i + 1 == len(candidates):
-        raise CorruptCheckpoint(f"checkpoint {candidate} in {checkpoints.directory} does "
-                                f"not restore: {describe_error(e)}") from None
-      logging.warning("checkpoint %d does not restore (%s); loading the previous one, %d.",
-                      candidate, describe_error(e), candidates[i + 1])
-      continue
-    return params
+        raise CorruptCheckpoint(f"checkpoint {step} in {checkpoints.directory} {failure}: "
+                                f"{describe_error(e)}") from None
+      logging.warning("checkpoint %d %s (%s); using the previous one, %d.", step, failure,
+                      describe_error(e), candidates[i + 1])
