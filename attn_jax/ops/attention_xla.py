@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax.ops.attention_mask import AttentionMask
-from attn_jax.ops.nonfinite import zero_nonfinite
+from pallas_kernels.nonfinite import zero_nonfinite
 
 
 def attention_xla(query, key, value, q_segment_ids, kv_segment_ids, sinks, *,

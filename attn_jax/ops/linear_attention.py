@@ -21,7 +21,7 @@ import numpy as np
 from attn_jax.ops import dispatch
 from attn_jax.ops.checks import check_qkv, segment_ids_int32
 from attn_jax.ops.linear_attention_xla import chunked_linear_attention
-from attn_jax.ops.nonfinite import zero_nonfinite
+from pallas_kernels.nonfinite import zero_nonfinite
 
 NORMALIZE_EPS = 1e-6
 

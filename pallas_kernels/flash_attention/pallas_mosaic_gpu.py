@@ -45,7 +45,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_attention import pallas_triton
 from pallas_kernels.flash_attention import mosaic_gpu_backward
-from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
+from pallas_kernels import mosaic_gpu_parts as parts
 from pallas_kernels.flash_attention.block_mask import BlockMask, kernel_arguments, pad, round_up
 
 _DTYPES = ("bfloat16", "float16")

@@ -16,7 +16,7 @@ walks its chunks in order with the state on chip and writes
   D_ij = e^{b_i − b_j} if j ≤ i in one run, else 0;   wq_i = e^{b_i} [rel_i = 0];
   wk_j = e^{b_C − b_j} [rel_j = rel_C];               d = e^{b_C} [the chunk has no reset].
 
-- Warp-specialised as the flash-attention kernels (`flash_attention.mosaic_gpu_parts`): a
+- Warp-specialised as the flash-attention kernels (`pallas_kernels.mosaic_gpu_parts`): a
   memory warpgroup streams each chunk's Q, K, V and vectors (b, rel, wq, wk, d) into
   shared-memory slots with TMA; one compute warpgroup per 64 value columns keeps its
   `[K, 64]` slice of h in registers (f32). `BlockSizes.value_blocks` spreads a head's
@@ -47,7 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
+from pallas_kernels import mosaic_gpu_parts as parts
 from pallas_kernels.linear_attention import pallas_triton
 from pallas_kernels.linear_attention.pallas_mosaic_gpu_gradients import (chunk_vectors,
                                                                        decay_gradient,

@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
+from pallas_kernels import mosaic_gpu_parts as parts
 from pallas_kernels.linear_attention.mosaic_gpu_tiles import along, matmuls, zeros
 
 CHUNK = 64

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_attention import mosaic_gpu_parts as parts
+from pallas_kernels import mosaic_gpu_parts as parts
 from pallas_kernels.linear_attention.mosaic_gpu_tiles import (along, column_tiles, matmuls,
                                                               value_block)
 from pallas_kernels.linear_attention.pallas_mosaic_gpu_gradients import CHUNK, chunk_vectors
