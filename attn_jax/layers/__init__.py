@@ -8,11 +8,13 @@
 See docs/layers.md for the table of mechanisms.
 """
 
+from attn_jax.layers.base_conv import BaseConv
 from attn_jax.layers.based import Based
 from attn_jax.layers.common import AXES
 from attn_jax.layers.differential import DifferentialAttention
 from attn_jax.layers.gla import GatedLinearAttention
 from attn_jax.layers.hgrn2 import HGRN2
+from attn_jax.layers.hyena import Hyena
 from attn_jax.layers.lightning import LightningAttention
 from attn_jax.layers.linear import EfficientAttention, LinearAttention
 from attn_jax.layers.mamba2 import Mamba2
@@ -23,8 +25,8 @@ from attn_jax.layers.retnet import Retention
 from attn_jax.layers.softmax import SlidingWindowAttention, SoftmaxAttention
 
 __all__ = [
-    "AXES", "PATTERNS", "REGISTRY", "Based", "DifferentialAttention", "EfficientAttention",
-    "GatedLinearAttention", "HGRN2", "LightningAttention", "LinearAttention", "Mamba2",
-    "Mixer", "MultiHeadLatentAttention", "RecurrentMixer", "Retention",
-    "SlidingWindowAttention", "SoftmaxAttention", "make_mixer",
+    "AXES", "PATTERNS", "REGISTRY", "BaseConv", "Based", "DifferentialAttention",
+    "EfficientAttention", "GatedLinearAttention", "HGRN2", "Hyena", "LightningAttention",
+    "LinearAttention", "Mamba2", "Mixer", "MultiHeadLatentAttention", "RecurrentMixer",
+    "Retention", "SlidingWindowAttention", "SoftmaxAttention", "make_mixer",
 ]

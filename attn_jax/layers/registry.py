@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from attn_jax.layers.base_conv import BaseConv
 from attn_jax.layers.based import Based
 from attn_jax.layers.differential import DifferentialAttention
 from attn_jax.layers.gla import GatedLinearAttention
 from attn_jax.layers.hgrn2 import HGRN2
+from attn_jax.layers.hyena import Hyena
 from attn_jax.layers.lightning import LightningAttention
 from attn_jax.layers.linear import EfficientAttention, LinearAttention
 from attn_jax.layers.mamba2 import Mamba2
@@ -26,6 +28,8 @@ REGISTRY = {
     "based": Based,
     "hgrn2": HGRN2,
     "mamba2": Mamba2,
+    "base_conv": BaseConv,
+    "hyena": Hyena,
 }
 
 

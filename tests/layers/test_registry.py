@@ -12,8 +12,8 @@ from attn_jax import layers
 from tests.layers import util
 
 NAMES = sorted(layers.REGISTRY)
-EXPECTED = ["based", "diff", "efficient", "gla", "hgrn2", "lightning", "linear", "mamba2",
-            "mla", "retnet", "softmax", "swa"]
+EXPECTED = ["base_conv", "based", "diff", "efficient", "gla", "hgrn2", "hyena", "lightning",
+            "linear", "mamba2", "mla", "retnet", "softmax", "swa"]
 
 
 def test_registry_names():
@@ -140,6 +140,9 @@ def test_parameters_carry_logical_axes(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_heads_not_dividing_is_a_value_error(name):
+  if name == "base_conv":  # no heads: num_heads is unused
+    layers.make_mixer(name, d_model=16, num_heads=3, rngs=nnx.Rngs(0))
+    return
   with pytest.raises(ValueError, match="num_heads"):
     layers.make_mixer(name, d_model=16, num_heads=3, rngs=nnx.Rngs(0),
                       **({"causal": False} if name == "efficient" else {}))

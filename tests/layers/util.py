@@ -33,6 +33,8 @@ OPTIONS = {
     "based": dict(chunk_size=3, feature_dim=4, window_size=3, short_conv_size=2),
     "hgrn2": dict(chunk_size=3, lower_bound=0.2, short_conv_size=3),
     "mamba2": dict(chunk_size=3, state_size=4),
+    "base_conv": dict(kernel_size=-1, max_len=16, filter_order=8),
+    "hyena": dict(max_len=16, filter_order=8),
 }
 
 
