@@ -109,6 +109,21 @@ class Mixer(nnx.Module):
       raise ValueError(f"{self.NAME!r} built with causal={self.causal} has no decode "
                        "path: decoding one token at a time needs causal self-attention.")
 
+  def decode_state_size(self, seq_len):
+    """Numbers a decoder carries from token to token after `seq_len` tokens.
+
+    Counted from `init_cache(1, seq_len)`: every floating-point array of the cache, so a
+    KV cache for attention (2 · seq_len · kv_heads · head_dim), window · 2 · kv_heads ·
+    head_dim for a sliding window, the recurrent state for linear attention, the inputs
+    so far for a long convolution; short-convolution buffers count too. Positions and
+    other integer bookkeeping do not. This is the x-axis of Zoology's and Based's
+    recall-vs-state plots, which give bytes as 4 × this number (float32) and leave out
+    short-convolution buffers ((size − 1) numbers per channel).
+    """
+    cache = jax.eval_shape(lambda: self.init_cache(1, seq_len))
+    return sum(int(x.size) for x in jax.tree.leaves(cache)
+               if jnp.issubdtype(x.dtype, jnp.floating))
+
   def _cast_step(self, x_t):
     x_t = self._cast(x_t, "x_t")
     if x_t.shape[1] != 1:

@@ -69,6 +69,11 @@ class DecoderLM(Trunk):
     """Per-layer decode caches (a list of pytrees) for `max_len` tokens."""
     return [block.mixer.init_cache(batch_size, max_len) for block in self.blocks]
 
+  def decode_state_size(self, seq_len):
+    """Numbers carried from token to token after `seq_len` tokens, summed over the
+    layers' mixers (`Mixer.decode_state_size`; Zoology's bytes are 4 × this)."""
+    return sum(block.mixer.decode_state_size(seq_len) for block in self.blocks)
+
   def decode(self, tokens_t, caches):
     """One token per sequence: `tokens_t [batch, 1]` → (logits `[batch, 1, vocab]`,
     new caches)."""
