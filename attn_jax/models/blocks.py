@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax import layers, parallel, sharding
-from attn_jax.layers.common import Norm, Projection, check_positive_int, partitioned
+from attn_jax.layers.common import (Norm, Projection, check_positive_int, partitioned,
+                                    segment_positions)
 from attn_jax.ops import dispatch
 
 # Activation checkpointing: what the backward pass may keep instead of recomputing.
@@ -37,13 +38,17 @@ def check_remat(remat):
   return remat
 
 
+POSITIONS = ("none", "learned")
+
+
 class Embed(nnx.Module):
   """Token embedding `[vocab, embed]`, scaled by √d_model on the way in (so the residual
   stream starts at unit RMS) and reusable as the output projection (tied embeddings)."""
 
-  def __init__(self, vocab_size, d_model, *, rngs, param_dtype=jnp.float32):
+  def __init__(self, vocab_size, d_model, *, rngs, param_dtype=jnp.float32,
+               names=("vocab", "embed")):
     init = nnx.initializers.normal(stddev=d_model ** -0.5)
-    self.embedding = nnx.Param(partitioned(init, ("vocab", "embed"))(
+    self.embedding = nnx.Param(partitioned(init, names)(
         rngs.params(), (vocab_size, d_model), param_dtype))
     self.scale = d_model ** 0.5
 
@@ -174,32 +179,40 @@ def ops_context(kernels=None):
 
 
 class Block(nnx.Module):
-  """`x + mixer(norm(x))`, then `x + mlp(norm(x))`."""
+  """`x + mixer(norm(x))`, then `x + mlp(norm(x))`.
+
+  `mlp_dim=0` is Zoology's identity state mixer (`state_mixer=nn.Identity`): the second
+  step adds `norm(x)` itself, as Zoology's pre-norm block then does.
+  """
 
   def __init__(self, mixer, *, d_model, num_heads, mlp_dim, rngs, causal=True, dtype=None,
-               param_dtype=jnp.float32, norm_eps=1e-6, options=None):
-    norm = dict(rngs=rngs, eps=norm_eps, param_dtype=param_dtype)
+               param_dtype=jnp.float32, norm_eps=1e-6, norm="rms", options=None):
+    norm = dict(rngs=rngs, eps=norm_eps, kind=norm, param_dtype=param_dtype)
     self.mixer_norm = Norm((d_model,), ("embed",), **norm)
     self.mixer = layers.make_mixer(mixer, d_model=d_model, num_heads=num_heads, rngs=rngs,
                                    causal=causal, dtype=dtype, param_dtype=param_dtype,
                                    **(options or {}))
     self.mlp_norm = Norm((d_model,), ("embed",), **norm)
-    self.mlp = MLP(d_model, mlp_dim, rngs=rngs, param_dtype=param_dtype)
+    if not isinstance(mlp_dim, int) or isinstance(mlp_dim, bool) or mlp_dim < 0:
+      raise ValueError(f"mlp_dim must be an int ≥ 0 (0: no MLP); got {mlp_dim!r}.")
+    self.mlp = MLP(d_model, mlp_dim, rngs=rngs, param_dtype=param_dtype) if mlp_dim else None
+
+  def _state_mix(self, x):
+    h = self.mlp_norm(x)
+    return x + (h if self.mlp is None else self.mlp(h)).astype(x.dtype)
 
   def __call__(self, x, segment_ids=None):
     y = self.mixer(self.mixer_norm(x), segment_ids=segment_ids).astype(x.dtype)
     x = sharding.constrain(x + y, RESIDUAL)
-    x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
-    return sharding.constrain(x, RESIDUAL)
+    return sharding.constrain(self._state_mix(x), RESIDUAL)
 
   def decode(self, x_t, cache):
     y, cache = self.mixer.decode(self.mixer_norm(x_t), cache)
-    x_t = x_t + y.astype(x_t.dtype)
-    return x_t + self.mlp(self.mlp_norm(x_t)).astype(x_t.dtype), cache
+    return self._state_mix(x_t + y.astype(x_t.dtype)), cache
 
 
 def make_blocks(mixers, *, d_model, num_heads, mlp_dim, mixer_options, causal, rngs,
-                dtype, param_dtype, norm_eps):
+                dtype, param_dtype, norm_eps, norm):
   """One `Block` per name in `mixers`, with its options from `mixer_options`
   (`{"all": {...}, name: {...}}`, see `options_for`)."""
   check_mixer_options(mixer_options)
@@ -208,7 +221,7 @@ def make_blocks(mixers, *, d_model, num_heads, mlp_dim, mixer_options, causal, r
   return nnx.List([
       Block(name, d_model=d_model, num_heads=num_heads, mlp_dim=mlp_dim, rngs=rngs,
             causal=causal, dtype=dtype, param_dtype=param_dtype, norm_eps=norm_eps,
-            options=options_for(name, common, options, layer_index=i,
+            norm=norm, options=options_for(name, common, options, layer_index=i,
                                 num_layers=len(mixers)))
       for i, name in enumerate(mixers)])
 
@@ -229,13 +242,14 @@ class Trunk(nnx.Module):
   """`tokens → embed → blocks → final norm`: what `DecoderLM` and `EncoderClassifier` share.
 
   A model subclasses it and adds its `head`. The trunk's parameters are the model's own
-  attributes (`embed`, `blocks`, `final_norm`), so checkpoint paths do not name the trunk.
-  Args are those of `DecoderLM`, with `param_dtype` a `jnp.dtype`; `causal` is given to
-  every mixer.
+  attributes (`embed`, `blocks`, `final_norm`, and `position_embed` with learned
+  positions), so checkpoint paths do not name the trunk. Args are those of `DecoderLM`,
+  with `param_dtype` a `jnp.dtype`; `causal` is given to every mixer.
   """
 
   def __init__(self, *, vocab_size, d_model, num_layers, num_heads, mlp_dim, mixers, causal,
-               rngs, mixer_options, dtype, param_dtype, remat, norm_eps):
+               rngs, mixer_options, dtype, param_dtype, remat, norm_eps, norm="rms",
+               positions="none", max_len=0):
     self.vocab_size = check_positive_int("vocab_size", vocab_size)
     num_layers = check_positive_int("num_layers", num_layers)
     self.dtype = compute_dtype(dtype)
@@ -243,21 +257,40 @@ class Trunk(nnx.Module):
     self.mixers = tuple(expand_mixers(mixers, num_layers))
     self.kernels = None  # a run option: set by `attn_jax.load(..., kernels=)`, never saved
     self.embed = Embed(vocab_size, d_model, rngs=rngs, param_dtype=param_dtype)
+    if positions not in POSITIONS:
+      raise ValueError(f"positions must be one of {POSITIONS}; got {positions!r}.")
+    self.max_len = None
+    if positions == "learned":  # GPT-2's absolute positions, scaled as the tokens
+      self.max_len = check_positive_int("max_len (with positions='learned')", max_len)
+      self.position_embed = Embed(max_len, d_model, rngs=rngs, param_dtype=param_dtype,
+                                  names=(None, "embed"))
     self.blocks = make_blocks(self.mixers, d_model=d_model, num_heads=num_heads,
                               mlp_dim=mlp_dim, mixer_options=mixer_options, causal=causal,
                               rngs=rngs, dtype=self.dtype, param_dtype=param_dtype,
-                              norm_eps=norm_eps)
-    self.final_norm = Norm((d_model,), ("embed",), rngs=rngs, eps=norm_eps,
+                              norm_eps=norm_eps, norm=norm)
+    self.final_norm = Norm((d_model,), ("embed",), rngs=rngs, eps=norm_eps, kind=norm,
                            param_dtype=param_dtype)
+
+  def embed_tokens(self, tokens, positions):
+    """Token embeddings `[batch, seq, d_model]`, plus learned position embeddings at
+    `positions` (`[batch, seq]` ints) when the model has them."""
+    x = self.embed(tokens, self.dtype or jnp.float32)
+    if self.max_len is None:
+      return x
+    if tokens.shape[1] > self.max_len:
+      raise ValueError(f"{tokens.shape[1]} tokens exceed the learned positions' max_len "
+                       f"({self.max_len}).")
+    return x + self.position_embed(positions, x.dtype)
 
   def features(self, tokens, segment_ids=None):
     """`tokens [batch, seq]` int → normed features `[batch, seq, d_model]`.
 
     Call it under `ops_context(self.kernels)`; with segment ids no token sees another
-    segment.
+    segment (and learned positions restart at each segment).
     """
-    x = self.embed(tokens, self.dtype or jnp.float32)
-    x = run_blocks(self.blocks, x, segment_ids, self.remat)
+    positions = segment_positions(segment_ids, *tokens.shape)
+    x = run_blocks(self.blocks, self.embed_tokens(tokens, positions), segment_ids,
+                   self.remat)
     return self.final_norm(x)
 
 

@@ -35,17 +35,22 @@ class DecoderLM(Trunk):
     dtype: compute dtype name (e.g. "bfloat16"; None keeps float32).
     param_dtype: parameter dtype (float32).
     remat: activation checkpointing per block: "none", "full", "dots", "dots_no_batch".
-    norm_eps: RMSNorm epsilon.
+    norm_eps: norm epsilon.
+    norm: "rms" (RMSNorm) or "layer" (LayerNorm, as Zoology's models).
+    positions: "none" (position only through the mixers, e.g. RoPE) or "learned"
+      (absolute position embeddings added to the tokens', GPT-2 and Zoology's attention
+      models); `max_len` positions then.
   """
 
   def __init__(self, *, vocab_size, d_model, num_layers, num_heads, mlp_dim, mixers, rngs,
                mixer_options=None, tie_embeddings=True, dtype=None, param_dtype="float32",
-               remat="none", norm_eps=1e-6):
+               remat="none", norm_eps=1e-6, norm="rms", positions="none", max_len=0):
     param_dtype = jnp.dtype(param_dtype)
     super().__init__(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers,
                      num_heads=num_heads, mlp_dim=mlp_dim, mixers=mixers, causal=True,
                      rngs=rngs, mixer_options=mixer_options, dtype=dtype,
-                     param_dtype=param_dtype, remat=remat, norm_eps=norm_eps)
+                     param_dtype=param_dtype, remat=remat, norm_eps=norm_eps, norm=norm,
+                     positions=positions, max_len=max_len)
     self.head = None if tie_embeddings else Projection(
         (d_model,), (vocab_size,), ("embed", "vocab"), rngs=rngs, param_dtype=param_dtype)
 
@@ -78,7 +83,8 @@ class DecoderLM(Trunk):
     """One token per sequence: `tokens_t [batch, 1]` → (logits `[batch, 1, vocab]`,
     new caches)."""
     with ops_context(self.kernels):
-      x = self.embed(tokens_t, self.dtype or jnp.float32)
+      positions = jnp.broadcast_to(caches[0]["pos"], tokens_t.shape)
+      x = self.embed_tokens(tokens_t, positions)
       new = []
       for block, cache in zip(self.blocks, caches):
         x, cache = block.decode(x, cache)

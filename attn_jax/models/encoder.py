@@ -23,7 +23,7 @@ class EncoderClassifier(Trunk):
 
   Args:
     vocab_size, d_model, num_layers, num_heads, mlp_dim, mixers, mixer_options, dtype,
-      param_dtype, remat, norm_eps: as in `DecoderLM`.
+      param_dtype, remat, norm_eps, norm, positions, max_len: as in `DecoderLM`.
     num_classes: classes of the head.
     pooling: "mean" (over unmasked tokens) or "first" (a CLS token at position 0).
     rngs: `nnx.Rngs` for the parameters.
@@ -31,7 +31,8 @@ class EncoderClassifier(Trunk):
 
   def __init__(self, *, vocab_size, d_model, num_layers, num_heads, mlp_dim, mixers,
                num_classes, rngs, pooling="mean", mixer_options=None, dtype=None,
-               param_dtype="float32", remat="none", norm_eps=1e-6):
+               param_dtype="float32", remat="none", norm_eps=1e-6, norm="rms",
+               positions="none", max_len=0):
     num_classes = check_positive_int("num_classes", num_classes)
     if pooling not in POOLINGS:
       raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}.")
@@ -39,7 +40,8 @@ class EncoderClassifier(Trunk):
     super().__init__(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers,
                      num_heads=num_heads, mlp_dim=mlp_dim, mixers=mixers, causal=False,
                      rngs=rngs, mixer_options=mixer_options, dtype=dtype,
-                     param_dtype=param_dtype, remat=remat, norm_eps=norm_eps)
+                     param_dtype=param_dtype, remat=remat, norm_eps=norm_eps, norm=norm,
+                     positions=positions, max_len=max_len)
     self.num_classes = num_classes
     self.pooling = pooling
     self.head = Projection((d_model,), (num_classes,), ("embed", None), rngs=rngs,

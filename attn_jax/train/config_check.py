@@ -61,7 +61,8 @@ def differences(saved, current):
 
 # Fields added to configs after runs were saved without them: `field: the value the
 # saved runs had` (their behaviour then), so those runs still resume and load.
-ADDED_FIELDS = {"data.random_non_queries": True}
+ADDED_FIELDS = {"data.random_non_queries": True, "model.norm": "rms",
+                "model.positions": "none", "model.max_len": 0}
 
 
 def check_resumable(saved, current, workdir, step):

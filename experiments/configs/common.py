@@ -52,6 +52,9 @@ def model_config(size="tiny", mixers=("softmax",), *, dtype="float32", remat="no
       "param_dtype": "float32",
       "remat": remat,            # none | full | dots | dots_no_batch
       "norm_eps": 1e-6,
+      "norm": "rms",             # rms | layer (Zoology's models)
+      "positions": "none",       # none | learned (absolute, max_len of them)
+      "max_len": 0,
   })
 
 

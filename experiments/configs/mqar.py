@@ -6,7 +6,8 @@
         --config.train.num_steps=3000
 
 The variant after ':' is a mixer name of `attn_jax.layers.REGISTRY` (softmax, swa, gla,
-based, lightning, retnet, hgrn2, mamba2, linear, mla, diff) or a named hybrid:
+based, lightning, retnet, hgrn2, mamba2, linear, mla, diff, base_conv, hyena) or a named
+hybrid:
 "hybrid" (MiniMax-style lightning, softmax), "griffin" (hgrn2, hgrn2, swa),
 "based_hybrid" (based, swa). Every model is the tiny size (d_model 64, 2 layers).
 """
@@ -30,8 +31,10 @@ def get_config(variant: str = "softmax"):
   config.model = common.model_config("tiny", mixers)
   if len(mixers) == 3:
     config.model.num_layers = 3
-  config.model.mixer_options.all = {"chunk_size": 16}
+  # max_len: the long convolutions' filter length (Zoology's l_max = the sequence length).
+  config.model.mixer_options.all = {"chunk_size": 16, "max_len": 64}
   config.model.mixer_options.swa = {"window_size": 16}
+  config.model.mixer_options.base_conv = {"kernel_size": (3, -1)}  # Zoology's Figure 2
   config.data = data.default_mqar_config()
   config.optimizer.learning_rate = 3e-3
   config.optimizer.warmup_steps = 100

@@ -1,0 +1,69 @@
+"""Zoology's model setup: no MLP (identity state mixer), LayerNorm, learned positions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.models.test_decoder import SEQ, _decode_all, forward, make, tokens
+from tests.utils import rel_err
+
+ZOOLOGY = dict(mlp_dim=0, norm="layer", positions="learned", max_len=SEQ)
+
+
+def test_zoology_model_decodes_as_its_parallel_pass():
+  model = make(["hyena", "softmax"], mixer_options={"hyena": {"max_len": SEQ}}, **ZOOLOGY)
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))]
+  assert not any("mlp'" in p and "mlp_norm" not in p for p in paths)
+  assert any("position_embed" in p for p in paths) and any("'bias'" in p for p in paths)
+  toks = tokens()
+  parallel = forward(*nnx.split(model), toks)
+  np.testing.assert_allclose(_decode_all(*nnx.split(model), toks), parallel, atol=2e-4,
+                             rtol=2e-4)
+
+
+def test_identity_state_mixer_adds_the_normed_stream():
+  model = make(["softmax"], num_layers=1, mlp_dim=0, norm="layer")
+  block = model.blocks[0]
+  x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+  after_mixer = x + block.mixer(block.mixer_norm(x))
+  expected = after_mixer + block.mlp_norm(after_mixer)
+  assert rel_err(block(x), expected) < 1e-6
+
+
+def test_learned_positions_restart_in_each_segment():
+  model = make(["softmax"], **ZOOLOGY)
+  toks = tokens(batch=1)
+  half = SEQ // 2
+  ids = jnp.array([[0] * half + [1] * half])
+  packed = forward(*nnx.split(model), toks, ids)
+  second = forward(*nnx.split(model), toks[:, half:])
+  assert rel_err(packed[:, half:], second) < 1e-5
+
+
+def test_bad_zoology_options_are_value_errors():
+  with pytest.raises(ValueError, match="positions"):
+    make(["softmax"], positions="rotary")
+  with pytest.raises(ValueError, match="max_len"):
+    make(["softmax"], positions="learned")
+  with pytest.raises(ValueError, match="mlp_dim"):
+    make(["softmax"], mlp_dim=-1)
+  with pytest.raises(ValueError, match="kind"):
+    make(["softmax"], norm="batch")
+  model = make(["softmax"], **ZOOLOGY)
+  with pytest.raises(ValueError, match="max_len"):
+    forward(*nnx.split(model), tokens(seq=SEQ + 1))
+
+
+def test_a_run_saved_before_the_zoology_fields_still_resumes():
+  from attn_jax.train import config_check
+  from experiments.configs import common
+  current = common.base_config()
+  saved = config_check.to_json(current)
+  for field in ("norm", "positions", "max_len"):
+    del saved["model"][field]
+  assert config_check.differences(saved, current) == []
+  current.model.positions = "learned"
+  assert config_check.differences(saved, current) == [("model.positions", "none", "learned")]
