@@ -6,9 +6,9 @@ Qin et al. 2024; RetNet, Sun et al. 2023; GLA, Yang et al. 2024; Mamba-2 SSD, Da
 
   S_t = a_t ⊙ S_{t-1} + k_t v_tᵀ,   o_t = scale · S_tᵀ q_t,   a_t = exp(log_decay).
 
-Implementations: "xla" (`linear_attention_xla`, the chunked form, everywhere) and the
-Pallas kernels of `pallas_kernels.linear_attention` as they land: the table `BACKENDS`
-at the end, which `dispatch` reads.
+Implementations: every backend is in `pallas_kernels.linear_attention`: "xla"
+(`xla_chunked`, the chunked form in plain XLA, everywhere) and the kernels. This module
+checks the arguments and dispatches through the table `BACKENDS` at the end.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import numpy as np
 
 from attn_jax.ops import dispatch
 from attn_jax.ops.checks import check_qkv, segment_ids_int32
-from attn_jax.ops.linear_attention_xla import chunked_linear_attention
-from pallas_kernels.nonfinite import zero_nonfinite
 
 NORMALIZE_EPS = 1e-6
 
@@ -153,38 +151,6 @@ def linear_attention_step(state, query, key, value, *, log_decay=None, scale=Non
   return out.astype(query.dtype), new_state
 
 
-def _xla(query, key, value, log_decay, initial_state, resets, *, scale, chunk_size):
-  """Chunked linear attention in XLA; decays of every form become per-token gates."""
-  batch, seq = key.shape[:2]
-  value_heads = value.shape[2]
-  q, k = (_expand_heads(x, value_heads // key.shape[2], axis=2) for x in (query, key))
-  if log_decay is None:
-    log_decay = jnp.zeros((batch, seq, value_heads), jnp.float32)
-  elif log_decay.ndim == 1:
-    log_decay = jnp.broadcast_to(log_decay, (batch, seq, value_heads))
-  # A non-finite q, k or v reaches only the outputs that see it (its own run, from its
-  # token on): the chunked products, whose masks are multiplications by 0 (0 · NaN is
-  # NaN), run on finite copies, and NaN comes back through `where` where it belongs.
-  (q, bad_q), (k, bad_k), (value, bad_v) = (zero_nonfinite(x) for x in (q, k, value))
-  out, final = chunked_linear_attention(q, k, value, log_decay=log_decay.astype(jnp.float32),
-                                        scale=scale, initial_state=initial_state,
-                                        resets=resets, chunk_size=chunk_size)
-  seen = _seen_in_run(bad_k | bad_v, resets)  # [batch, seq, value_heads]
-  out = jnp.where((bad_q | seen)[..., None], jnp.nan, out)
-  final = jnp.where(seen[:, -1, :, None, None], jnp.nan, final)
-  return out, final
-
-
-
-def _seen_in_run(bad, resets):
-  """`[batch, seq, heads]` bool: some token s ≤ t of t's run (segment) is `bad`."""
-  count = jnp.cumsum(bad.astype(jnp.int32), axis=1)
-  before = count - bad  # bad tokens before t
-  starts = resets.at[:, 0].set(True)[..., None]
-  base = lax.cummax(jnp.where(starts, before, 0), axis=1)  # bad tokens before t's run
-  return count > base
-
-
 def _non_causal(query, key, value, initial_state, resets, segment_ids, implementation,
                 kwargs):
   """Global linear attention: o_i = scale · qᵢᵀ (state of i's whole segment).
@@ -262,6 +228,11 @@ _STATIC_ARGS = ("scale", "chunk_size", "interpret")
 # pylint: disable=g-import-not-at-top  (a kernel is imported when it first runs)
 
 
+def _xla():
+  from pallas_kernels.linear_attention import xla_chunked
+  return xla_chunked.linear_attention
+
+
 def _pallas_mosaic_gpu():
   from pallas_kernels.linear_attention import pallas_mosaic_gpu
   return dispatch.traced_once(pallas_mosaic_gpu.linear_attention, _STATIC_ARGS)
@@ -292,7 +263,7 @@ def _pallas_tpu():
 # pallas_triton: docs/perf/linear_attention.md); they refuse other GPUs and vector
 # gates, which fall through to pallas_triton. "triton" runs only when named.
 BACKENDS = (
-    dispatch.Backend("xla", "any", lambda: _xla),
+    dispatch.Backend("xla", "any", _xla),
     dispatch.Backend("pallas_mosaic_gpu", "gpu", _pallas_mosaic_gpu),
     dispatch.Backend("triton", "gpu", _triton, automatic=False),
     dispatch.Backend("pallas_triton", "gpu", _pallas_triton),

@@ -22,6 +22,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.linear_attention import common
+
 
 def state_passing_linear_attention(local_fn, query, key, value, log_decay, initial_state,
                                    resets, *, axis_name, scale):
@@ -53,21 +55,18 @@ def state_passing_linear_attention(local_fn, query, key, value, log_decay, initi
   value_heads = value.shape[2]
   zero = lax.pcast(jnp.zeros_like(initial_state), axis_name, to="varying")
   out, block_state = local_fn(query, key, value, log_decay, zero, resets)
-  g = _token_log_decay(log_decay, batch, n, value_heads)  # [b, n, vh, 1 | k]
-  cum = jnp.cumsum(g, axis=1)
-  any_reset = jnp.any(resets, axis=1)[:, None, None]  # [b, 1, 1]
-  block_decay = jnp.where(any_reset, 0.0, jnp.exp(cum[:, -1]))  # [b, vh, 1 | k]
+  # The block is one chunk to the common bookkeeping: b over the block, and its runs.
+  g = common.per_token_log_decay(log_decay, batch, n, value_heads)
+  g = g[..., None] if g.ndim == 3 else g  # [b, n, vh, 1 | k]
+  cum = common.cumsum_in_chunks(g, n)
+  runs = common.run_masks(common.cumsum_in_chunks(resets.astype(jnp.int32), n))  # [b, n]
+  block_decay = jnp.where(runs.passes[:, :, None], jnp.exp(cum[:, -1]), 0.0)  # [b, vh, 1|k]
 
   # The state entering each block: S_{j+1} = A_j ⊙ S_j + E_j, from the initial state.
   all_decay = lax.all_gather(block_decay, axis_name)  # [P, b, vh, 1 | k]
   all_state = lax.all_gather(block_state, axis_name)  # [P, b, vh, k, v]
-
-  def step(state, xs):
-    decay, increment = xs
-    return decay[..., None] * state + increment, state
-
   start = lax.pcast(initial_state.astype(jnp.float32), axis_name, to="varying")
-  final, entering = lax.scan(step, start, (all_decay, all_state))
+  final, entering = common.affine_scan(all_decay[..., None], all_state, start)
   index = lax.axis_index(axis_name)
   incoming = entering[index]  # [b, vh, k, v]
   # Every device holds the same final state; the masked sum makes that visible to JAX.
@@ -75,23 +74,8 @@ def state_passing_linear_attention(local_fn, query, key, value, log_decay, initi
   final = lax.psum(jnp.where(last, final, 0.0), axis_name)
 
   # What the incoming state adds to the tokens before the block's first reset.
-  linked = jnp.cumsum(resets.astype(jnp.int32), axis=1) == 0  # [b, n]
-  q = query.astype(jnp.float32)
-  if value_heads != heads:
-    q = jnp.repeat(q, value_heads // heads, axis=2)
-  q = q * jnp.exp(cum) * linked[:, :, None, None]
+  q = common.expand_heads(query.astype(jnp.float32), value_heads // heads)
+  q = q * jnp.exp(cum) * runs.incoming[:, :, None, None]
   extra = scale * jnp.einsum("bthk,bhkv->bthv", q, incoming)
   out = (out.astype(jnp.float32) + extra).astype(out.dtype)
   return out, final
-
-
-def _token_log_decay(log_decay, batch, n, heads):
-  """Any decay form as `[batch, n, heads, 1 | key_dim]` float32."""
-  if log_decay is None:
-    return jnp.zeros((batch, n, heads, 1), jnp.float32)
-  log_decay = log_decay.astype(jnp.float32)
-  if log_decay.ndim == 1:
-    return jnp.broadcast_to(log_decay[:, None], (batch, n, heads, 1))
-  if log_decay.ndim == 3:
-    return log_decay[..., None]
-  return log_decay

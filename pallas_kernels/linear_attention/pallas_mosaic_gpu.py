@@ -2,7 +2,7 @@
 (sm_90): the forward kernel here, the state passes in `pallas_mosaic_gpu_states`, the
 per-chunk gradients and the decay gradient's in-chunk sums (XLA) in
 `pallas_mosaic_gpu_gradients`; the composition (pieces, padding, the VJP) is
-`pallas_triton`'s. No Pallas Triton kernel runs on this path.
+`chunked_plan`'s, shared with `pallas_triton`. No Pallas Triton kernel runs on this path.
 
 Notation as `pallas_triton`: per value head, chunks of C = 64 tokens, b the cumulative log
 decay inside a chunk (a scalar gate per token; fixed decay and no decay are broadcast to
@@ -26,7 +26,7 @@ walks its chunks in order with the state on chip and writes
   registers, O += (Q Kᵀ ⊙ D) V (the scores from registers), O out by TMA; then wk ⊙ V
   through shared memory and h ← d · h + Kᵀ (wk ⊙ V) (wgmma with Kᵀ a transposed
   shared-memory operand).
-- Sequence pieces and the chunk quantities (b, rel) are `pallas_triton`'s: the state
+- Sequence pieces and the chunk quantities (b, rel) are `chunked_plan`'s: the state
   entering each piece comes from a state pass (`pallas_mosaic_gpu_states`) and a scan.
 
 Scope: bfloat16/float16, scalar gates (and fixed/no decay), key and value head dims 64
@@ -48,7 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_gpu_parts as parts
-from pallas_kernels.linear_attention import pallas_triton
+from pallas_kernels.linear_attention import chunked_plan
 from pallas_kernels.linear_attention.pallas_mosaic_gpu_gradients import (chunk_vectors,
                                                                        decay_gradient,
                                                                        gradients)
@@ -67,7 +67,7 @@ TARGET_CTAS = 132  # one CTA per SM of an H100 (its shared memory holds one)
 class BlockSizes:
   """slots: chunks in flight in shared memory (≥ 2); pieces: sequence pieces run in
   parallel, None for about `TARGET_CTAS` CTAs with pieces of at least
-  `pallas_triton.MIN_PIECE_CHUNKS` chunks; value_blocks: CTAs per (batch, head) over the
+  `chunked_plan.MIN_PIECE_CHUNKS` chunks; value_blocks: CTAs per (batch, head) over the
   value columns (1 or value_dim // 64), None for one CTA per 64 columns when batch × heads
   is under `TARGET_CTAS` (more CTAs without the pieces' extra state pass), else 1."""
   slots: int = 2
@@ -183,7 +183,7 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, wq_ref, wk_ref, d_ref, start_re
 
 def _output_call(q, k, v, b, rel, starts, plan, blocks: BlockSizes):
   """Launches `_kernel` over (value head and value block, piece, batch) on whole pieces
-  (`plan`, a `pallas_triton` plan); starts `[B, H, P, K, V]`. Returns o `[B, T, H, V]`
+  (`plan`, a `chunked_plan.Plan`); starts `[B, H, P, K, V]`. Returns o `[B, T, H, V]`
   and the state leaving each piece."""
   batch, _, key_heads, key_dim = q.shape
   heads, value_dim = v.shape[2:]
@@ -224,17 +224,17 @@ def _linear_attention(q, k, v, g, h0, resets, plan, blocks):
 
 def _launches(blocks):
   state = functools.partial(state_call, slots=blocks.slots, value_blocks=blocks.value_blocks)
-  return pallas_triton.Launches(output=functools.partial(_output_call, blocks=blocks),
-                                state=state, gradients=gradients,
-                                decay_gradient=decay_gradient)
+  return chunked_plan.Launches(output=functools.partial(_output_call, blocks=blocks),
+                               state=state, gradients=gradients,
+                               decay_gradient=decay_gradient)
 
 
 def _forward(q, k, v, g, h0, resets, plan, blocks):
-  return pallas_triton._forward(q, k, v, g, h0, resets, plan, _launches(blocks))
+  return chunked_plan.forward(q, k, v, g, h0, resets, plan, _launches(blocks))
 
 
 def _backward(plan, blocks, residuals, cotangents):
-  return pallas_triton._backward(plan, residuals, cotangents, _launches(blocks))
+  return chunked_plan.backward(plan, residuals, cotangents, _launches(blocks))
 
 
 _linear_attention.defvjp(_forward, _backward)
@@ -244,7 +244,7 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
                      chunk_size: int, interpret: bool = False,
                      block_sizes: BlockSizes | None = None):
   """Causal linear attention on Hopper: the Mosaic GPU forward, state passes and gradient
-  kernel, with `pallas_triton`'s decay-gradient sums.
+  kernel, with the decay gradient's in-chunk sums in XLA (`pallas_mosaic_gpu_gradients`).
 
   Arguments and results as `pallas_triton.linear_attention`, except: query/key/value are
   bfloat16 or float16; log_decay is None, fixed `[value_heads]` or a scalar gate
@@ -253,7 +253,7 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
   Raises:
     NotImplementedError: naming the argument this kernel cannot serve.
   """
-  batch, seq, key_heads, key_dim = key.shape
+  batch, seq, _, key_dim = key.shape
   heads, value_dim = value.shape[2:]
   dtype = jnp.dtype(query.dtype)
   if dtype.name not in _DTYPES or key.dtype != dtype or value.dtype != dtype:
@@ -285,12 +285,12 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
   if pieces is None:
     chunks = -(-seq // CHUNK)
     pieces = max(1, min(TARGET_CTAS // (batch * heads * value_blocks),
-                        chunks // pallas_triton.MIN_PIECE_CHUNKS))
+                        chunks // chunked_plan.MIN_PIECE_CHUNKS))
   triton_blocks = dataclasses.replace(
-      pallas_triton.BlockSizes.get_default(key_dim, value_dim, dtype), pieces=pieces)
-  g = pallas_triton.per_token_log_decay(log_decay, batch, seq, key_heads, heads, key_dim)
-  plan = pallas_triton._make_plan(batch, seq, heads, key_dim, value_dim, dtype, False,
-                                  scale, chunk_size, triton_blocks, interpret)
+      chunked_plan.BlockSizes.get_default(key_dim, value_dim, dtype), pieces=pieces)
+  g = chunked_plan.token_gate(log_decay, key, value)
+  plan = chunked_plan.make_plan(batch, seq, heads, key_dim, value_dim, dtype, False, scale,
+                                chunk_size, triton_blocks, interpret)
   blocks = dataclasses.replace(blocks, pieces=plan.pieces, value_blocks=value_blocks)
   return _linear_attention(query, key, value, g, initial_state.astype(jnp.float32),
                            resets.astype(bool), plan, blocks)

@@ -1,5 +1,6 @@
 """The per-chunk gradients of chunked linear attention on Hopper (Mosaic GPU), scalar gate
-(fixed decay and no decay broadcast to it): the drop-in for `pallas_triton._gradient_call`.
+(fixed decay and no decay broadcast to it): its `chunked_plan.Launches.gradients`, as
+`pallas_triton_gradients.gradient_call` is the Triton kernels'.
 
 Notation as `pallas_triton` and `pallas_mosaic_gpu`: per value head and chunk of C = 64
 tokens, b the cumulative log decay inside the chunk, h the state entering the chunk and
@@ -11,7 +12,7 @@ j ≤ i in one run. With S = scale (Q Kᵀ ⊙ D) and dS = scale (dO Vᵀ ⊙ D)
   dk = wk ⊙ (V dhᵀ)        + dSᵀ Q         + own ⊙ q,   own_i = scale dO_i · v_i
   dv = wk ⊙ (K dh)         + Sᵀ dO
 
-and the decay gradient's parts as `pallas_triton._gradient_kernel` gives them: per token
+and the decay gradient's parts as `pallas_triton_gradients` gives them: per token
 Σ_k q ⊙ dq and Σ_k k ⊙ dk over the pairs inside the chunk (the diagonal left out) and with
 the state entering it, Σ_k k ⊙ wk ⊙ (V dhᵀ) over the pairs with the state leaving it, and
 per chunk through = Σ_v dh ⊙ h `[K]`.
@@ -30,7 +31,6 @@ Scope: bfloat16/float16, key and value dims 64 and 128, chunk 64; the caller che
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_gpu_parts as parts
+from pallas_kernels.linear_attention import common
 from pallas_kernels.linear_attention.mosaic_gpu_tiles import along, matmuls, zeros
 
 CHUNK = 64
@@ -53,17 +54,17 @@ class _Static:
 
 
 def chunk_vectors(b, rel, key_dim):
-  """From `pallas_triton`'s b `[B, T, H]` and rel `[B, T]` (T whole chunks): b, wq, wk
-  `[B, H, T]` (tokens contiguous, for TMA) and d `[B, H, N, K]`, the state's decay over
-  each chunk repeated over its rows (see the module docstring)."""
+  """From `chunked_plan.prepare`'s b `[B, T, H]` and rel `[B, T]` (T whole chunks): b,
+  wq, wk `[B, H, T]` (tokens contiguous, for TMA) and d `[B, H, N, K]`, the state's decay
+  over each chunk repeated over its rows (see the module docstring)."""
   batch, seq, heads = b.shape
   chunks = seq // CHUNK
   b = jnp.moveaxis(b, 2, 1).reshape(batch, heads, chunks, CHUNK)
-  rel = rel.reshape(batch, 1, chunks, CHUNK)
-  b_last, rel_last = b[..., -1:], rel[..., -1:]
-  wq = jnp.where(rel == 0, jnp.exp(b), 0.0)
-  wk = jnp.where(rel == rel_last, jnp.exp(b_last - b), 0.0)
-  d = jnp.where(rel_last == 0, jnp.exp(b_last), 0.0)
+  runs = common.run_masks(rel.reshape(batch, 1, chunks, CHUNK))
+  b_last = b[..., -1:]
+  wq = jnp.where(runs.incoming, jnp.exp(b), 0.0)
+  wk = jnp.where(runs.outgoing, jnp.exp(b_last - b), 0.0)
+  d = jnp.where(runs.passes, jnp.exp(b_last), 0.0)
   flat = lambda x: x.reshape(batch, heads, seq)
   return flat(b), flat(wq), flat(wk), jnp.broadcast_to(d, (batch, heads, chunks, key_dim))
 
@@ -179,7 +180,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, b_ref, rel_ref, wq_ref, wk_ref, h_ref, 
 
 
 def gradients(q, k, v, do, b, rel, states, d_states, plan):
-  """`pallas_triton._gradient_call`'s arguments and results: q, k `[B, T, Hk, K]`, v, do
+  """`chunked_plan.Launches.gradients`' arguments and results: q, k `[B, T, Hk, K]`, v, do
   `[B, T, H, V]` (T whole chunks), b `[B, T, H]`, rel `[B, T]`, states and d_states
   `[B, H, N, K, V]`. Returns dq, dk per value head `[B, T, H, K]`, dv, and the decay
   gradient's parts d_b, d_keys `[B, T, H]` and through `[B, H, N, K]`."""
@@ -228,8 +229,8 @@ def gradients(q, k, v, do, b, rel, states, d_states, plan):
 
 def decay_gradient(b, rel, resets, d_b, d_keys, through, plan):
   """dL/dg `[B, T, H]` from the gradient kernel's parts, as
-  `pallas_triton._log_decay_gradient` gives it for a scalar gate, in XLA (a few passes
-  over `[B, T, H]` f32). Per chunk, with S the prefix sums of d_b:
+  `pallas_triton_gradients.log_decay_gradient` gives it for a scalar gate, in XLA (a few
+  passes over `[B, T, H]` f32). Per chunk, with S the prefix sums of d_b:
 
     inner_t = S at the end of t's run − S_t + d_b_t        (0 at a reset token)
     outer_t = Σ_{u < t} d_keys_u (u in the last run) + e^{b_C} Σ_k through
@@ -242,16 +243,16 @@ def decay_gradient(b, rel, resets, d_b, d_keys, through, plan):
   chunks = seq // plan.chunk
   split = lambda x: x.reshape(batch, chunks, plan.chunk, *x.shape[2:])
   b, d_b, d_keys = split(b), split(d_b), split(d_keys)  # [B, N, C, H]
+  runs = common.run_masks(split(rel))
   rel, reset = split(rel)[..., None], split(resets)[..., None]  # [B, N, C, 1]
   prefix = jnp.cumsum(d_b, axis=2)
   # rel does not fall inside a chunk: t's run ends at the last u with rel_u <= rel_t.
   run_end = jnp.sum(rel[:, :, None, :, 0] <= rel, axis=3, keepdims=True) - 1
   inner = jnp.take_along_axis(prefix, jnp.broadcast_to(run_end, prefix.shape), axis=2)
   inner = jnp.where(reset, 0.0, inner - prefix + d_b)
-  rel_last = rel[:, :, -1:]
-  last_run = rel == rel_last
+  last_run = runs.outgoing[..., None]
   keys = jnp.where(last_run, d_keys, 0.0)
   spans = jnp.moveaxis(jnp.sum(through, axis=3), 1, 2)[:, :, None]  # [B, N, 1, H]
-  spans = jnp.where(rel_last == 0, jnp.exp(b[:, :, -1:]) * spans, 0.0)
+  spans = jnp.where(runs.passes[..., None], jnp.exp(b[:, :, -1:]) * spans, 0.0)
   outer = jnp.where(last_run & ~reset, jnp.cumsum(keys, axis=2) - keys + spans, 0.0)
   return (inner + outer).reshape(batch, seq, heads)

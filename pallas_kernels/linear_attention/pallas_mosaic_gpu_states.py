@@ -1,5 +1,5 @@
 """The chunk-state passes of chunked linear attention on Hopper (Mosaic GPU), scalar gate
-(fixed decay and no decay broadcast to it): the drop-in for `pallas_triton._state_call`.
+(fixed decay and no decay broadcast to it): its `chunked_plan.Launches.state`.
 
 Per value head, chunks of C = 64 tokens, the pass walks a sequence piece's chunks in order
 (forward) or in reverse (backward) with the state s `[K, V]` on chip, and per chunk
@@ -114,7 +114,7 @@ def _kernel(x_ref, y_ref, w_ref, d_ref, start_ref, *refs, st: _Static):
 
 def state_call(x, y, b, rel, start, plan, *, reverse, write_states, slots=2,
                value_blocks=1):
-  """`pallas_triton._state_call` on Hopper: x `[B, T, Hk, K]` (k, or q in reverse), y
+  """`chunked_plan.Launches.state` on Hopper: x `[B, T, Hk, K]` (k, or q in reverse), y
   `[B, T, H, V]` (v, or dO), b `[B, T, H]`, rel `[B, T]` (T whole pieces), start
   `[B, H, P, K, V]` f32. Returns ([states `[B, H, N, K, V]` in x's dtype,] ends like
   start)."""

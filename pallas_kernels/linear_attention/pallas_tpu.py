@@ -64,6 +64,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.linear_attention import common
+
 F32 = jnp.float32
 CHUNK_ALIGN = 16  # a bf16 (16, 128) tile's rows: every chunk is a multiple of it
 MAX_HEAD_DIM = 256  # K·V float32 state and the [C, K] blocks stay small in VMEM
@@ -538,15 +540,16 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
     return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
 
   q, k, v = heads_first(query), heads_first(key), heads_first(value)
-  g = None
+  g = None  # "none": the kernels take no gate
+  if gate != "none":
+    g = common.per_token_log_decay(log_decay, batch, seq, vheads)
   if gate == "scalar":
-    g = jnp.broadcast_to(log_decay.astype(F32), (batch, seq, vheads))
     g = jnp.pad(jnp.swapaxes(g, 1, 2), ((0, 0), (0, 0), (0, pad)))
     g = g.reshape(batch, vheads, n, 1, c)
   elif gate == "vector":
-    g = heads_first(log_decay.astype(F32))
+    g = heads_first(g)
   # r_i: resets in the chunk up to token i (padding joins the last run).
-  runs = jnp.pad(resets.astype(jnp.int32), ((0, 0), (0, pad))).reshape(batch, n, c)
-  runs = jnp.cumsum(runs, axis=-1).astype(F32).reshape(batch, n, 1, c)
+  runs = common.cumsum_in_chunks(jnp.pad(resets.astype(jnp.int32), ((0, 0), (0, pad))), c)
+  runs = runs.astype(F32).reshape(batch, n, 1, c)
   out, final = _chunked(st, q, k, v, g, runs, initial_state.astype(F32))
   return jnp.swapaxes(out[:, :, :seq], 1, 2), final

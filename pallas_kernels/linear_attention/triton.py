@@ -14,27 +14,27 @@ if it holds no reset, pairs interact only within one run).
 This file holds the scalar gate (fixed decay and "no decay" broadcast to it), where
 every exponent above is ≤ 0; the vector gate (GLA) is `triton_vector`'s, which
 `linear_attention` and the custom_vjp here dispatch to. The kernels are `pallas_triton`'s
-written in Triton, composed by `pallas_triton`'s own `_forward` and `_backward` through
-its `Launches`:
+written in Triton, composed by `chunked_plan.forward` and `backward` (shared with
+`pallas_triton` and `pallas_mosaic_gpu`) through this module's `Launches`:
 
   * `_fused_output_kernel`: one program per (value block, sequence piece, batch × head)
     walks the piece's chunks in order with h `[K, BV]` on chip (f32) and writes o, so the
     chunk states never touch memory (Lightning Attention-2's one-pass forward).
   * `_state_kernel`: one program per (state tile, piece, batch × head) walks the chunks,
     storing each h_n and the piece's end state; in reverse over q and dO it gives dh_n.
-    It also gives the piece starts (P > 1), chained by `pallas_triton._piece_starts`.
+    It also gives the piece starts (P > 1), chained by `chunked_plan.piece_starts`.
   * `_gradient_kernel`: one program per (chunk, value block, batch × head) gives dq,
     dk, dv of the chunk from h_n and dh_n, and the decay gradient's parts: db = q ⊙ dq −
     k ⊙ dk (pairs inside the chunk and with h_n), dkeys = k ⊙ dk (pairs with the state
     leaving it), each summed over K, and through = Σ_v dh_n ⊙ h_n `[K]`.
   * `_decay_gradient_kernel`: one program per (chunk, head, batch) sums those parts into
-    dL/dg_t, no sum running past the chunk (see `pallas_triton._log_decay_gradient`).
+    dL/dg_t, no sum running past the chunk (see
+    `pallas_triton_gradients.log_decay_gradient`).
 
 The kernels are launched by `pallas_kernels.triton_call` — jax_triton on a GPU, Triton's
 interpreter on CPU — and replace the Pallas Triton lowering that JAX 0.11 deprecates
-(issue 20). Shared with `pallas_triton` for now (to move to a backend-neutral
-`common.py`): the plan (`_make_plan`), the padding and cumulative decays (`_prepare`),
-the piece scan (`_piece_starts`, `_state_pass`) and the forward's composition.
+(issue 20). Shared with `pallas_triton` (`chunked_plan`): the plan, the padding and
+cumulative decays, the piece scan and the composition of the forward and backward.
 
 Precision as in `pallas_triton`: dot operands in the inputs' dtype (f32 inputs: IEEE f32
 dots, not TF32), f32 accumulation, f32 carried state; the h_n and dh_n stored for the
@@ -51,12 +51,10 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from pallas_kernels.linear_attention import pallas_triton, triton_vector
+from pallas_kernels.linear_attention import chunked_plan, triton_vector
+from pallas_kernels.linear_attention.chunked_plan import BlockSizes, storage_dtype
+from pallas_kernels.linear_attention.triton_vector import dot_precision
 from pallas_kernels.triton_call import triton_call
-
-# pallas_triton's plan, preparation and passes are shared (see the module docstring).
-# pylint: disable=protected-access
-_precision = triton_vector._precision
 
 
 @triton.jit
@@ -113,7 +111,7 @@ def _fused_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, rel_ptr, start_ptr, seq, ch
 
 def _fused_output_call(q, k, v, b, rel, starts, plan):
   """Launches `_fused_output_kernel` over (value block, piece, batch × head); arguments
-  and results as `pallas_triton._fused_output_call`."""
+  and results as `chunked_plan.Launches.output`."""
   batch, seq, key_heads, key_dim = q.shape
   heads, value_dim = v.shape[2:]
   return triton_call(
@@ -125,7 +123,7 @@ def _fused_output_call(q, k, v, b, rel, starts, plan):
       interpret=plan.interpret, num_warps=plan.num_warps, num_stages=plan.num_stages,
       name="linear_attention_fused_fwd", HEADS=heads, KEY_HEADS=key_heads,
       PIECES=plan.pieces, K=key_dim, V=value_dim, BV=plan.block_v, C=plan.chunk,
-      PRECISION=_precision(q.dtype))
+      PRECISION=dot_precision(q.dtype))
 
 
 @triton.jit
@@ -186,7 +184,7 @@ def _state_kernel(x_ptr, y_ptr, b_ptr, rel_ptr, start_ptr, seq, chunks, scale, s
 
 def _state_call(x, y, b, rel, start, plan, *, reverse, write_states):
   """Launches `_state_kernel` over (state tile, piece, batch × head); arguments and
-  results as `pallas_triton._state_call`: ([h_n `[B, H, N, K, V]`,] ends
+  results as `chunked_plan.Launches.state`: ([h_n `[B, H, N, K, V]`,] ends
   `[B, H, P, K, V]`)."""
   batch, seq, x_heads, key_dim = x.shape
   heads, value_dim = y.shape[2:]
@@ -194,7 +192,7 @@ def _state_call(x, y, b, rel, start, plan, *, reverse, write_states):
   # Without write_states the kernel's states pointer gets a one-element placeholder.
   states = jax.ShapeDtypeStruct(
       (batch, heads, plan.chunks, key_dim, value_dim) if write_states else (1,),
-      pallas_triton._storage_dtype(x.dtype))
+      storage_dtype(x.dtype))
   tiles = (key_dim // plan.block_k) * (value_dim // plan.block_v)
   states, ends = triton_call(
       _state_kernel, x, y, b, rel, start, seq, plan.chunks_per_piece, np.float32(plan.scale),
@@ -203,7 +201,7 @@ def _state_call(x, y, b, rel, start, plan, *, reverse, write_states):
       name="linear_attention_state_bwd" if reverse else "linear_attention_state_fwd",
       HEADS=heads, X_HEADS=x_heads, PIECES=plan.pieces, N=plan.chunks, K=key_dim,
       V=value_dim, BK=plan.block_k, BV=plan.block_v, C=plan.chunk, REVERSE=reverse,
-      WRITE_STATES=write_states, PRECISION=_precision(x.dtype))
+      WRITE_STATES=write_states, PRECISION=dot_precision(x.dtype))
   return (states, ends) if write_states else (ends,)
 
 
@@ -278,7 +276,7 @@ def _gradient_kernel(q_ptr, k_ptr, v_ptr, do_ptr, b_ptr, rel_ptr, h_ptr, dh_ptr,
 
 
 def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
-  """Launches `_gradient_kernel`; arguments and results as `pallas_triton._gradient_call`
+  """Launches `_gradient_kernel`; arguments and results as `chunked_plan.Launches.gradients`
   (dq, dk per value head `[B, T, H, K]`, dv, d_b, d_keys `[B, T, H]`, through
   `[B, H, N, K]`)."""
   batch, seq, key_heads, key_dim = q.shape
@@ -289,7 +287,7 @@ def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
   # f32 when summed over value blocks or over the value heads that share a key head.
   sums = splits > 1 or heads != key_heads
   per_head = partial((batch, seq, heads, key_dim), jnp.float32 if sums
-                     else pallas_triton._storage_dtype(q.dtype))
+                     else storage_dtype(q.dtype))
   parts = partial(b.shape, jnp.float32)
   dq, dk, dv, d_b, d_keys, through = triton_call(
       _gradient_kernel, q, k, v, do, b, rel, states, d_states, batch, seq,
@@ -299,7 +297,7 @@ def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
       grid=(plan.chunks, splits, batch * heads), interpret=plan.interpret,
       num_warps=plan.gradient_num_warps, num_stages=plan.num_stages,
       name="linear_attention_gradients", HEADS=heads, KEY_HEADS=key_heads, N=plan.chunks,
-      K=key_dim, V=value_dim, BV=bv, C=plan.chunk, PRECISION=_precision(q.dtype))
+      K=key_dim, V=value_dim, BV=bv, C=plan.chunk, PRECISION=dot_precision(q.dtype))
   return (dq.sum(0), dk.sum(0), dv, d_b.sum(0), d_keys.sum(0), through.sum(0))
 
 
@@ -338,7 +336,7 @@ def _decay_gradient_kernel(db_ptr, dkeys_ptr, through_ptr, b_ptr, rel_ptr, reset
 
 def _decay_gradient_call(b, rel, resets, d_b, d_keys, through, plan):
   """Launches `_decay_gradient_kernel`; arguments and result as
-  `pallas_triton._log_decay_gradient` for a scalar gate (b, rel, resets, d_b, d_keys
+  `chunked_plan.Launches.decay_gradient` for a scalar gate (b, rel, resets, d_b, d_keys
   `[B, T, H]`-like, through `[B, H, N, K]`; dL/dg `[B, T, H]` f32)."""
   batch, seq, heads = b.shape
   return triton_call(
@@ -349,9 +347,9 @@ def _decay_gradient_call(b, rel, resets, d_b, d_keys, through, plan):
       N=plan.chunks, K=through.shape[-1], C=plan.chunk)
 
 
-LAUNCHES = pallas_triton.Launches(output=_fused_output_call, state=_state_call,
-                                  gradients=_gradient_call,
-                                  decay_gradient=_decay_gradient_call)
+LAUNCHES = chunked_plan.Launches(output=_fused_output_call, state=_state_call,
+                                 gradients=_gradient_call,
+                                 decay_gradient=_decay_gradient_call)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -365,12 +363,12 @@ def _launches(g):
 
 
 def _forward(q, k, v, g, h0, resets, plan):
-  return pallas_triton._forward(q, k, v, g, h0, resets, plan, _launches(g))
+  return chunked_plan.forward(q, k, v, g, h0, resets, plan, _launches(g))
 
 
 def _backward(plan, residuals, cotangents):
   g = residuals[3]
-  return pallas_triton._backward(plan, residuals, cotangents, _launches(g))
+  return chunked_plan.backward(plan, residuals, cotangents, _launches(g))
 
 
 _linear_attention.defvjp(_forward, _backward)
@@ -378,10 +376,10 @@ _linear_attention.defvjp(_forward, _backward)
 
 def linear_attention(query, key, value, log_decay, initial_state, resets, *, scale: float,
                      chunk_size: int, interpret: bool = False,
-                     block_sizes: pallas_triton.BlockSizes | None = None):
+                     block_sizes: BlockSizes | None = None):
   """Causal linear attention by the Triton-language kernels, with its VJP: the arguments,
   results and refusals of `pallas_triton.linear_attention` (its docstring), except that
   `interpret` runs Triton's interpreter (CPU)."""
-  return pallas_triton.call_with_plan(_linear_attention, query, key, value, log_decay,
-                                      initial_state, resets, scale, chunk_size, interpret,
-                                      block_sizes)
+  return chunked_plan.call_with_plan(_linear_attention, query, key, value, log_decay,
+                                     initial_state, resets, scale, chunk_size, interpret,
+                                     block_sizes)

@@ -10,7 +10,7 @@ entering chunk n,
   h_{n+1} = e^{b_C} ⊙ h_n + Σ_j (k_j ⊙ e^{b_C − b_j}) v_jᵀ.
 
 The pairwise decay differs per key column, so it cannot sit outside a matmul. A chunk
-whose decay falls by at most `pallas_triton.FACTORED_RANGE` (60) in every channel is
+whose decay falls by at most `chunked_plan.FACTORED_RANGE` (60) in every channel is
 factored, (q_i e^{b_i}) · (k_j e^{−b_j}), and costs a scalar gate's matmuls. Any other
 chunk is "exact": split into row blocks of SUB = 16, pairs in different blocks go
 through a reference point r (b just before the later block, or at the end of the earlier
@@ -24,12 +24,12 @@ Kernels (grids as `triton`'s scalar ones):
   * `_fused_output_kernel`: the one-pass forward, h `[K, BV]` carried on chip.
   * `_state_kernel`: the chunk-state recurrence (h_n; in reverse, dh_n; piece starts).
   * `_queries_kernel`, `_keys_kernel`, `_exact_kernel`: the gradients of one chunk in
-    `pallas_triton._gradient_kernel`'s stages "queries" and "keys" (factored chunks,
-    split so that each program holds fewer `[C, K]` f32 tiles) and "exact" (the chunks
-    left unfactored, over the first two launches' outputs, aliased).
+    `pallas_triton_gradients._gradient_kernel`'s stages "queries" and "keys" (factored
+    chunks, split so that each program holds fewer `[C, K]` f32 tiles) and "exact" (the
+    chunks left unfactored, over the first two launches' outputs, aliased).
   * `_decay_gradient_kernel`: dL/dg from the gradient kernels' parts, per chunk.
 
-The composition is `pallas_triton._forward`/`_backward`'s, through `LAUNCHES` (b from
+The composition is `chunked_plan.forward`/`backward`, through `LAUNCHES` (b from
 `_chunk_cumsum_kernel` instead of `pallas_triton._chunk_cumsum`, a Pallas kernel): no
 Pallas kernel runs on this path. Precision as in `pallas_triton`: dot operands in the
 inputs' dtype (f32 inputs: IEEE f32 dots), f32 accumulation and carried state.
@@ -43,18 +43,16 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from pallas_kernels.linear_attention import pallas_triton
+from pallas_kernels.linear_attention import chunked_plan
+from pallas_kernels.linear_attention.chunked_plan import storage_dtype
 from pallas_kernels.triton_call import triton_call
 
-# pallas_triton's plan and piece scan are shared (see `triton`'s module docstring).
-# pylint: disable=protected-access
-
-# Factored chunks: log decay falling by at most this in every channel (pallas_triton's).
-_FACTORED_RANGE = tl.constexpr(pallas_triton.FACTORED_RANGE)
+# Factored chunks: log decay falling by at most this in every channel.
+_FACTORED_RANGE = tl.constexpr(chunked_plan.FACTORED_RANGE)
 
 
-def _precision(dtype) -> str:
-  """tl.dot's input_precision: IEEE f32 for f32 operands, as `pallas_triton._dot`'s
+def dot_precision(dtype) -> str:
+  """tl.dot's input_precision: IEEE f32 for f32 operands, as `pallas_triton_tiles.dot`'s
   HIGHEST (not TF32); ignored for 16-bit operands."""
   return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"
 
@@ -73,7 +71,7 @@ def _chunk_cumsum_kernel(g_ptr, seq, b_ptr, HEADS: tl.constexpr, K: tl.constexpr
 def _diagonal_block(q, b, rel, k_ptr, b_ptr, row0, d_scores, hk, h, KEY_HEADS: tl.constexpr,
                     HEADS: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
                     GRADIENTS: tl.constexpr):
-  """The exact diagonal block (`pallas_triton._vector_diag`): q, b `[SUB, K]` and rel
+  """The exact diagonal block (`pallas_triton_tiles.vector_diag`): q, b `[SUB, K]` and rel
   `[SUB]` of the rows row0 … row0 + SUB − 1 (global rows of `[B, T]`).
 
   scores[i, j] = Σ_k q_ik k_jk e^{b_ik − b_jk} for j ≤ i in one run, built one key row j
@@ -222,7 +220,7 @@ def _fused_output_call(q, k, v, b, rel, starts, plan):
       interpret=plan.interpret, num_warps=plan.num_warps, num_stages=plan.num_stages,
       name="linear_attention_vector_fused_fwd", HEADS=heads, KEY_HEADS=key_heads,
       PIECES=plan.pieces, K=key_dim, V=value_dim, BV=plan.block_v, C=plan.chunk,
-      SUB=plan.sub, PRECISION=_precision(q.dtype))
+      SUB=plan.sub, PRECISION=dot_precision(q.dtype))
 
 
 @triton.jit
@@ -281,7 +279,7 @@ def _state_call(x, y, b, rel, start, plan, *, reverse, write_states):
   ends = jax.ShapeDtypeStruct(start.shape, jnp.float32)
   states = jax.ShapeDtypeStruct(
       (batch, heads, plan.chunks, key_dim, value_dim) if write_states else (1,),
-      pallas_triton._storage_dtype(x.dtype))
+      storage_dtype(x.dtype))
   tiles = (key_dim // plan.block_k) * (value_dim // plan.block_v)
   states, ends = triton_call(
       _state_kernel, x, y, b, rel, start, seq, plan.chunks_per_piece, np.float32(plan.scale),
@@ -290,7 +288,7 @@ def _state_call(x, y, b, rel, start, plan, *, reverse, write_states):
       name=f"linear_attention_vector_state_{'bwd' if reverse else 'fwd'}",
       HEADS=heads, X_HEADS=x_heads, PIECES=plan.pieces, N=plan.chunks, K=key_dim,
       V=value_dim, BK=plan.block_k, BV=plan.block_v, C=plan.chunk, REVERSE=reverse,
-      WRITE_STATES=write_states, PRECISION=_precision(x.dtype))
+      WRITE_STATES=write_states, PRECISION=dot_precision(x.dtype))
   return (states, ends) if write_states else (ends,)
 
 
@@ -502,7 +500,7 @@ def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
   # f32 when summed over value blocks or over the value heads that share a key head.
   sums = splits > 1 or heads != key_heads
   per_head = partial((batch, seq, heads, key_dim), jnp.float32 if sums
-                     else pallas_triton._storage_dtype(q.dtype))
+                     else storage_dtype(q.dtype))
   parts = partial(b.shape, jnp.float32)
   dv_shape = jax.ShapeDtypeStruct(v.shape, v.dtype)
   inputs = (q, k, v, do, b, rel, states, d_states)
@@ -514,7 +512,7 @@ def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
         num_warps=plan.gradient_num_warps, num_stages=plan.num_stages,
         name="linear_attention_vector_gradients_" + stage, HEADS=heads,
         KEY_HEADS=key_heads, N=plan.chunks, K=key_dim, V=value_dim, BV=bv, C=plan.chunk,
-        PRECISION=_precision(q.dtype), **kwargs)
+        PRECISION=dot_precision(q.dtype), **kwargs)
 
   dq, d_b = launch(_queries_kernel, "queries", out_shape=[per_head, parts])
   dk, dv, d_b, d_keys, through = launch(
@@ -533,7 +531,8 @@ def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
 def _decay_gradient_kernel(db_ptr, dkeys_ptr, through_ptr, b_ptr, rel_ptr, reset_ptr, seq,
                            dg_ptr, HEADS: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                            C: tl.constexpr):
-  """dL/dg_t `[K]` over one chunk (`pallas_triton._decay_gradient_kernel`'s vector form):
+  """dL/dg_t `[K]` over one chunk (`pallas_triton_gradients._decay_gradient_kernel`'s
+  vector form):
 
     inner_t = Σ_{u ≥ t in t's run} db_u                        (0 at a reset token)
     outer_t = Σ_{u < t} dkeys_u (u in the last run) + e^{b_C} ⊙ through   (t in the
@@ -569,7 +568,8 @@ def _decay_gradient_kernel(db_ptr, dkeys_ptr, through_ptr, b_ptr, rel_ptr, reset
 
 
 def _decay_gradient_call(b, rel, resets, d_b, d_keys, through, plan):
-  """`pallas_triton._log_decay_gradient` for a vector gate: b, d_b, d_keys `[B, T, H, K]`,
+  """`pallas_triton_gradients.log_decay_gradient` for a vector gate: b, d_b, d_keys
+  `[B, T, H, K]`,
   rel, resets `[B, T]`, through `[B, H, N, K]`; dL/dg `[B, T, H, K]` f32."""
   batch, seq, heads, key_dim = b.shape
   return triton_call(
@@ -591,7 +591,7 @@ def _chunk_cumsum_call(g, plan):
       K=key_dim, C=plan.chunk)
 
 
-LAUNCHES = pallas_triton.Launches(output=_fused_output_call, state=_state_call,
-                                  gradients=_gradient_call,
-                                  decay_gradient=_decay_gradient_call,
-                                  chunk_cumsum=_chunk_cumsum_call)
+LAUNCHES = chunked_plan.Launches(output=_fused_output_call, state=_state_call,
+                                 gradients=_gradient_call,
+                                 decay_gradient=_decay_gradient_call,
+                                 chunk_cumsum=_chunk_cumsum_call)

@@ -7,7 +7,7 @@ import pytest
 
 from attn_jax import ops
 from attn_jax.ops.linear_attention import _resets
-from attn_jax.ops.linear_attention_reference import linear_attention_reference
+from pallas_kernels.linear_attention.reference import linear_attention_reference
 from tests.utils import fresh_keys, normal, rel_err
 
 FORMS = ("none", "fixed", "scalar", "vector")

@@ -15,7 +15,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from attn_jax import ops
-from attn_jax.ops.linear_attention_reference import linear_attention_reference
+from pallas_kernels.linear_attention.reference import linear_attention_reference
 from tests.ops.test_attention import numpy_attention
 from tests.ops.test_linear_attention import _per_token
 from tests.utils import rel_err

@@ -1,5 +1,5 @@
 """`pallas_kernels.linear_attention.pallas_mosaic_gpu` (the forward, the state passes and
-the gradient kernel; `pallas_triton`'s decay-gradient sums) in JAX's Mosaic GPU
+the gradient kernel; the decay gradient's sums in XLA) in JAX's Mosaic GPU
 interpreter (CPU), against the naive recurrence: output, final state and the gradients of
 q, k, v, log decay and initial state.
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from attn_jax.ops.linear_attention_reference import linear_attention_reference
 from pallas_kernels.linear_attention import pallas_tpu
 from pallas_kernels.linear_attention.pallas_tpu import BlockSizes
+from pallas_kernels.linear_attention.reference import linear_attention_reference
 from tests.utils import fresh_keys, normal, rel_err
 
 ON_TPU = jax.default_backend() == "tpu"

@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attn_jax.ops.linear_attention_reference import linear_attention_reference
+from pallas_kernels.linear_attention import chunked_plan as cp
 from pallas_kernels.linear_attention import pallas_triton as pt
-from pallas_kernels.linear_attention.pallas_triton import BlockSizes
+from pallas_kernels.linear_attention.chunked_plan import BlockSizes
+from pallas_kernels.linear_attention.pallas_triton_gradients import log_decay_gradient
+from pallas_kernels.linear_attention.reference import linear_attention_reference
 from tests.utils import rel_err
 
 RNG = np.random.default_rng(20251123)
@@ -164,8 +166,8 @@ def check_vector_gate_chunks_factored_and_exact(kernel):
   g = jnp.concatenate([0.1 * g[:, :16], strong[:, 16:32],
                        jnp.where(some_channels, strong, g)[:, 32:]], axis=1)
   falls = (-g).reshape(1, 3, 16, case.value_heads, case.key_dim).sum(2).max(-1)
-  assert bool((falls[:, 0] < pt.FACTORED_RANGE).all())
-  assert bool((falls[:, 1:] > pt.FACTORED_RANGE).all())
+  assert bool((falls[:, 0] < cp.FACTORED_RANGE).all())
+  assert bool((falls[:, 1:] > cp.FACTORED_RANGE).all())
   _check_against_reference(case, (q, k, v, g, h0), resets, cotangents, kernel=kernel)
 
 
@@ -218,8 +220,8 @@ def decay_gradient_parts(vector, batch=2, seq=48, heads=2, key_dim=16, chunk=16)
 
 
 def decay_gradient_by_definition(d_b, d_keys, b, through, resets, rel, chunk):
-  """dL/dg from the parts by a loop over `pallas_triton._decay_gradient_kernel`'s
-  definition."""
+  """dL/dg from the parts by a loop over the definition of
+  `pallas_triton_gradients._decay_gradient_kernel`."""
   batch, seq, heads = d_b.shape[:3]
   want = np.zeros(d_b.shape, np.float32)
   for n, h, c in np.ndindex(batch, heads, seq // chunk):
@@ -243,10 +245,10 @@ def test_decay_gradient_sums_within_runs(vector):
   arbitrary parts: from the gradient kernel the parts of a run after a reset sum to zero,
   so the end-to-end tests cannot see the runs; here they can."""
   batch, seq, heads, key_dim, chunk = 2, 48, 2, 16, 16
-  plan = pt._make_plan(batch, seq, heads, key_dim, key_dim, jnp.float32, vector, 1.0,
-                       chunk, BlockSizes(16, 16), INTERPRET)
+  plan = cp.make_plan(batch, seq, heads, key_dim, key_dim, jnp.float32, vector, 1.0,
+                      chunk, BlockSizes(16, 16), INTERPRET)
   d_b, d_keys, b, through, resets, rel = decay_gradient_parts(vector)
-  got = jax.jit(lambda *a: pt._log_decay_gradient(*a, plan),
+  got = jax.jit(lambda *a: log_decay_gradient(*a, plan),
                 compiler_options=COMPILER_OPTIONS)(
                     jnp.asarray(b), jnp.asarray(rel, jnp.int32), jnp.asarray(resets),
                     jnp.asarray(d_b), jnp.asarray(d_keys), jnp.asarray(through))
@@ -264,10 +266,10 @@ def test_unsupported_arguments_raise_not_implemented():
 
 
 def test_head_dims_are_padded_to_what_triton_tiles_take():
-  assert [pt.padded_dim(d, interpret=True) for d in (1, 8, 16, 24, 80, 96)] == [
+  assert [cp.padded_dim(d, interpret=True) for d in (1, 8, 16, 24, 80, 96)] == [
       1, 8, 16, 32, 128, 128]
-  assert [pt.padded_dim(d, interpret=False) for d in (8, 16, 24)] == [16, 16, 32]
-  assert pt.padded_dim(16, interpret=False, vector=True) == 32  # bf16 wrong at 16 on H100
+  assert [cp.padded_dim(d, interpret=False) for d in (8, 16, 24)] == [16, 16, 32]
+  assert cp.padded_dim(16, interpret=False, vector=True) == 32  # bf16 wrong at 16 on H100
 
 
 def test_default_block_sizes_come_from_the_table():
@@ -283,10 +285,10 @@ def test_default_block_sizes_come_from_the_table():
 
 
 def test_sequence_pieces_only_when_few_programs():
-  plan = lambda batch, heads, seq: pt._make_plan(
+  plan = lambda batch, heads, seq: cp.make_plan(
       batch, seq, heads, 128, 128, jnp.bfloat16, False, 1.0, 64, None, False)
   few = plan(1, 2, 65536)  # 2 × 2 × 2 state tiles: the sequence is cut.
-  assert few.pieces > 1 and few.chunks_per_piece >= pt.MIN_PIECE_CHUNKS
+  assert few.pieces > 1 and few.chunks_per_piece >= cp.MIN_PIECE_CHUNKS
   assert few.pieces * few.chunks_per_piece * 64 >= 65536
   assert plan(8, 16, 65536).pieces == 1  # 512 programs already
   assert plan(1, 2, 128).pieces == 1  # too short to cut

@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.linear_attention.pallas_triton import BlockSizes
+from pallas_kernels.linear_attention import chunked_plan as cp
+from pallas_kernels.linear_attention.chunked_plan import BlockSizes
 from tests.pallas_kernels.linear_attention import test_pallas_triton as triton_tests
 from tests.pallas_kernels.linear_attention.test_pallas_triton import Case
 from tests.utils import rel_err
 
 pytest.importorskip("triton", reason="triton is not installed (`pip install -e '.[test]'` "
                     "on Linux)")
-from pallas_kernels.linear_attention import pallas_triton as pt  # noqa: E402
 from pallas_kernels.linear_attention import triton as lt  # noqa: E402
 
 INTERPRET = triton_tests.INTERPRET
@@ -95,7 +95,7 @@ def test_vector_gate_chunks_factored_and_exact():
 
 def test_vector_gate_runs_no_pallas_kernel():
   """The vector gate's forward and backward are Triton-language kernels only: no
-  `pallas_call` (`pallas_triton._prepare`'s chunk cumsum is one) in the gradient's jaxpr."""
+  `pallas_call` (`pallas_triton`'s chunk cumsum is one) in the gradient's jaxpr."""
   case = Case(seq=20, gate="vector", resets=True)
   args, resets, (d_out, _) = triton_tests._inputs(case)
   loss = lambda *a: jnp.sum(KERNEL(case, resets)(*a)[0] * d_out)
@@ -108,8 +108,8 @@ def test_vector_decay_gradient_sums_within_runs():
   """The vector form of `test_decay_gradient_sums_within_runs`, on the Pallas-Triton
   tests' parts and definition loop."""
   batch, seq, heads, key_dim, chunk = 2, 48, 2, 16, 16
-  plan = pt._make_plan(batch, seq, heads, key_dim, key_dim, jnp.float32, True, 1.0, chunk,
-                       BlockSizes(16, 16), INTERPRET)
+  plan = cp.make_plan(batch, seq, heads, key_dim, key_dim, jnp.float32, True, 1.0, chunk,
+                      BlockSizes(16, 16), INTERPRET)
   d_b, d_keys, b, through, resets, rel = triton_tests.decay_gradient_parts(True)
   got = jax.jit(lambda *a: lt.triton_vector._decay_gradient_call(*a, plan))(
       jnp.asarray(b), jnp.asarray(rel, jnp.int32), jnp.asarray(resets), jnp.asarray(d_b),
@@ -124,8 +124,8 @@ def test_decay_gradient_sums_within_runs():
   the gradient kernel the parts of a run after a reset sum to zero, so the end-to-end
   tests cannot see the runs; here they can."""
   batch, seq, heads, key_dim, chunk = 2, 48, 2, 16, 16
-  plan = pt._make_plan(batch, seq, heads, key_dim, key_dim, jnp.float32, False, 1.0, chunk,
-                       BlockSizes(16, 16), INTERPRET)
+  plan = cp.make_plan(batch, seq, heads, key_dim, key_dim, jnp.float32, False, 1.0, chunk,
+                      BlockSizes(16, 16), INTERPRET)
   d_b, d_keys = (RNG.standard_normal((batch, seq, heads)).astype(np.float32)
                  for _ in range(2))
   b = -RNG.uniform(0.0, 3.0, (batch, seq, heads)).astype(np.float32)

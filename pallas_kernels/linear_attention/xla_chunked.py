@@ -1,4 +1,5 @@
-"""Chunked causal linear attention in plain XLA (the Lightning Attention-2 split).
+"""Chunked causal linear attention in plain XLA (the Lightning Attention-2 split): the
+"xla" backend of `attn_jax.ops.linear_attention`, which runs everywhere.
 
 The sequence is cut into chunks of C tokens. Inside a chunk the output is a masked,
 decay-weighted quadratic form (like attention without softmax); across chunks a state
@@ -15,20 +16,63 @@ sub-chunks through a reference point at the start of the later one (both factors
 within a sub-chunk by the exact `[16, 16, key_dim]` decay tensor.
 
 Segment resets are masks, not decays: a token only sees tokens of its own run, and the
-carried state reaches only the chunk's tokens still in the run that crossed into it.
+carried state reaches only the chunk's tokens still in the run that crossed into it
+(`common.run_masks`).
+
+A non-finite q, k or v reaches only the outputs that see it (its own run, from its token
+on; docs/reliability.md): the chunked products, whose masks are multiplications by 0
+(0 · NaN is NaN), run on finite copies, and NaN comes back through `where` where it
+belongs.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.linear_attention import common
+from pallas_kernels.nonfinite import zero_nonfinite
 
 SUBCHUNK = 16
 
 
+def linear_attention(query, key, value, log_decay, initial_state, resets, *, scale: float,
+                     chunk_size: int):
+  """Causal linear attention in XLA, chunked, in the calling convention of every
+  backend's `linear_attention`.
+
+  Args:
+    query, key: `[batch, seq, heads, key_dim]`, repeated to the value heads
+      (`common.expand_heads`); value: `[batch, seq, value_heads, value_dim]`.
+    log_decay: any decay form of `common.per_token_log_decay` (None, fixed per value
+      head, scalar or vector gate per token), ≤ 0.
+    initial_state: the state before token 0, `[batch, value_heads, key_dim, value_dim]`
+      float32; resets: `[batch, seq]` bool, True where the state restarts from zero.
+    scale: the output scale; chunk_size: any positive int (a vector gate's chunk is
+      rounded up to whole sub-chunks of 16).
+
+  Returns:
+    out `[batch, seq, value_heads, value_dim]` and the final state, both float32; NaN
+    where a non-finite input reaches (see the module docstring).
+  """
+  batch, seq = key.shape[:2]
+  value_heads = value.shape[2]
+  q, k = (common.expand_heads(x, value_heads // key.shape[2]) for x in (query, key))
+  log_decay = common.per_token_log_decay(log_decay, batch, seq, value_heads)
+  (q, bad_q), (k, bad_k), (value, bad_v) = (zero_nonfinite(x) for x in (q, k, value))
+  out, final = chunked_linear_attention(q, k, value, log_decay=log_decay, scale=scale,
+                                        initial_state=initial_state, resets=resets,
+                                        chunk_size=chunk_size)
+  seen = _seen_in_run(bad_k | bad_v, resets)  # [batch, seq, value_heads]
+  out = jnp.where((bad_q | seen)[..., None], jnp.nan, out)
+  final = jnp.where(seen[:, -1, :, None, None], jnp.nan, final)
+  return out, final
+
+
 def chunked_linear_attention(query, key, value, *, log_decay, scale, initial_state,
                              resets, chunk_size):
-  """Causal linear attention, chunked; the arguments as in `linear_attention_reference`.
+  """Causal linear attention, chunked, for finite inputs; the arguments as in
+  `reference.linear_attention_reference`.
 
   Returns out `[batch, seq, heads, value_dim]` float32 and the final state.
   """
@@ -40,24 +84,19 @@ def chunked_linear_attention(query, key, value, *, log_decay, scale, initial_sta
   pad = -seq % chunk
   n = (seq + pad) // chunk
 
-  def split(x, fill=0):
-    x = x.astype(jnp.float32) if x.dtype != bool else x
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return x.reshape(batch, n, chunk, *x.shape[2:])
-
-  # Padding tokens have zero q, k, v and no decay: they leave the state as it is.
-  q, k, v, g = split(query), split(key), split(value), split(log_decay)
-  run = jnp.cumsum(resets.astype(jnp.int32), axis=1)  # run index of each token
-  run = split(run, fill=-1)
-  run = jnp.where(run < 0, run.max(axis=(1, 2), keepdims=True), run)  # pad joins last run
-  run_before = jnp.concatenate(  # run of the token just before each chunk
-      [jnp.zeros((batch, 1), run.dtype), run[:, :-1, -1]], axis=1)
-  linked = run == run_before[:, :, None]  # [b, n, c]: token still in the incoming run
-  same_run = run[..., :, None] == run[..., None, :]  # [b, n, c, c]
+  # Padding tokens have zero q, k, v, no decay and no reset: they join the last run and
+  # leave the state as it is.
+  padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  f32 = lambda x: padded(x.astype(jnp.float32))
+  split = lambda x: x.reshape(batch, n, chunk, *x.shape[2:])
+  q, k, v = split(f32(query)), split(f32(key)), split(f32(value))
+  b = split(common.cumsum_in_chunks(f32(log_decay), chunk))  # [b, n, c, h(, k)]
+  rel = split(common.cumsum_in_chunks(padded(resets.astype(jnp.int32)), chunk))  # [b, n, c]
+  runs = common.run_masks(rel)
+  same_run = rel[..., :, None] == rel[..., None, :]  # [b, n, c, c]
   causal = jnp.tril(jnp.ones((chunk, chunk), bool))
   intra_mask = same_run & causal
 
-  b = jnp.cumsum(g, axis=2)  # [b, n, c, h] or [b, n, c, h, k]
   b_last = b[:, :, -1:]
   if vector_gate:
     scores = _vector_gate_scores(q, k, b, chunk)
@@ -75,20 +114,14 @@ def chunked_linear_attention(query, key, value, *, log_decay, scale, initial_sta
   o_intra = jnp.einsum("bnijh,bnjhv->bnihv", scores, v)
 
   # State carried across chunks; a reset inside a chunk cuts the incoming state off.
-  in_last_run = run == run[:, :, -1:]
-  k_state = jnp.where(in_last_run[..., None, None], k_state, 0.0)
+  k_state = jnp.where(runs.outgoing[..., None, None], k_state, 0.0)
   state_increment = jnp.einsum("bnchk,bnchv->bnhkv", k_state, v)
-  carry_decay = jnp.where(linked[:, :, -1, None, None], chunk_decay, 0.0)[..., None]
-
-  def step(state, xs):
-    decay, increment = xs
-    return decay * state + increment, state
-
-  final, states_before = jax.lax.scan(
-      step, initial_state.astype(jnp.float32),
-      (jnp.moveaxis(carry_decay, 1, 0), jnp.moveaxis(state_increment, 1, 0)))
+  carry_decay = jnp.where(runs.passes[..., None], chunk_decay, 0.0)[..., None]
+  final, states_before = common.affine_scan(
+      jnp.moveaxis(carry_decay, 1, 0), jnp.moveaxis(state_increment, 1, 0),
+      initial_state.astype(jnp.float32))
   states_before = jnp.moveaxis(states_before, 0, 1)  # [b, n, h, k, v]
-  q_inter = jnp.where(linked[..., None, None], q_inter, 0.0)
+  q_inter = jnp.where(runs.incoming[..., None, None], q_inter, 0.0)
   o_inter = jnp.einsum("bnchk,bnhkv->bnchv", q_inter, states_before)
   out = scale * (o_intra + o_inter)
   return out.reshape(batch, n * chunk, heads, -1)[:, :seq], final
@@ -121,3 +154,12 @@ def _diag_blocks(within, m):
   """`[b, n, m, s, s, h]` → `[b, n, m, s, m, s, h]` with block I placed at (I, I)."""
   eye = jnp.eye(m, dtype=within.dtype)
   return jnp.einsum("bnIijh,IJ->bnIiJjh", within, eye)
+
+
+def _seen_in_run(bad, resets):
+  """`[batch, seq, heads]` bool: some token s ≤ t of t's run (segment) is `bad`."""
+  count = jnp.cumsum(bad.astype(jnp.int32), axis=1)
+  before = count - bad  # bad tokens before t
+  starts = resets.at[:, 0].set(True)[..., None]
+  base = lax.cummax(jnp.where(starts, before, 0), axis=1)  # bad tokens before t's run
+  return count > base

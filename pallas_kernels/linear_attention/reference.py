@@ -2,7 +2,7 @@
 
 `S_t = a_t ⊙ S_{t-1} + k_t v_tᵀ`, `o_t = scale · S_tᵀ q_t`, with the state reset to zero
 where the segment id changes. Slow (a scan over tokens) and exact; tests compare every
-chunked implementation and kernel with it.
+chunked implementation and kernel with it (flash-linear-attention's `naive.py`).
 """
 
 from __future__ import annotations
