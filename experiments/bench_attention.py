@@ -29,7 +29,6 @@ import jax.numpy as jnp
 from absl import flags
 
 from attn_jax import ops
-from attn_jax.ops.attention_mask import AttentionMask
 from experiments import benchmarking, cli, peers
 
 _SEQ = flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths.")
@@ -67,11 +66,11 @@ def _mask_kwargs(mask: str) -> dict:
 
 
 def _visible_pairs(seq: int, kwargs: dict) -> int:
-  left = (kwargs.get("local_window_size") or (None, None))[0]
-  mask = AttentionMask(seq, seq, kwargs.get("is_causal", False), left, None)
+  mask = ops.AttentionMask.create(seq, seq, is_causal=kwargs.get("is_causal", False),
+                                  local_window_size=kwargs.get("local_window_size"))
   if not mask.is_causal:
     return seq * seq
-  width = seq if left is None else left + 1
+  width = seq if mask.left is None else mask.left + 1
   return sum(min(i + 1, width) for i in range(seq))
 
 

@@ -32,12 +32,12 @@ def iota(shape, dimension):
 
 
 def hide(x, mask, q0, k0, q_axis: int, q_seg=None, k_seg=None):
-  """x with -inf where `mask` (a BlockMask) hides the (query, key) pair. The tile's queries
+  """x with -inf where `mask` (a `flash_attention.mask.AttentionMask`) hides the (query, key) pair. The tile's queries
   run along q_axis (0 or 1) from position q0, its keys along the other axis from k0; q_seg,
   k_seg: segment-id vectors along those axes, or None.
 
   The test j < kv_len is made only where a tile can reach past kv_len into keys a query
-  would otherwise see (`BlockMask.needs_key_bound`); the kernels' key tiles past kv_len are
+  would otherwise see (`AttentionMask.needs_key_bound`); the kernels' key tiles past kv_len are
   zero-filled by TMA, so what such a tile holds is finite either way."""
   k_axis = 1 - q_axis
   segments = (None, None)

@@ -75,7 +75,9 @@ class Based(Mixer):
   Args:
     d_model, num_heads, rngs: as every mixer (both branches use num_heads heads).
     feature_dim: projected q/k width before the Taylor map (16).
-    window_size: the softmax branch's window (64), or None for the linear branch alone.
+    window_size: the softmax branch's window (64): w keys including the query itself
+      (`SlidingWindowAttention`, `ops.sliding_window`), or None for the linear branch
+      alone.
     head_dim: value head dim of both branches (default d_model // num_heads).
     causal: causal (default) or bidirectional self-attention.
     short_conv_size: optional causal convolution on the linear branch's q, k, v.

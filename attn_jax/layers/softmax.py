@@ -39,8 +39,10 @@ class SoftmaxAttention(Mixer):
     num_kv_heads: key/value heads (default num_heads; 1 is MQA); must divide num_heads.
     head_dim: default `d_model // num_heads`.
     causal: causal (default) or bidirectional.
-    window_size: None (global) or w ≥ 1: query p sees keys `p - w + 1 … p` (… `p + w - 1`
-      when non-causal).
+    window_size: None (global) or w ≥ 1 keys including the query itself: query p sees
+      keys `p - w + 1 … p` (… `p + w - 1` when non-causal); `ops.sliding_window` turns it
+      into the op's `local_window_size`, `(w - 1, 0)` causal (the op's int w means
+      `(w, w)`).
     rope: rotary positions on q and k (self-attention only); False is NoPE.
     rope_base, rope_scaling: RoPE base θ and linear position-interpolation factor.
     qk_norm: RMS-normalise q and k per head before RoPE.
@@ -86,11 +88,6 @@ class SoftmaxAttention(Mixer):
     self.sinks = nnx.Param(partitioned(nnx.initializers.zeros, ("heads",))(
         rngs.params(), (h,), param_dtype)) if sinks else None
 
-  def _window(self):
-    if self.window_size is None:
-      return None
-    return (self.window_size - 1, 0 if self.causal else self.window_size - 1)
-
   def _qkv(self, x, src, positions):
     q, k, v = self.query(x), self.key(src), self.value(src)
     if self.q_norm is not None:
@@ -112,7 +109,8 @@ class SoftmaxAttention(Mixer):
     """`x [batch, seq, d_model]` (and `context [batch, ctx_seq, d_model]`) → like x."""
     x, src, kv_ids, positions = self._sources(x, context, segment_ids, context_segment_ids)
     q, k, v = self._qkv(x, src, positions)
-    o = self._attend(q, k, v, is_causal=self.causal, window=self._window(),
+    o = self._attend(q, k, v, is_causal=self.causal,
+                     window=ops.sliding_window(self.window_size, causal=self.causal),
                      q_ids=segment_ids, kv_ids=kv_ids)
     return self.out(o)
 

@@ -2,8 +2,8 @@
 
 from attn_jax.ops import feature_maps
 from attn_jax.ops.attention import dot_product_attention
-from attn_jax.ops.attention_mask import AttentionMask
 from attn_jax.ops.linear_attention import linear_attention, linear_attention_step
+from pallas_kernels.flash_attention.mask import AttentionMask, sliding_window
 
 __all__ = ["AttentionMask", "dot_product_attention", "feature_maps", "linear_attention",
-           "linear_attention_step"]
+           "linear_attention_step", "sliding_window"]

@@ -1,21 +1,20 @@
 """`dot_product_attention`: softmax attention with every mask the layers need.
 
-Implementations: "xla" (`attention_xla`, everywhere), "cudnn" (through
-`jax.nn.dot_product_attention`, NVIDIA GPUs), and the Pallas flash-attention kernels of
-`pallas_kernels.flash_attention` ("pallas_mosaic_gpu", "pallas_triton", "pallas_tpu"):
-the table `BACKENDS` at the end, which `dispatch` reads.
+The op checks its arguments, builds one `AttentionMask` (defined in
+`pallas_kernels/flash_attention/mask.py`) and passes it, with the arrays, to a backend of
+`pallas_kernels/flash_attention/`: "xla" (everywhere), "cudnn" (through
+`jax.nn.dot_product_attention`, NVIDIA GPUs), and the Pallas flash-attention kernels
+"pallas_mosaic_gpu", "pallas_triton", "pallas_tpu": the table `BACKENDS` at the end, which
+`dispatch` reads.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attn_jax.ops import dispatch
-from attn_jax.ops.attention_mask import AttentionMask
-from attn_jax.ops.attention_xla import attention_xla
 from attn_jax.ops.checks import check_qkv, segment_ids_int32
+from pallas_kernels.flash_attention.mask import AttentionMask
 
 
 def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
@@ -33,7 +32,9 @@ def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
     is_causal: query i sees keys up to its own position. Positions align at the end, so
       with `q_seq < kv_seq` (decoding against a cache) query i sits at `i + kv_seq - q_seq`.
     local_window_size: None (unlimited), an int w (= (w, w)), or `(left, right)`: query at
-      position p sees keys in `[p - left, p + right]`; either bound may be None.
+      position p sees keys in `[p - left, p + right]`; either bound may be None. The
+      layers' `window_size` counts keys including the query instead (w means `(w - 1, 0)`
+      causal): `ops.sliding_window` converts it.
     q_segment_ids, kv_segment_ids: `[batch, q_seq]`, `[batch, kv_seq]` integers, given
       together; a query sees only keys with the same id (packed sequences).
     logits_soft_cap: c > 0 turns logits into `c · tanh(logits / c)` (after scaling).
@@ -56,9 +57,9 @@ def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
   check_qkv(query, key, value, grouped="query")
   batch, q_len, q_heads, head_dim = query.shape
   kv_len = key.shape[1]
-  left, right = window_bounds(local_window_size)
-  mask = AttentionMask(q_len=q_len, kv_len=kv_len, is_causal=bool(is_causal),
-                       left=left, right=right)
+  mask = AttentionMask.create(q_len, kv_len, is_causal=bool(is_causal),
+                              local_window_size=local_window_size,
+                              has_segments=q_segment_ids is not None)
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("q_segment_ids and kv_segment_ids must be given together; got only "
                      + ("q_segment_ids." if kv_segment_ids is None else "kv_segment_ids."))
@@ -82,91 +83,46 @@ def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
                            query, key, value, q_segment_ids, kv_segment_ids, sinks, **kwargs)
 
 
-def window_bounds(local_window_size):
-  """`local_window_size` (None, an int w, or `(left, right)`) as checked `(left, right)`."""
-  if local_window_size is None:
-    return None, None
-  if isinstance(local_window_size, (int, np.integer)):
-    left = right = int(local_window_size)
-  else:
-    try:
-      left, right = local_window_size
-    except (TypeError, ValueError):
-      raise ValueError("local_window_size must be None, an int, or (left, right); got "
-                       f"{local_window_size!r}.") from None
-  for side, w in (("left", left), ("right", right)):
-    if w is not None and (not isinstance(w, (int, np.integer)) or w < 0):
-      raise ValueError(f"local_window_size {side} bound must be a non-negative int or "
-                       f"None; got {local_window_size!r}.")
-  return (None if left is None else int(left)), (None if right is None else int(right))
+def _backend(entry, jit: bool):
+  """The op's call of `entry`, a backend's `flash_attention` (`pallas_kernels.
+  flash_attention`): a kernel's through one shared jit (`dispatch.traced_once`)."""
+  if jit:
+    entry = dispatch.traced_once(entry, _STATIC_ARGS)
 
-
-def _cudnn(query, key, value, q_segment_ids, kv_segment_ids, sinks, *, mask, scale,
-           logits_soft_cap, return_residuals):
-  """cuDNN flash attention through `jax.nn.dot_product_attention`."""
-  if dispatch.platform() != "gpu":
-    raise NotImplementedError(f"cudnn needs an NVIDIA GPU; the backend is "
-                              f"{dispatch.platform()!r}.")
-  unsupported = [
-      ("q_segment_ids", q_segment_ids is not None),
-      ("sinks", sinks is not None),
-      ("logits_soft_cap", logits_soft_cap is not None),
-      ("return_residuals (cuDNN returns the log-sum-exp in the input dtype)",
-       return_residuals),
-      ("dtype float32 (cuDNN takes bfloat16/float16)",
-       query.dtype not in (jnp.bfloat16, jnp.float16)),
-      ("value head_dim different from query head_dim", value.shape[-1] != query.shape[-1]),
-      ("q_seq != kv_seq with a causal or windowed mask (cuDNN aligns them at the start)",
-       mask.q_len != mask.kv_len and (mask.is_causal or mask.left is not None
-                                      or mask.right is not None)),
-  ]
-  causal = mask.effective_right == 0
-  unsupported += [
-      ("a right window bound > 0", not causal and mask.right is not None),
-      ("a left window without a causal mask", mask.left is not None and not causal),
-  ]
-  for what, bad in unsupported:
-    if bad:
-      raise NotImplementedError(f"cudnn does not support {what}.")
-  window = None if mask.left is None else (mask.left, 0)
-  return jax.nn.dot_product_attention(
-      query, key, value, scale=scale, is_causal=causal,
-      local_window_size=window, implementation="cudnn")
-
-
-def _flash_attention(kernel):
-  """The op's call of `kernel`, a `flash_attention` of `pallas_kernels.flash_attention`."""
-  kernel = dispatch.traced_once(kernel, _STATIC_ARGS)
-
-  def run(query, key, value, q_segment_ids, kv_segment_ids, sinks, *, mask, scale,
-          logits_soft_cap, return_residuals, interpret):
-    return kernel(
-        query, key, value, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        sinks=sinks, scale=scale, is_causal=mask.is_causal, window=(mask.left, mask.right),
-        logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
-        interpret=interpret)
+  def run(query, key, value, q_segment_ids, kv_segment_ids, sinks, **static):
+    return entry(query, key, value, q_segment_ids=q_segment_ids,
+                 kv_segment_ids=kv_segment_ids, sinks=sinks, **static)
   return run
 
 
-_STATIC_ARGS = ("scale", "is_causal", "window", "logits_soft_cap", "return_residuals",
-                "interpret")
+_STATIC_ARGS = ("mask", "scale", "logits_soft_cap", "return_residuals", "interpret")
 
 # pylint: disable=g-import-not-at-top  (a kernel is imported when it first runs)
 
 
+def _xla():
+  from pallas_kernels.flash_attention import xla
+  return _backend(xla.flash_attention, jit=False)
+
+
+def _cudnn():
+  from pallas_kernels.flash_attention import cudnn
+  return _backend(cudnn.flash_attention, jit=False)
+
+
 def _pallas_mosaic_gpu():
   from pallas_kernels.flash_attention import pallas_mosaic_gpu
-  return _flash_attention(pallas_mosaic_gpu.flash_attention)
+  return _backend(pallas_mosaic_gpu.flash_attention, jit=True)
 
 
 def _pallas_triton():
   from pallas_kernels.flash_attention import pallas_triton
-  return _flash_attention(pallas_triton.flash_attention)
+  return _backend(pallas_triton.flash_attention, jit=True)
 
 
 def _pallas_tpu():
   from pallas_kernels.flash_attention import pallas_tpu
-  return _flash_attention(pallas_tpu.flash_attention)
+  return _backend(pallas_tpu.flash_attention, jit=True)
 
 
 # On an H100 (docs/perf/flash_attention.md) cuDNN and the Mosaic GPU kernel are level
@@ -174,8 +130,8 @@ def _pallas_tpu():
 # serve what cuDNN cannot (segment ids, soft-cap, sinks, log-sum-exp, right windows),
 # Mosaic GPU on Hopper, Triton elsewhere.
 BACKENDS = (
-    dispatch.Backend("xla", "any", lambda: attention_xla),
-    dispatch.Backend("cudnn", "gpu", lambda: _cudnn, interpretable=False),
+    dispatch.Backend("xla", "any", _xla),
+    dispatch.Backend("cudnn", "gpu", _cudnn, interpretable=False),
     dispatch.Backend("pallas_mosaic_gpu", "gpu", _pallas_mosaic_gpu),
     dispatch.Backend("pallas_triton", "gpu", _pallas_triton),
     dispatch.Backend("pallas_tpu", "tpu", _pallas_tpu),

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from attn_jax import ops
-from attn_jax.ops.attention import window_bounds
 
 # Segment id of halo slots that do not exist (before the first block): matches no query.
 _NO_SEGMENT = jnp.iinfo(jnp.int32).min
@@ -65,13 +64,14 @@ def ring_attention(query, key, value, *, axis_name, scale=None, is_causal=False,
   if key.shape[1] != n:
     raise NotImplementedError(f"ring attention needs self-attention blocks of one length; "
                               f"got query block {n} and key block {key.shape[1]}.")
-  left, right = window_bounds(local_window_size)
-  right = (0 if right is None else min(right, 0)) if is_causal else right
-  if right is not None and right != 0 or right is None and left is not None:
+  mask = ops.AttentionMask.create(n, n, is_causal=is_causal,
+                                  local_window_size=local_window_size)
+  left, right = mask.left, mask.right
+  if right not in (None, 0) or right is None and left is not None:
     raise NotImplementedError(
         f"sequence parallelism supports global attention and causal sliding windows; got "
         f"local_window_size={local_window_size!r} with is_causal={is_causal}.")
-  causal = right == 0
+  causal = mask.is_causal
   if left is not None and left > n:
     raise NotImplementedError(
         f"the sliding window reaches {left} tokens back but each sequence shard holds "

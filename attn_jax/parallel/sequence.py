@@ -76,9 +76,9 @@ def _attention(run, axis, implementation, query, key, value, q_segment_ids,
         f"q_seq={mask.q_len}, kv_seq={mask.kv_len}. Run cross attention without a "
         f"'{axis}' mesh axis.")
   _check_divisible(axis, mask.q_len)
-  window = None if mask.left is None and mask.right is None else (mask.left, mask.right)
-  kwargs = dict(axis_name=axis, scale=scale, is_causal=mask.is_causal,
-                local_window_size=window, logits_soft_cap=logits_soft_cap,
+  # Causality is folded into mask.right: (left, right) says it all.
+  kwargs = dict(axis_name=axis, scale=scale, local_window_size=(mask.left, mask.right),
+                logits_soft_cap=logits_soft_cap,
                 return_residuals=return_residuals, implementation=implementation)
   seq = P(None, axis)
   arrays = {"query": query, "key": key, "value": value, "q_segment_ids": q_segment_ids,

@@ -39,7 +39,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_gpu_parts as parts
-from pallas_kernels.flash_attention.block_mask import BlockMask, pad, round_up
+from pallas_kernels.flash_attention.common import pad, round_up
+from pallas_kernels.flash_attention.mask import AttentionMask
 
 HEAD_DIMS = (64, 128, 256)
 # head_dim -> keys per step of the dQ kernel. At 256, the two warpgroups' Q and dO take
@@ -52,7 +53,7 @@ _DQ_KEYS = {64: 64, 128: 64, 256: 32}
 class Config:
   """Static arguments: the mask, logit scale and soft-cap, query heads per key/value head,
   rows per compute warpgroup (64: one wgmma tile), slots in flight, interpret mode."""
-  mask: BlockMask
+  mask: AttentionMask
   scale: float
   softcap: float | None
   groups: int

@@ -12,7 +12,7 @@ mask of `ops.dot_product_attention` and to bfloat16.
   softmax in registers (base 2, log2(e) folded into the scale) and accumulates O += P V with
   wgmma (P from registers). A schedule barrier makes the two warpgroups take turns at the
   tensor cores, so one's softmax overlaps the other's matmuls (FA3's ping-pong).
-- Masks (`block_mask.BlockMask`): the CTA streams the union of its two warpgroups' visible
+- Masks (`mask.AttentionMask`): the CTA streams the union of its two warpgroups' visible
   key blocks; a warpgroup passes over the blocks outside its own range without computing (it
   still waits on and releases them, which keeps every mbarrier phase in step). Blocks visible
   in full run without mask arithmetic.
@@ -23,11 +23,10 @@ mask of `ops.dot_product_attention` and to bfloat16.
   key blocks; TMA zero-fills the rows of a copy past the end of an array and drops the rows
   of a store past it. Only a length that is not a multiple of 8 (the row tile of the
   swizzled TMA layout) is padded, to the next multiple of 8. Padded keys are masked only
-  where a query could otherwise see them (`block_mask.BlockMask.needs_key_bound`), and a
+  where a query could otherwise see them (`AttentionMask.needs_key_bound`), and a
   warpgroup whose rows all lie past q_len computes nothing.
 - Backward: `mosaic_gpu_backward` (dQ and dK/dV kernels of the same structure; at head_dim
-  256 the dK/dV kernel splits the columns between the warpgroups); the Triton kernels
-  (`pallas_triton`) for a head_dim it does not serve (`mosaic_gpu_backward.HEAD_DIMS`).
+  256 the dK/dV kernel splits the columns between the warpgroups), for the same head dims.
 
 Interpret mode (CPU): see `mosaic_gpu_parts`.
 """
@@ -43,13 +42,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_attention import pallas_triton
-from pallas_kernels.flash_attention import mosaic_gpu_backward
 from pallas_kernels import mosaic_gpu_parts as parts
-from pallas_kernels.flash_attention.block_mask import BlockMask, kernel_arguments, pad, round_up
+from pallas_kernels.flash_attention import mosaic_gpu_backward
+from pallas_kernels.flash_attention.common import flash_vjp, kernel_arguments, pad, round_up
+from pallas_kernels.flash_attention.mask import AttentionMask
 
 _DTYPES = ("bfloat16", "float16")
-_HEAD_DIMS = (64, 128, 256)
+_HEAD_DIMS = mosaic_gpu_backward.HEAD_DIMS  # (64, 128, 256): the backward serves the same.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +89,7 @@ _TUNING = {
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  mask: BlockMask
+  mask: AttentionMask
   scale: float
   softcap: float | None
   groups: int
@@ -278,41 +277,19 @@ def _forward(q, k, v, q_seg, kv_seg, sinks, st: _Static):
   return out[:, :q_len], lse[:, :, :q_len]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, q_seg, kv_seg, sinks, st):
-  return _forward(q, k, v, q_seg, kv_seg, sinks, st)
-
-
-def _attention_fwd(q, k, v, q_seg, kv_seg, sinks, st):
-  out, lse = _forward(q, k, v, q_seg, kv_seg, sinks, st)
-  return (out, lse), (q, k, v, q_seg, kv_seg, sinks, out, lse)
-
-
-def _attention_bwd(st, res, cotangents):
-  q, k, v, q_seg, kv_seg, sinks, out, lse = res
-  d_out, d_lse = cotangents
-  head_dim = q.shape[-1]
-  if head_dim not in mosaic_gpu_backward.HEAD_DIMS:  # Fallback: the Triton kernels.
-    config = pallas_triton.Config(
-        mask=st.mask, scale=st.scale, softcap=st.softcap,
-        blocks=pallas_triton.BlockSizes.get_default(head_dim, q.dtype), interpret=st.interpret)
-    return pallas_triton.attention_bwd(config, res, cotangents)
-  delta = pallas_triton.softmax_delta(out, d_out, d_lse)
+def _backward(q, k, v, q_seg, kv_seg, lse, delta, d_out, st: _Static):
   config = mosaic_gpu_backward.Config(mask=st.mask, scale=st.scale, softcap=st.softcap,
                                       groups=st.groups, interpret=st.interpret)
-  dq, dk, dv = mosaic_gpu_backward.backward(q, k, v, q_seg, kv_seg, lse, delta,
-                                            d_out.astype(q.dtype), config)
-  return dq, dk, dv, None, None, pallas_triton.sink_gradient(sinks, lse, delta)
+  return mosaic_gpu_backward.backward(q, k, v, q_seg, kv_seg, lse, delta, d_out, config)
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = flash_vjp(_forward, _backward)
 
 
 def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=None,
-                    sinks=None, scale: float, is_causal: bool,
-                    window: tuple[int | None, int | None], logits_soft_cap: float | None,
-                    return_residuals: bool, block_sizes: BlockSizes | None = None,
-                    interpret: bool = False):
+                    sinks=None, mask: AttentionMask, scale: float,
+                    logits_soft_cap: float | None, return_residuals: bool,
+                    block_sizes: BlockSizes | None = None, interpret: bool = False):
   """Softmax attention `softmax(scale · q kᵀ) v` on Hopper, differentiable (q, k, v, sinks).
 
   Arguments and results as `pallas_triton.flash_attention`, except: query/key/value are
@@ -321,6 +298,7 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
   Raises:
     NotImplementedError: naming the argument this kernel cannot serve (dtype, head dims,
       empty sequence).
+    ValueError: malformed arguments, or a mask of other lengths (`common.check_mask`).
   """
   dtype = jnp.dtype(query.dtype)
   if dtype.name not in _DTYPES or key.dtype != dtype or value.dtype != dtype:
@@ -332,9 +310,9 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
     raise NotImplementedError(
         f"pallas_mosaic_gpu supports head_dim in {_HEAD_DIMS} with value head_dim equal to "
         f"it; got {head_dim} and {value.shape[-1]}. Use 'pallas_triton'.")
-  mask, q_segment_ids, kv_segment_ids = kernel_arguments(
+  q_segment_ids, kv_segment_ids = kernel_arguments(
       "pallas_mosaic_gpu", query, key, q_segment_ids=q_segment_ids,
-      kv_segment_ids=kv_segment_ids, sinks=sinks, is_causal=is_causal, window=window)
+      kv_segment_ids=kv_segment_ids, sinks=sinks, mask=mask)
   st = _Static(mask=mask, scale=float(scale),
                softcap=None if logits_soft_cap is None else float(logits_soft_cap),
                groups=query.shape[2] // key.shape[2], has_sinks=sinks is not None,

@@ -9,13 +9,14 @@ the key blocks on the grid that accumulates dK and dV over the query blocks (and
 query heads of a GQA group), one with the query blocks on the grid that accumulates dQ.
 
 Design choices:
-- Masks are positional (causal, window `(left, right)`, padding) plus segment ids. Positions
-  are aligned at the end: query i sits at key position `i + kv_len - q_len`. From the
-  positional part every kernel derives, for its block, the contiguous range of blocks on the
-  other axis it can see. The grid only walks that range (its length is the longest range, so
-  a sliding window costs O(window) steps per block, not O(seq)), and index maps clamp to the
-  last needed block, so steps past the range issue no DMA and `pl.when` skips their compute.
-  Tiles that are entirely visible skip the mask arithmetic. Segment ids never prune blocks.
+- Masks (`mask.AttentionMask`) are positional (causal, window `(left, right)`, padding) plus
+  segment ids. Positions are aligned at the end: query i sits at key position
+  `i + kv_len - q_len`. From the positional part every kernel derives, for its block, the
+  contiguous range of blocks on the other axis it can see. The grid only walks that range
+  (its length is the longest range, so a sliding window costs O(window) steps per block, not
+  O(seq)), and index maps clamp to the last needed block, so steps past the range issue no
+  DMA and `pl.when` skips their compute. Tiles that are entirely visible skip the mask
+  arithmetic. Segment ids never prune blocks.
 - A fully masked entry has logit -inf and the running max is replaced by 0 where it is
   still -inf, so rows that see no key give zeros and lse -inf (or the sink logit) without
   NaN, forward and backward.
@@ -40,6 +41,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.flash_attention.common import check_mask, round_up
+from pallas_kernels.flash_attention.mask import AttentionMask
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -94,21 +98,15 @@ _TUNING_TABLE = (
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  """Static configuration shared by the kernels (hashable; lengths before padding)."""
-  q_len: int
-  kv_len: int
+  """Static configuration shared by the kernels (hashable; the mask's lengths are those
+  before padding, kv_padded the padded key length)."""
+  mask: AttentionMask
   kv_padded: int
-  left: int | None    # key j visible to query i iff left_bound <= d <= right with
-  right: int | None   # d = j - i - offset; `right` already folds in causality.
   scale: float
   soft_cap: float | None
   groups: int
   blocks: BlockSizes
   interpret: object
-
-  @property
-  def offset(self) -> int:
-    return self.kv_len - self.q_len
 
 
 def _lanes(x, n):
@@ -147,13 +145,15 @@ def _div(x, n, xp):
 
 
 def _kv_range(qi, bq, bk, st, xp=jnp):
-  return _visible_range(qi, bq, bk, st.q_len, st.kv_len, st.offset,
-                        None if st.left is None else -st.left, st.right, xp)
+  m = st.mask
+  return _visible_range(qi, bq, bk, m.q_len, m.kv_len, m.offset,
+                        None if m.left is None else -m.left, m.right, xp)
 
 
 def _q_range(kb, bk, bq, st, xp=jnp):
-  return _visible_range(kb, bk, bq, st.kv_len, st.q_len, -st.offset,
-                        None if st.right is None else -st.right, st.left, xp)
+  m = st.mask
+  return _visible_range(kb, bk, bq, m.kv_len, m.q_len, -m.offset,
+                        None if m.right is None else -m.right, m.left, xp)
 
 
 def _num_steps(range_fn, num_blocks, own_block, other_block, st):
@@ -170,13 +170,13 @@ def _tile_needs_mask(q_start, k_start, bq, bk, st, has_segments):
   """False (static or traced) when every (query, key) pair of the tile is visible."""
   if has_segments:
     return True
-  full = []
-  if st.kv_padded > st.kv_len:
-    full.append(k_start + bk <= st.kv_len)
-  if st.right is not None:
-    full.append(k_start + bk - 1 - q_start - st.offset <= st.right)
-  if st.left is not None:
-    full.append(k_start - (q_start + bq - 1) - st.offset >= -st.left)
+  m, full = st.mask, []
+  if st.kv_padded > m.kv_len:
+    full.append(k_start + bk <= m.kv_len)
+  if m.right is not None:
+    full.append(k_start + bk - 1 - q_start - m.offset <= m.right)
+  if m.left is not None:
+    full.append(k_start - (q_start + bq - 1) - m.offset >= -m.left)
   if not full:
     return False
   return jnp.logical_not(functools.reduce(jnp.logical_and, full))
@@ -190,14 +190,9 @@ def _tile_visible(q_start, k_start, shape, q_axis, q_ids_ref, kv_ids_ref, st):
   """
   rows = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
   cols = k_start + lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
-  d = cols - rows - st.offset
-  vis = jnp.ones(shape, jnp.bool_)
-  if st.kv_padded > st.kv_len:
-    vis &= cols < st.kv_len
-  if st.right is not None:
-    vis &= d <= st.right
-  if st.left is not None:
-    vis &= d >= -st.left
+  vis = st.mask.visible(rows, cols, key_bound=st.kv_padded > st.mask.kv_len)
+  if vis is None:
+    vis = jnp.ones(shape, jnp.bool_)
   if q_ids_ref is not None:
     if q_axis == 0:
       vis &= _lanes(q_ids_ref[...], shape[1]) == kv_ids_ref[:1, :]
@@ -513,7 +508,7 @@ def _flash_bwd(st: _Static, residuals, cotangents):
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1) - dlse
   # Padded query rows get lse = +inf, hence P = 0: the forward may have skipped blocks
   # they see (its blocks need not match the backward's), and their dO is 0 anyway.
-  lse = jnp.where(jnp.arange(lse.shape[-1]) < st.q_len, lse, jnp.inf)
+  lse = jnp.where(jnp.arange(lse.shape[-1]) < st.mask.q_len, lse, jnp.inf)
   dq = _backward_dq(q, k, v, do, lse, delta, q_ids, kv_ids, st)
   dk, dv = _backward_dkv(q, k, v, do, lse, delta, q_ids, kv_ids, st)
   dsinks = None
@@ -526,19 +521,15 @@ def _flash_bwd(st: _Static, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _round_up(x, m):
-  return -(-x // m) * m
-
-
 def _lane_dim(d):
   """Head dims up to 128 are used whole; larger ones are padded to a multiple of 128."""
-  return d if d <= NUM_LANES else _round_up(d, NUM_LANES)
+  return d if d <= NUM_LANES else round_up(d, NUM_LANES)
 
 
 def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=None,
-                    sinks=None, scale: float, is_causal: bool,
-                    window: tuple[int | None, int | None], logits_soft_cap: float | None,
-                    return_residuals: bool, block_sizes: BlockSizes | None = None,
+                    sinks=None, mask: AttentionMask, scale: float,
+                    logits_soft_cap: float | None, return_residuals: bool,
+                    block_sizes: BlockSizes | None = None,
                     interpret: bool | pltpu.InterpretParams = False):
   """Softmax attention `softmax(q kᵀ · scale) v` with a TPU flash-attention kernel.
 
@@ -550,10 +541,9 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
     q_segment_ids, kv_segment_ids: `[B, Tq]`, `[B, Tk]` integers, given together; a query
       sees only keys with the same id.
     sinks: `[Hq]` sink logits: an extra softmax column with no value.
+    mask: which keys each query sees (`mask.AttentionMask` of lengths Tq, Tk, with
+      `has_segments` when segment ids are given).
     scale: logit scale.
-    is_causal: key j visible to query i only if `j <= i + Tk - Tq` (aligned at the end).
-    window: `(left, right)`: with `d = j - (i + Tk - Tq)`, keep `-left <= d <= right`;
-      either may be None (unbounded).
     logits_soft_cap: c > 0 replaces logits by `c · tanh(logits / c)`, or None.
     return_residuals: also return the log-sum-exp.
     block_sizes: tiles; None takes `BlockSizes.get_default(max(D, Dv), dtype)`.
@@ -567,7 +557,7 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
 
   Raises:
     NotImplementedError: on a dtype other than float32/bfloat16.
-    ValueError: on malformed shapes or arguments.
+    ValueError: on malformed shapes or arguments, or a mask of other lengths.
   """
   query, key, value = (jnp.asarray(x) for x in (query, key, value))
   for name, x in (("query", query), ("key", key), ("value", value)):
@@ -588,12 +578,7 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
   head_dim_v = value.shape[-1]
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
-  left, right = window
-  for side, w in (("left", left), ("right", right)):
-    if w is not None and w < 0:
-      raise ValueError(f"window {side} bound must be >= 0 or None; got {window!r}.")
-  if is_causal:
-    right = 0 if right is None else min(right, 0)
+  check_mask(mask, query, key, q_segment_ids)
   if sinks is not None:
     sinks = jnp.asarray(sinks)
     if sinks.shape != (q_heads,):
@@ -608,16 +593,16 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
     return (out, lse) if return_residuals else out
 
   blocks = block_sizes or BlockSizes.get_default(max(head_dim, head_dim_v), query.dtype)
-  q_cap, kv_cap = _round_up(q_len, NUM_LANES), _round_up(kv_len, NUM_LANES)
+  q_cap, kv_cap = round_up(q_len, NUM_LANES), round_up(kv_len, NUM_LANES)
   blocks = BlockSizes(*(min(b, q_cap if f.name.startswith("block_q") else kv_cap)
                         for f, b in zip(dataclasses.fields(blocks),
                                         dataclasses.astuple(blocks))))
-  q_pad = _round_up(q_len, math.lcm(*dataclasses.astuple(blocks)[::2]))
-  kv_pad = _round_up(kv_len, math.lcm(*dataclasses.astuple(blocks)[1::2]))
+  q_pad = round_up(q_len, math.lcm(*dataclasses.astuple(blocks)[::2]))
+  kv_pad = round_up(kv_len, math.lcm(*dataclasses.astuple(blocks)[1::2]))
   if interpret is True:
     interpret = pltpu.InterpretParams()
-  st = _Static(q_len=q_len, kv_len=kv_len, kv_padded=kv_pad, left=left, right=right,
-               scale=float(scale), groups=q_heads // kv_heads, blocks=blocks,
+  st = _Static(mask=mask, kv_padded=kv_pad, scale=float(scale),
+               groups=q_heads // kv_heads, blocks=blocks,
                soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
                interpret=interpret or False)
 

@@ -12,7 +12,7 @@ Design choices:
   the sequences), so each kernel computes from its block index the range of blocks that can
   hold a visible entry and skips the rest: a causal window of w on T tokens costs about
   w / T of full attention. Inside that range, blocks that are entirely visible run a loop
-  with no mask arithmetic; only the diagonal/edge blocks pay for `where` (`block_mask`).
+  with no mask arithmetic; only the diagonal/edge blocks pay for `where` (`mask.AttentionMask`).
 - GQA/MQA: query head h reads key/value head h // groups through the BlockSpec index map; the
   dK/dV kernel runs per key/value head and loops over the heads of its group, so repeated
   K/V is never materialised and no per-query-head dK/dV is summed afterwards.
@@ -38,8 +38,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.block_mask import (BlockMask, kernel_arguments, masked_loops,
-                                                      pad, round_up)
+from pallas_kernels.flash_attention.common import (flash_vjp, kernel_arguments, masked_loops,
+                                                  pad, round_up)
+from pallas_kernels.flash_attention.mask import AttentionMask
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -95,7 +96,7 @@ _TUNING = {
 }
 
 
-def _visible(mask: BlockMask, q_pos, k_pos, q_seg, k_seg):
+def _visible(mask: AttentionMask, q_pos, k_pos, q_seg, k_seg):
   """Bool [bq, bk] tile mask from query positions / ids [bq] and key positions / ids [bk]."""
   column = lambda x: None if x is None else x[:, None]
   row = lambda x: None if x is None else x[None, :]
@@ -112,7 +113,7 @@ def _logits(q, k, scale, softcap):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, o_ref, lse_ref, *,
-                mask: BlockMask, scale: float, softcap: float | None, block_k: int):
+                mask: AttentionMask, scale: float, softcap: float | None, block_k: int):
   """One (query block, batch, head) program. q_ref [bq, D]; k_ref [Tk, D]; v_ref [Tk, Dv];
   q_seg_ref [bq]; kv_seg_ref [Tk]; sink_ref [1]; o_ref [bq, Dv]; lse_ref [bq]."""
   block_q = q_ref.shape[0]
@@ -156,7 +157,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, o_ref, lse
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, mask: BlockMask, scale: float, softcap: float | None, block_k: int):
+               dq_ref, *, mask: AttentionMask, scale: float, softcap: float | None, block_k: int):
   """One (query block, batch, head) program: dQ_i = scale * sum_j dS_ij K_j.
   q_ref, do_ref [bq, D|Dv]; k_ref, v_ref [Tk, D|Dv]; lse_ref (base 2), delta_ref [bq]."""
   block_q = q_ref.shape[0]
@@ -188,7 +189,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delt
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
-                 dk_ref, dv_ref, *, mask: BlockMask, scale: float, softcap: float | None,
+                 dk_ref, dv_ref, *, mask: AttentionMask, scale: float, softcap: float | None,
                  block_q: int):
   """One (key block, batch, kv head) program: dV_j = sum_i P_ij dO_i and
   dK_j = scale * sum_i dS_ij Q_i over all query heads of the group.
@@ -230,9 +231,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, de
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class _Config:
   """The kernels' static arguments."""
-  mask: BlockMask
+  mask: AttentionMask
   scale: float
   softcap: float | None
   blocks: BlockSizes
@@ -248,7 +249,7 @@ def _head_dim(d):
   return max(16, pl.next_power_of_2(d))
 
 
-def _forward(q, k, v, q_seg, kv_seg, sinks, st: Config):
+def _forward(q, k, v, q_seg, kv_seg, sinks, st: _Config):
   """Returns out [B, Tq, Hq, Dv] (query dtype) and lse [B, Hq, Tq] float32."""
   batch, q_len, q_heads, head_dim = q.shape
   kv_len, kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
@@ -286,7 +287,7 @@ def _forward(q, k, v, q_seg, kv_seg, sinks, st: Config):
   return out[:, :q_len, :, :v_dim], lse[:, :, :q_len]
 
 
-def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, st: Config):
+def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, st: _Config):
   """dq, dk, dv from the log-sum-exp lse and Delta [B, Hq, Tq] (f32, natural base)."""
   batch, q_len, q_heads, head_dim = q.shape
   kv_len, kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
@@ -343,50 +344,13 @@ def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, st: Config):
           dv[:, :kv_len, :, :v_dim])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, q_seg, kv_seg, sinks, st):
-  return _forward(q, k, v, q_seg, kv_seg, sinks, st)
-
-
-def _attention_fwd(q, k, v, q_seg, kv_seg, sinks, st):
-  out, lse = _forward(q, k, v, q_seg, kv_seg, sinks, st)
-  return (out, lse), (q, k, v, q_seg, kv_seg, sinks, out, lse)
-
-
-def attention_bwd(st: Config, res, cotangents):
-  """dq, dk, dv, dsinks from the residuals (q, k, v, q_seg, kv_seg, sinks, out, lse) and the
-  cotangents (d_out, d_lse); also the backward of `pallas_mosaic_gpu`'s forward kernel."""
-  q, k, v, q_seg, kv_seg, sinks, out, lse = res
-  d_out, d_lse = cotangents
-  delta = softmax_delta(out, d_out, d_lse)
-  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, lse, delta, d_out.astype(q.dtype), st)
-  return dq, dk, dv, None, None, sink_gradient(sinks, lse, delta)
-
-
-def softmax_delta(out, d_out, d_lse):
-  """Delta_i = rowsum(dO_i * O_i) - dlse_i [B, Hq, Tq] f32: with it dS_ij = P_ij (dP_ij -
-  Delta_i), a cotangent on the log-sum-exp included."""
-  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  return delta - d_lse
-
-
-def sink_gradient(sinks, lse, delta):
-  """d sink_h = -sum_i p_sink_i Delta_i with p_sink_i = exp(sink_h - lse_i); None without
-  sinks."""
-  if sinks is None:
-    return None
-  p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse)
-  return (-jnp.sum(p_sink * delta, axis=(0, 2))).astype(sinks.dtype)
-
-
-_attention.defvjp(_attention_fwd, attention_bwd)
+_attention = flash_vjp(_forward, _backward)
 
 
 def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=None,
-                    sinks=None, scale: float, is_causal: bool,
-                    window: tuple[int | None, int | None], logits_soft_cap: float | None,
-                    return_residuals: bool, block_sizes: BlockSizes | None = None,
-                    interpret: bool = False):
+                    sinks=None, mask: AttentionMask, scale: float,
+                    logits_soft_cap: float | None, return_residuals: bool,
+                    block_sizes: BlockSizes | None = None, interpret: bool = False):
   """Softmax attention `softmax(scale · q kᵀ) v`, differentiable (q, k, v, sinks).
 
   Args:
@@ -395,8 +359,9 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
       h // (Hq // Hkv)); D, Dv <= 256.
     q_segment_ids, kv_segment_ids: `[B, Tq]`, `[B, Tk]` int32, or None (both).
     sinks: `[Hq]` float sink logits (an extra softmax column with no value), or None.
-    scale: logit scale. is_causal, window=(left, right): key j visible to query i iff, with
-      d = j - (i + Tk - Tq), d <= 0 (causal), d >= -left, d <= right (None: unbounded).
+    mask: which keys each query sees (`mask.AttentionMask` of lengths Tq, Tk, with
+      `has_segments` when segment ids are given).
+    scale: logit scale.
     logits_soft_cap: c turns logits into c · tanh(logits / c); None for none.
     return_residuals: also return lse `[B, Hq, Tq]` float32 (sink included), differentiable.
     block_sizes: None for `BlockSizes.get_default(D, dtype)`.
@@ -409,6 +374,7 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
   Raises:
     NotImplementedError: naming the argument this kernel cannot serve (dtype, head dim,
       empty sequence).
+    ValueError: malformed arguments, or a mask of other lengths (`common.check_mask`).
   """
   dtype = jnp.dtype(query.dtype)
   if dtype.name not in _DTYPES or key.dtype != dtype or value.dtype != dtype:
@@ -420,20 +386,20 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
     if d > _MAX_HEAD_DIM:
       raise NotImplementedError(f"pallas_triton supports {name} <= {_MAX_HEAD_DIM}; "
                                 f"got {d}.")
-  mask, q_segment_ids, kv_segment_ids = kernel_arguments(
+  q_segment_ids, kv_segment_ids = kernel_arguments(
       "pallas_triton", query, key, q_segment_ids=q_segment_ids,
-      kv_segment_ids=kv_segment_ids, sinks=sinks, is_causal=is_causal, window=window)
+      kv_segment_ids=kv_segment_ids, sinks=sinks, mask=mask)
   blocks = block_sizes or BlockSizes.get_default(query.shape[3], dtype)
-  st = Config(mask=mask, scale=float(scale),
-              softcap=None if logits_soft_cap is None else float(logits_soft_cap),
-              blocks=blocks, interpret=bool(interpret))
+  st = _Config(mask=mask, scale=float(scale),
+               softcap=None if logits_soft_cap is None else float(logits_soft_cap),
+               blocks=blocks, interpret=bool(interpret))
   out, lse = _attention(query, key, value, q_segment_ids, kv_segment_ids, sinks, st)
   return (out, lse) if return_residuals else out
 
 
 def flash_attention_reference(query, key, value, *, q_segment_ids=None,
-                              kv_segment_ids=None, sinks=None, scale: float,
-                              is_causal: bool, window, logits_soft_cap):
+                              kv_segment_ids=None, sinks=None, mask: AttentionMask,
+                              scale: float, logits_soft_cap):
   """Plain-jnp attention with the same arguments: returns (out, lse), for checking."""
   batch, q_len, q_heads, _ = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
@@ -442,19 +408,7 @@ def flash_attention_reference(query, key, value, *, q_segment_ids=None,
   s = jnp.einsum("bqhd,bkhd->bhqk", query, k, preferred_element_type=jnp.float32) * scale
   if logits_soft_cap is not None:
     s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-  d = jnp.arange(kv_len)[None, :] - (jnp.arange(q_len)[:, None] + kv_len - q_len)
-  ok = jnp.ones((q_len, kv_len), bool)
-  left, right = window
-  if is_causal:
-    ok &= d <= 0
-  if right is not None:
-    ok &= d <= right
-  if left is not None:
-    ok &= d >= -left
-  ok = ok[None, None]
-  if q_segment_ids is not None:
-    ok = ok & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
-  s = jnp.where(ok, s, -jnp.inf)
+  s = jnp.where(mask.dense(q_segment_ids, kv_segment_ids)[:, None], s, -jnp.inf)
   if sinks is not None:
     sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None],
                             (batch, q_heads, q_len, 1))

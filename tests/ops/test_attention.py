@@ -102,9 +102,10 @@ def dense_attention(q, k, v, sinks=None, **kwargs):
   """An independent jnp formulation (repeat K/V, jax.nn.softmax) for gradient checks."""
   groups = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, groups, 2), jnp.repeat(v, groups, 2)
-  mask = ops.AttentionMask(q.shape[1], k.shape[1], kwargs.get("is_causal", False),
-                           *(kwargs.get("local_window_size") or (None, None)))
-  visible = mask.visible(kwargs.get("q_segment_ids"), kwargs.get("kv_segment_ids"))
+  mask = ops.AttentionMask.create(q.shape[1], k.shape[1],
+                                  is_causal=kwargs.get("is_causal", False),
+                                  local_window_size=kwargs.get("local_window_size"))
+  visible = mask.dense(kwargs.get("q_segment_ids"), kwargs.get("kv_segment_ids"))
   s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
   cap = kwargs.get("logits_soft_cap")
   if cap:
@@ -203,3 +204,18 @@ def test_unavailable_implementations_say_why(monkeypatch):
   q, k, v, _ = _inputs(1, 8, 8, 2, 2, 8, {})
   with pytest.raises(NotImplementedError, match="cudnn needs an NVIDIA GPU"):
     ops.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+@pytest.mark.parametrize("q_len, kwargs, match", [
+    (8, dict(local_window_size=(3, 3)), "right window bound"),
+    (8, dict(local_window_size=(3, None)), "left window without a causal mask"),
+    (5, dict(is_causal=True), "q_seq != kv_seq"),
+    (8, dict(is_causal=True, logits_soft_cap=2.0), "logits_soft_cap"),
+])
+def test_cudnn_says_which_mask_it_cannot_serve(monkeypatch, q_len, kwargs, match):
+  """The op's mask as cuDNN reads it (on a pretended GPU: each case is refused before any
+  cuDNN call)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  q, k, v, _ = _inputs(1, 8, 8, 2, 2, 8, {}, jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match=match):
+    ops.dot_product_attention(q[:, :q_len], k, v, implementation="cudnn", **kwargs)

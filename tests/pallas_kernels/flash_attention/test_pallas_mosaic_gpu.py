@@ -14,7 +14,7 @@ import pytest
 
 from pallas_kernels.flash_attention import mosaic_gpu_backward
 from pallas_kernels.flash_attention import pallas_mosaic_gpu as pm
-from pallas_kernels.flash_attention.block_mask import BlockMask
+from pallas_kernels.flash_attention.mask import AttentionMask
 from tests.pallas_kernels.flash_attention.util import (check, kernel_and_reference,
                                                        value_and_grads)
 from tests.utils import fresh_keys, normal
@@ -113,9 +113,9 @@ def test_nan_and_inf_in_keys_no_query_sees_reach_no_output():
 
   def attention(q, k, v, sinks):
     return pm.flash_attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                              sinks=sinks, scale=0.125, is_causal=True, window=(None, None),
-                              logits_soft_cap=None, return_residuals=True, interpret=True,
-                              block_sizes=SMALL)
+                              sinks=sinks, mask=AttentionMask(t, t, right=0, has_segments=True),
+                              scale=0.125, logits_soft_cap=None, return_residuals=True,
+                              interpret=True, block_sizes=SMALL)
 
   out, lse, (_, dk, dv, _) = value_and_grads(attention, q, k, v, None, d_out,
                                              jnp.zeros((2, 1, t), jnp.float32))
@@ -155,7 +155,7 @@ def test_unsupported_inputs_raise_not_implemented(kwargs, match):
   k = jnp.zeros((1, kwargs.get("kv_len", 8), 2, dim), q.dtype)
   v = jnp.zeros(k.shape[:3] + (kwargs.get("v_dim", dim),), q.dtype)
   with pytest.raises(NotImplementedError, match=match):
-    pm.flash_attention(q, k, v, scale=1.0, is_causal=False, window=(None, None),
+    pm.flash_attention(q, k, v, mask=AttentionMask(8, k.shape[1]), scale=1.0,
                        logits_soft_cap=None, return_residuals=False, interpret=True)
 
 
@@ -166,7 +166,7 @@ def test_unsupported_inputs_raise_not_implemented(kwargs, match):
 def test_backward_raises_not_implemented_for_what_it_does_not_serve(dim, config, match):
   q = jnp.zeros((1, 8, 1, dim), jnp.bfloat16)
   lse = jnp.zeros((1, 1, 8), jnp.float32)
-  cf = mosaic_gpu_backward.Config(mask=BlockMask(8, 8, None, None, False), scale=1.0,
+  cf = mosaic_gpu_backward.Config(mask=AttentionMask(8, 8), scale=1.0,
                                   softcap=None, groups=1, interpret=True, **config)
   with pytest.raises(NotImplementedError, match=match):
     mosaic_gpu_backward.backward(q, q, q, None, None, lse, lse, q, cf)

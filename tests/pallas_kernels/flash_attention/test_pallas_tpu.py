@@ -17,6 +17,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attn_jax.ops.attention import dot_product_attention
 from pallas_kernels.flash_attention import pallas_tpu
+from pallas_kernels.flash_attention.mask import AttentionMask
 from pallas_kernels.flash_attention.pallas_tpu import BlockSizes
 from tests.utils import rel_err
 
@@ -108,11 +109,14 @@ def _attention(case, seg, impl):
   q_seg, kv_seg = seg if seg is not None else (None, None)
   scale = case.head_dim ** -0.5
 
+  mask = AttentionMask.create(case.q_len, case.kv_len, is_causal=case.causal,
+                              local_window_size=case.window, has_segments=seg is not None)
+
   def kernel(q, k, v, sinks):
     return pallas_tpu.flash_attention(
-        q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, sinks=sinks, scale=scale,
-        is_causal=case.causal, window=case.window, logits_soft_cap=case.soft_cap,
-        return_residuals=True, block_sizes=case.blocks, interpret=INTERPRET)
+        q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, sinks=sinks, mask=mask,
+        scale=scale, logits_soft_cap=case.soft_cap, return_residuals=True,
+        block_sizes=case.blocks, interpret=INTERPRET)
 
   def reference(q, k, v, sinks):
     return dot_product_attention(
@@ -192,7 +196,7 @@ def test_without_residuals_matches_with():
   case = Case(q_len=130, kv_len=130, causal=True)
   (q, k, v, _), _ = _inputs(case)
   out = jax.jit(lambda q, k, v: pallas_tpu.flash_attention(
-      q, k, v, scale=0.125, is_causal=True, window=(None, None), logits_soft_cap=None,
+      q, k, v, mask=AttentionMask(130, 130, right=0), scale=0.125, logits_soft_cap=None,
       return_residuals=False, interpret=INTERPRET))(q, k, v)
   want = dot_product_attention(q, k, v, scale=0.125, is_causal=True, implementation="xla")
   np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
@@ -214,10 +218,13 @@ def test_forward_and_backward_lower_for_tpu(head_dim, v_dim, dtype, causal, wind
   (q, k, v, s), seg = _inputs(case)
   q_seg, kv_seg = seg if seg else (None, None)
 
+  mask = AttentionMask.create(200, 300, is_causal=causal, local_window_size=window,
+                              has_segments=segments)
+
   def loss(q, k, v, s):
     out, lse = pallas_tpu.flash_attention(
-        q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, sinks=s, scale=0.1,
-        is_causal=causal, window=window, logits_soft_cap=5.0, return_residuals=True)
+        q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, sinks=s, mask=mask, scale=0.1,
+        logits_soft_cap=5.0, return_residuals=True)
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
 
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v, s).lower(
@@ -234,7 +241,7 @@ def test_vmap_lowers_for_tpu():
   case = Case(q_len=130, kv_len=130, causal=True)
   (q, k, v, _), _ = _inputs(case)
   fn = lambda q, k, v: pallas_tpu.flash_attention(
-      q, k, v, scale=0.125, is_causal=True, window=(None, None), logits_soft_cap=None,
+      q, k, v, mask=AttentionMask(130, 130, right=0), scale=0.125, logits_soft_cap=None,
       return_residuals=False)
   loss = lambda q, k, v: jnp.sum(jax.vmap(fn)(q, k, v))
   stacked = [jnp.stack([x, x]) for x in (q, k, v)]
@@ -252,12 +259,11 @@ def test_default_block_sizes():
 def test_errors_name_the_argument():
   q = jnp.zeros((1, 8, 2, 64), jnp.float16)
   with pytest.raises(NotImplementedError, match="query dtype"):
-    pallas_tpu.flash_attention(q, q, q, scale=1.0, is_causal=False, window=(None, None),
+    pallas_tpu.flash_attention(q, q, q, mask=AttentionMask(8, 8), scale=1.0,
                                logits_soft_cap=None, return_residuals=False)
   with pytest.raises(ValueError, match="block_kv_dq"):
     BlockSizes(block_kv_dq=100)
   q = q.astype(jnp.float32)
   with pytest.raises(ValueError, match="sinks"):
-    pallas_tpu.flash_attention(q, q, q, sinks=jnp.zeros(3), scale=1.0, is_causal=False,
-                               window=(None, None), logits_soft_cap=None,
-                               return_residuals=False)
+    pallas_tpu.flash_attention(q, q, q, sinks=jnp.zeros(3), mask=AttentionMask(8, 8),
+                               scale=1.0, logits_soft_cap=None, return_residuals=False)

@@ -1,14 +1,14 @@
 """`pallas_kernels.flash_attention.pallas_triton` in Pallas interpret mode, against the XLA
-reference `attn_jax.ops.attention_xla`: output, log-sum-exp and the gradients of q, k, v and
+reference `pallas_kernels.flash_attention.xla`: output, log-sum-exp and the gradients of q, k, v and
 sinks (random cotangents on both the output and the log-sum-exp)."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from attn_jax.ops.attention_mask import AttentionMask
-from attn_jax.ops.attention_xla import attention_xla
 from pallas_kernels.flash_attention import pallas_triton as pt
+from pallas_kernels.flash_attention import xla
+from pallas_kernels.flash_attention.mask import AttentionMask
 from tests.pallas_kernels.flash_attention.util import (check, inputs, jit_quick,
                                                        kernel_and_reference)
 from tests.utils import rel_err
@@ -67,19 +67,20 @@ def test_reference_beside_the_kernel_matches_xla():
   q, k, v, _, sinks, _, _ = inputs(*shape, options)
   q_seg = jnp.array([[0] * 20 + [1] * 17, [0] * 37], jnp.int32)
   kv_seg = jnp.array([[0] * 30 + [1] * 20, [1] * 50], jnp.int32)  # Batch 1 sees nothing.
-  kwargs = dict(scale=0.3, is_causal=True, window=(9, None), logits_soft_cap=3.0)
-  out, lse = pt.flash_attention_reference(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                                          sinks=sinks, **kwargs)
-  mask = AttentionMask(q.shape[1], k.shape[1], True, 9, None)
-  ref_out, ref_lse = attention_xla(q, k, v, q_seg, kv_seg, sinks, mask=mask, scale=0.3,
-                                   logits_soft_cap=3.0, return_residuals=True)
+  mask = AttentionMask.create(q.shape[1], k.shape[1], is_causal=True,
+                              local_window_size=(9, None), has_segments=True)
+  kwargs = dict(q_segment_ids=q_seg, kv_segment_ids=kv_seg, sinks=sinks, mask=mask, scale=0.3,
+                logits_soft_cap=3.0)
+  out, lse = pt.flash_attention_reference(q, k, v, **kwargs)
+  ref_out, ref_lse = xla.flash_attention(q, k, v, return_residuals=True, **kwargs)
   assert rel_err(out, ref_out) < 1e-6 and rel_err(lse, ref_lse) < 1e-6
 
 
 def test_vmap_and_remat():
   q, k, v, _, _, d_out, _ = inputs(2, 20, 20, 2, 1, 16, 16, {})
-  f = lambda q, k, v: pt.flash_attention(q, k, v, scale=0.3, is_causal=True,
-                                         window=(None, None), logits_soft_cap=None,
+  f = lambda q, k, v: pt.flash_attention(q, k, v, mask=AttentionMask(q.shape[1], k.shape[1],
+                                                                      right=0),
+                                         scale=0.3, logits_soft_cap=None,
                                          return_residuals=False, block_sizes=SMALL,
                                          interpret=True)
   loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * d_out)
@@ -111,5 +112,18 @@ def test_unsupported_inputs_raise_not_implemented(what, kwargs, match):
   q = jnp.zeros((1, 8, 2, dim), kwargs.get("dtype", jnp.float32))
   k = jnp.zeros((1, kv_len, 2, dim), q.dtype)
   with pytest.raises(NotImplementedError, match=match):
-    pt.flash_attention(q, k, k, scale=1.0, is_causal=False, window=(None, None),
+    pt.flash_attention(q, k, k, mask=AttentionMask(8, kv_len), scale=1.0,
+                       logits_soft_cap=None, return_residuals=False, interpret=True)
+
+
+@pytest.mark.parametrize("mask, segments, match", [
+    (AttentionMask(8, 9), False, r"mask lengths \(q_len, kv_len\) = \(8, 9\)"),
+    (AttentionMask(8, 8), True, "has_segments=False but segment ids were given"),
+    (AttentionMask(8, 8, has_segments=True), False, "has_segments=True but segment ids"),
+])
+def test_a_mask_of_another_call_is_refused(mask, segments, match):
+  q = jnp.zeros((1, 8, 2, 16), jnp.float32)
+  ids = jnp.zeros((1, 8), jnp.int32) if segments else None
+  with pytest.raises(ValueError, match=match):
+    pt.flash_attention(q, q, q, q_segment_ids=ids, kv_segment_ids=ids, mask=mask, scale=1.0,
                        logits_soft_cap=None, return_residuals=False, interpret=True)

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn_jax.ops.attention_mask import AttentionMask
-from attn_jax.ops.attention_xla import attention_xla
+from pallas_kernels.flash_attention import xla
+from pallas_kernels.flash_attention.mask import AttentionMask
 from tests.utils import fresh_keys, normal, rel_err
 
 # Interpret mode is a jit of loops over the grid and the key/query blocks; compiling it takes
@@ -49,21 +49,20 @@ def kernel_and_reference(flash_attention, shape, options, dtype, interpret=True,
   q, k, v, seg, sinks, d_out, d_lse = inputs(*shape, options, dtype)
   q_seg, kv_seg = seg or (None, None)
   scale = 0.8 * q.shape[-1] ** -0.5
-  causal, window, cap = options.get("is_causal", False), options.get("window", (None, None)), \
-      options.get("softcap")
+  cap = options.get("softcap")
+  mask = AttentionMask.create(q.shape[1], k.shape[1], is_causal=options.get("is_causal", False),
+                              local_window_size=options.get("window"),
+                              has_segments=seg is not None)
+  common = dict(q_segment_ids=q_seg, kv_segment_ids=kv_seg, mask=mask, scale=scale,
+                logits_soft_cap=cap, return_residuals=True)
 
   def kernel(q, k, v, sinks):
-    return flash_attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                           sinks=sinks, scale=scale, is_causal=causal, window=window,
-                           logits_soft_cap=cap, return_residuals=True, interpret=interpret,
+    return flash_attention(q, k, v, sinks=sinks, interpret=interpret, **common,
                            **kernel_kwargs)
-
-  mask = AttentionMask(q.shape[1], k.shape[1], causal, *window)
 
   def reference(q, k, v, sinks):  # In float32 whatever the inputs' dtype.
     f32 = lambda x: x.astype(jnp.float32)
-    return attention_xla(f32(q), f32(k), f32(v), q_seg, kv_seg, sinks, mask=mask,
-                         scale=scale, logits_soft_cap=cap, return_residuals=True)
+    return xla.flash_attention(f32(q), f32(k), f32(v), sinks=sinks, **common)
 
   got = value_and_grads(kernel, q, k, v, sinks, d_out, d_lse)
   want = value_and_grads(reference, q, k, v, sinks, d_out.astype(jnp.float32), d_lse)

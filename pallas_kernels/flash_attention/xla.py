@@ -1,7 +1,9 @@
 """Softmax attention in plain XLA: the reference every attention kernel is checked against.
 
 It materialises the `[batch, heads, q_seq, kv_seq]` logits, so it is meant for checking,
-for small shapes and for platforms no kernel serves; kernels are the fast path.
+for small shapes and for platforms no kernel serves; kernels are the fast path. It reads
+the mask as a dense array (`AttentionMask.dense`), and keeps a non-finite key or value to
+the outputs that see it (`pallas_kernels.nonfinite`).
 """
 
 from __future__ import annotations
@@ -9,14 +11,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attn_jax.ops.attention_mask import AttentionMask
+from pallas_kernels.flash_attention.mask import AttentionMask
 from pallas_kernels.nonfinite import zero_nonfinite
 
 
-def attention_xla(query, key, value, q_segment_ids, kv_segment_ids, sinks, *,
-                  mask: AttentionMask, scale: float, logits_soft_cap: float | None,
-                  return_residuals: bool):
-  """Softmax attention; arguments as in `ops.dot_product_attention`, already validated.
+def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=None,
+                    sinks=None, mask: AttentionMask, scale: float,
+                    logits_soft_cap: float | None, return_residuals: bool):
+  """Softmax attention with the kernels' arguments (`pallas_triton.flash_attention`), on
+  any platform; as called by `ops.dot_product_attention`, arguments already validated.
 
   Returns:
     out `[batch, q_seq, q_heads, v_dim]` in the query's dtype, and with `return_residuals`
@@ -37,7 +40,7 @@ def attention_xla(query, key, value, q_segment_ids, kv_segment_ids, sinks, *,
                       preferred_element_type=jnp.float32) * scale
   if logits_soft_cap is not None:
     logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
-  visible = mask.visible(q_segment_ids, kv_segment_ids)  # [batch or 1, q_seq, kv_seq]
+  visible = mask.dense(q_segment_ids, kv_segment_ids)  # [batch or 1, q_seq, kv_seq]
   logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
 
   row_max = jnp.max(logits, axis=-1)
