@@ -14,8 +14,10 @@ as in the paper, so the parameter count matches a Transformer with 2·heads head
 Reproduced: the two maps, the re-parameterised λ with the paper's λ_init schedule, the
 shared-scale RMSNorm and (1 − λ_init); GQA by `num_kv_heads`; RoPE on both halves; all
 four patterns (each map is an `ops.dot_product_attention` call, so every mask, packing
-and the decode cache come from it). Deviation: λ here is per head (vectors
-`[heads, head_dim]`), where the paper learns one λ per layer shared by its heads.
+and the decode cache come from it). λ is one set of vectors `[head_dim]` per layer,
+shared by its heads, as in the official code (`microsoft/unilm`,
+`Diff-Transformer/multihead_diffattn.py`); `lambda_per_head=True` learns one set per head
+(`[heads, head_dim]`), which checkpoints saved before the shared default have.
 """
 
 from __future__ import annotations
@@ -44,8 +46,11 @@ class DifferentialAttention(Mixer):
     num_kv_heads: key/value heads (GQA), must divide num_heads.
     head_dim: width d of each half (default `d_model // (2 · num_heads)`); values are 2d.
     layer_index: the layer's depth (0-based), for λ_init.
-    causal, rope, rope_base, rope_scaling, window_size, dtype, param_dtype,
-    implementation: as `SoftmaxAttention`.
+    lambda_per_head: one λ per head instead of the paper's one per layer.
+    causal, rope, rope_base, rope_scaling, dtype, param_dtype, implementation: as
+      `SoftmaxAttention`.
+    window_size: None (global) or w ≥ 1 keys including the query itself, as
+      `SoftmaxAttention` (`ops.sliding_window`).
 
   Decode cache: `key [batch, slots, kv_heads, 2, head_dim]` and
   `value [batch, slots, kv_heads, 2 · head_dim]`: `4 · kv_heads · head_dim` per token.
@@ -54,9 +59,9 @@ class DifferentialAttention(Mixer):
   NAME = "diff"
 
   def __init__(self, d_model, num_heads, *, rngs, num_kv_heads=None, head_dim=None,
-               layer_index=0, causal=True, window_size=None, rope=True,
-               rope_base=10000.0, rope_scaling=1.0, dtype=None, param_dtype=jnp.float32,
-               implementation=None):
+               layer_index=0, lambda_per_head=False, causal=True, window_size=None,
+               rope=True, rope_base=10000.0, rope_scaling=1.0, dtype=None,
+               param_dtype=jnp.float32, implementation=None):
     super().__init__(d_model, num_heads, causal=causal, dtype=dtype)
     self.num_kv_heads = check_positive_int(
         "num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads)
@@ -79,18 +84,23 @@ class DifferentialAttention(Mixer):
     self.value = Projection((d_model,), (kvh, 2 * d), ("embed", "kv_heads", "head_dim"),
                             **proj)
     self.out = Projection((h, 2 * d), (d_model,), ("heads", "head_dim", "embed"), **proj)
-    init = partitioned(nnx.initializers.normal(0.1), ("heads", "head_dim"))
-    self.lambda_q1 = nnx.Param(init(rngs.params(), (h, d), param_dtype))
-    self.lambda_k1 = nnx.Param(init(rngs.params(), (h, d), param_dtype))
-    self.lambda_q2 = nnx.Param(init(rngs.params(), (h, d), param_dtype))
-    self.lambda_k2 = nnx.Param(init(rngs.params(), (h, d), param_dtype))
+    self.lambda_per_head = bool(lambda_per_head)
+    shape, names = ((h, d), ("heads", "head_dim")) if self.lambda_per_head else ((d,),
+                                                                                 ("head_dim",))
+    init = partitioned(nnx.initializers.normal(0.1), names)
+    self.lambda_q1 = nnx.Param(init(rngs.params(), shape, param_dtype))
+    self.lambda_k1 = nnx.Param(init(rngs.params(), shape, param_dtype))
+    self.lambda_q2 = nnx.Param(init(rngs.params(), shape, param_dtype))
+    self.lambda_k2 = nnx.Param(init(rngs.params(), shape, param_dtype))
     self.norm = Norm((2 * d,), ("head_dim",), rngs=rngs, eps=1e-5, param_dtype=param_dtype)
 
   def lambda_(self):
-    """`[heads]` float32: λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init."""
+    """`[heads]` float32: λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init (the same for
+    every head unless `lambda_per_head`)."""
     dot = lambda a, b: jnp.sum(a[...].astype(jnp.float32) * b[...].astype(jnp.float32), -1)
-    return (jnp.exp(dot(self.lambda_q1, self.lambda_k1))
-            - jnp.exp(dot(self.lambda_q2, self.lambda_k2)) + self.lambda_init)
+    lam = (jnp.exp(dot(self.lambda_q1, self.lambda_k1))
+           - jnp.exp(dot(self.lambda_q2, self.lambda_k2)) + self.lambda_init)
+    return jnp.broadcast_to(lam, (self.num_heads,))
 
   def _qkv(self, x, src, positions):
     q, k, v = self.query(x), self.key(src), self.value(src)
@@ -100,11 +110,6 @@ class DifferentialAttention(Mixer):
                                   ).reshape(t.shape)
       q, k = rope(q), rope(k)
     return q, k, v
-
-  def _window(self):
-    if self.window_size is None:
-      return None
-    return (self.window_size - 1, 0 if self.causal else self.window_size - 1)
 
   def _differential(self, q, k, v, **mask):
     """`(A₁ − λ A₂) V`, per-head norm, `(1 − λ_init)`, output projection."""
@@ -122,7 +127,8 @@ class DifferentialAttention(Mixer):
     x, src, kv_ids, positions = self._sources(x, context, segment_ids, context_segment_ids)
     q, k, v = self._qkv(x, src, positions)
     return self._differential(q, k, v, is_causal=self.causal,
-                              local_window_size=self._window(),
+                              local_window_size=ops.sliding_window(self.window_size,
+                                                                   causal=self.causal),
                               q_segment_ids=segment_ids, kv_segment_ids=kv_ids)
 
   def init_cache(self, batch_size, max_len, dtype=None):

@@ -32,6 +32,20 @@ def to_json(config) -> dict:
 
 
 def from_json(tree) -> ml_collections.ConfigDict:
+  """A saved config; model fields added since it was saved (`ADDED_FIELDS`) get the values
+  that reproduce the run, so a model saved before a field existed rebuilds as it was."""
+  tree = json.loads(json.dumps(tree, default=str))
+  for field, value in ADDED_FIELDS.items():
+    if not field.startswith("model."):
+      continue
+    *parents, name = field.split(".")
+    node = tree
+    for parent in parents:
+      node = node.setdefault(parent, {})
+      if not isinstance(node, dict):
+        break
+    else:
+      node.setdefault(name, value)
   return ml_collections.ConfigDict(tree)
 
 
@@ -48,10 +62,15 @@ def _flatten(tree, prefix=""):
 def differences(saved, current):
   """`[(field, saved value, current value)]` for fields that may not change on resume.
   A field added since the checkpoint was saved (`ADDED_FIELDS`) reads as its default."""
+  mixers = {*_mixers(saved), *_mixers(current)}
   saved, current = _flatten(to_json(saved)), _flatten(to_json(current))
   saved = {**{k: v for k, v in ADDED_FIELDS.items() if k in current}, **saved}
   diffs = []
   for key in sorted(set(saved) | set(current)):
+    parts = key.split(".")
+    if parts[:2] == ["model", "mixer_options"] and len(parts) > 3 and (
+        parts[2] not in mixers and parts[2] != "all"):
+      continue  # options of a mixer the model does not have change nothing
     if any(key == p or key.startswith(p) for p in RESUMABLE):
       continue
     if saved.get(key, "<missing>") != current.get(key, "<missing>"):
@@ -59,10 +78,16 @@ def differences(saved, current):
   return diffs
 
 
+def _mixers(config):
+  mixers = to_json(config).get("model", {}).get("mixers", ())
+  return [mixers] if isinstance(mixers, str) else list(mixers)
+
+
 # Fields added to configs after runs were saved without them: `field: the value the
 # saved runs had` (their behaviour then), so those runs still resume and load.
 ADDED_FIELDS = {"data.random_non_queries": True, "model.norm": "rms",
-                "model.positions": "none", "model.max_len": 0}
+                "model.positions": "none", "model.max_len": 0,
+                "model.mixer_options.diff.lambda_per_head": True}
 
 
 def check_resumable(saved, current, workdir, step):

@@ -46,7 +46,9 @@ def model_config(size="tiny", mixers=("softmax",), *, dtype="float32", remat="no
       "mlp_dim": mlp_dim,
       "mixers": tuple(mixers),
       # {mixer name: {option: value}}; "all": options for every mixer that takes them.
-      "mixer_options": {"all": {}, "swa": {"window_size": 64}},
+      # diff: lambda_per_head=True for runs saved before λ was shared (the paper's).
+      "mixer_options": {"all": {}, "swa": {"window_size": 64},
+                        "diff": {"lambda_per_head": False}},
       "tie_embeddings": True,
       "dtype": dtype,            # compute dtype; parameters and optimizer stay float32
       "param_dtype": "float32",

@@ -23,8 +23,10 @@ def _softmax_attention(q, k, v):
   return np.einsum("bhij,bjhe->bihe", p, v)
 
 
-def test_output_is_difference_of_two_softmax_attentions():
-  m = util.build("diff", rope=False, layer_index=3)
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared_lambda", "per_head_lambda"])
+def test_output_is_difference_of_two_softmax_attentions(per_head):
+  m = util.build("diff", rope=False, layer_index=3, lambda_per_head=per_head)
+  assert m.lambda_q1.shape == ((util.HEADS, 4) if per_head else (4,))
   x = util.inputs(seed=9)
   xn = np.asarray(x, np.float64)
   q = np.einsum("bsd,dhte->bshte", xn, util.param(m.query.kernel))
@@ -35,7 +37,7 @@ def test_output_is_difference_of_two_softmax_attentions():
   dot = lambda a, b: np.sum(util.param(a) * util.param(b), -1)
   lam = (np.exp(dot(m.lambda_q1, m.lambda_k1)) - np.exp(dot(m.lambda_q2, m.lambda_k2))
          + lambda_init(3))
-  o = a1 - lam[:, None] * a2
+  o = a1 - np.broadcast_to(lam, (util.HEADS,))[:, None] * a2
   o = o / np.sqrt(np.mean(o ** 2, -1, keepdims=True) + 1e-5) * util.param(m.norm.scale)
   o = o * (1 - lambda_init(3))
   expected = np.einsum("bshe,hed->bsd", o, util.param(m.out.kernel))

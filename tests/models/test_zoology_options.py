@@ -67,3 +67,20 @@ def test_a_run_saved_before_the_zoology_fields_still_resumes():
   assert config_check.differences(saved, current) == []
   current.model.positions = "learned"
   assert config_check.differences(saved, current) == [("model.positions", "none", "learned")]
+
+
+def test_differential_attention_saved_with_per_head_lambda_still_loads_and_resumes():
+  """λ became shared by a layer's heads (the paper's); runs saved before rebuild per head."""
+  from attn_jax.train import config_check
+  from experiments.configs import common
+  current = common.base_config()
+  current.model.mixers = ("diff",)
+  saved = config_check.to_json(current)
+  del saved["model"]["mixer_options"]["diff"]
+  assert config_check.from_json(saved).model.mixer_options.diff.lambda_per_head is True
+  assert config_check.differences(saved, current) == [
+      ("model.mixer_options.diff.lambda_per_head", True, False)]
+  # A model without differential attention resumes whatever its diff options say.
+  current.model.mixers = ("softmax",)
+  saved["model"]["mixers"] = ["softmax"]
+  assert config_check.differences(saved, current) == []
