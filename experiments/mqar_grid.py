@@ -1,0 +1,205 @@
+r"""Trains an MQAR grid (Zoology's Figure 2) and tabulates and plots it.
+
+    python -m experiments.mqar_grid --grid=zoology_figure2_cpu --output_dir=/tmp/zoo
+    python -m experiments.mqar_grid --grid=zoology_figure2 --cells=256x16 --d_models=64 \
+        --mixers=softmax,base_conv,hyena --output_dir=/tmp/zoo
+    python -m experiments.mqar_grid --grid=zoology_figure2 --output_dir=/tmp/zoo --plot_only
+
+Grids are named in `experiments/configs/mqar_grids.py` (with Zoology's settings and where
+we differ); `--cells`, `--d_models`, `--mixers`, `--learning_rates` and `--max_steps`
+narrow one. Each run trains in `<output_dir>/runs/<run id>` (an interrupted run resumes)
+and appends a row to `<output_dir>/results.jsonl`; runs already there are skipped, so
+rerunning the command continues the grid. Then it writes `summary.md` (per mixer, cell
+and width: the best eval accuracy over learning rates, as Zoology reports it, and the
+decode state size) and, with matplotlib, `accuracy.png` (Zoology's Figure 2 layout:
+accuracy against model width, a panel per cell) and `state.png` (accuracy against decode
+state size, Based's Figure 2 axes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+from experiments import cli
+
+_GRID = flags.DEFINE_string("grid", "zoology_figure2_cpu", "A grid of mqar_grids.GRIDS.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where runs, results and plots go.")
+_CELLS = flags.DEFINE_list("cells", None, "Subset of cells, as SEQ_LENxPAIRS (64x4).")
+_D_MODELS = flags.DEFINE_list("d_models", None, "Subset of model widths.")
+_MIXERS = flags.DEFINE_list("mixers", None, "Subset of mixers (mqar.py variants).")
+_LEARNING_RATES = flags.DEFINE_list("learning_rates", None, "Learning rates instead.")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Cap on each run's steps.")
+_PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Only tabulate and plot results.jsonl.")
+
+
+def _subset(flag, values, parse, what):
+  if flag is None:
+    return values
+  chosen = tuple(parse(v) for v in flag)
+  if what in ("cell", "d_model", "mixer"):
+    unknown = [v for v in chosen if v not in values]
+    if unknown:
+      raise app.UsageError(f"--{what}s {unknown} not in the grid: {list(values)}.")
+  return chosen
+
+
+def _cell(text):
+  try:
+    seq_len, pairs = (int(x) for x in text.lower().split("x"))
+  except ValueError:
+    raise app.UsageError(f"--cells takes SEQ_LENxPAIRS, e.g. 64x4; got {text!r}.") from None
+  return seq_len, pairs
+
+
+def run_id(mixer, seq_len, pairs, d_model, lr):
+  return f"{mixer}-t{seq_len}-kv{pairs}-d{d_model}-lr{lr:.1e}"
+
+
+def read_results(path):
+  """The rows of results.jsonl (an unreadable last line, from a kill mid-write, skipped)."""
+  rows = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          logging.warning("skipping an unreadable line of %s", path)
+  return rows
+
+
+def state_size(config, seq_len):
+  """Decode state size (numbers) of the run's model, built abstractly."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from attn_jax import models  # pylint: disable=g-import-not-at-top
+  model = nnx.eval_shape(lambda: models.build(config.model, vocab_size=config.data.vocab_size,
+                                              rngs=nnx.Rngs(0)))
+  return model.decode_state_size(seq_len)
+
+
+def train_grid(grid, output_dir, results_path):
+  from attn_jax import train  # pylint: disable=g-import-not-at-top
+  from experiments.configs import mqar_grids  # pylint: disable=g-import-not-at-top
+  done = {row["run_id"] for row in read_results(results_path)}
+  runs = [(m, t, kv, d, lr) for (t, kv) in grid.cells for d in grid.d_models
+          for m in grid.mixers for lr in grid.learning_rates]
+  for i, (mixer, seq_len, pairs, d_model, lr) in enumerate(runs):
+    rid = run_id(mixer, seq_len, pairs, d_model, lr)
+    if rid in done:
+      continue
+    config = mqar_grids.run_config(grid, mixer, seq_len, pairs, d_model, lr,
+                                   data_dir=os.path.join(output_dir, "data"),
+                                   max_steps=_MAX_STEPS.value)
+    print(f"[{i + 1}/{len(runs)}] {rid}: {config.train.num_steps} steps", flush=True)
+    row = {"run_id": rid, "mixer": mixer, "seq_len": seq_len, "num_kv_pairs": pairs,
+           "d_model": d_model, "learning_rate": lr, "steps": config.train.num_steps,
+           "state_size": state_size(config, seq_len)}
+    try:
+      result = train.train_and_evaluate(config, os.path.join(output_dir, "runs", rid))
+      row.update(accuracy=float(result["eval/accuracy"]), loss=float(result["eval/loss"]))
+    except train.NonFiniteLossError as e:  # a diverged learning rate is a result too
+      row.update(accuracy=0.0, loss=float("nan"), error=str(e).splitlines()[0])
+    with open(results_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
+def best_rows(rows):
+  """One row per (mixer, cell, d_model): the best accuracy over learning rates."""
+  best = {}
+  for row in rows:
+    key = (row["mixer"], row["seq_len"], row["num_kv_pairs"], row["d_model"])
+    if key not in best or row["accuracy"] > best[key]["accuracy"]:
+      best[key] = row
+  return [best[k] for k in sorted(best)]
+
+
+def write_summary(rows, path):
+  cells = sorted({(r["seq_len"], r["num_kv_pairs"]) for r in rows})
+  lines = ["| mixer | d_model | state size (numbers) | "
+           + " | ".join(f"({t}, {kv})" for t, kv in cells) + " |",
+           "| --- | --- | --- | " + " | ".join("---" for _ in cells) + " |"]
+  table = {}
+  for r in rows:
+    table.setdefault((r["mixer"], r["d_model"]), {})[(r["seq_len"], r["num_kv_pairs"])] = r
+  for (mixer, d_model), by_cell in sorted(table.items()):
+    sizes = sorted({r["state_size"] for r in by_cell.values()})
+    accs = [f"{by_cell[c]['accuracy']:.3f}" if c in by_cell else "" for c in cells]
+    lines.append(f"| {mixer} | {d_model} | {'–'.join(map(str, sizes))} | "
+                 + " | ".join(accs) + " |")
+  with open(path, "w") as f:
+    f.write("Best eval accuracy over learning rates; columns are (seq_len, "
+            "num_kv_pairs); state size at each cell's seq_len.\n\n" + "\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+def write_plots(rows, output_dir):
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print("matplotlib is not installed (pip install -e '.[plot]'); no plots written")
+    return
+  cells = sorted({(r["seq_len"], r["num_kv_pairs"]) for r in rows})
+  mixers = sorted({r["mixer"] for r in rows})
+  fig, axes = plt.subplots(1, len(cells), figsize=(4 * len(cells), 3.5), squeeze=False)
+  for ax, (t, kv) in zip(axes[0], cells):
+    for mixer in mixers:
+      pts = sorted((r["d_model"], r["accuracy"]) for r in rows
+                   if r["mixer"] == mixer and (r["seq_len"], r["num_kv_pairs"]) == (t, kv))
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=mixer)
+    ax.set(xscale="log", xlabel="model dimension", ylabel="accuracy", ylim=(-0.02, 1.02),
+           title=f"seq_len {t}, {kv} pairs")
+  axes[0][-1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(output_dir, "accuracy.png"), dpi=120)
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for mixer in mixers:
+    pts = sorted((r["state_size"], r["accuracy"]) for r in rows if r["mixer"] == mixer)
+    ax.scatter(*zip(*pts), label=mixer, s=14)
+  ax.set(xscale="log", xlabel="decode state size (numbers)", ylabel="accuracy",
+         ylim=(-0.02, 1.02))
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(output_dir, "state.png"), dpi=120)
+  print(f"plots: {output_dir}/accuracy.png, state.png")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _OUTPUT_DIR.value:
+    raise app.UsageError("--output_dir is required (runs, results.jsonl and plots go there).")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from experiments.configs import mqar_grids  # pylint: disable=g-import-not-at-top
+  if _GRID.value not in mqar_grids.GRIDS:
+    raise app.UsageError(f"--grid={_GRID.value!r} is not one of {sorted(mqar_grids.GRIDS)}.")
+  grid = mqar_grids.GRIDS[_GRID.value]
+  grid = dataclasses.replace(
+      grid, cells=_subset(_CELLS.value, grid.cells, _cell, "cell"),
+      d_models=_subset(_D_MODELS.value, grid.d_models, int, "d_model"),
+      mixers=_subset(_MIXERS.value, grid.mixers, str, "mixer"),
+      learning_rates=_subset(_LEARNING_RATES.value, grid.learning_rates, float, "lr"))
+  output_dir = os.path.abspath(os.path.expanduser(_OUTPUT_DIR.value))
+  os.makedirs(output_dir, exist_ok=True)
+  results_path = os.path.join(output_dir, "results.jsonl")
+  if not _PLOT_ONLY.value:
+    train_grid(grid, output_dir, results_path)
+  rows = read_results(results_path)
+  if not rows:
+    print(f"no results in {results_path}", file=sys.stderr)
+    sys.exit(1)
+  best = best_rows(rows)
+  write_summary(best, os.path.join(output_dir, "summary.md"))
+  write_plots(best, output_dir)
+
+
+if __name__ == "__main__":
+  cli.run(main, __name__)

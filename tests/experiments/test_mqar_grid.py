@@ -1,0 +1,54 @@
+"""The MQAR grid binary end to end on its smoke grid (two cells, one step each)."""
+
+import json
+
+import pytest
+
+from experiments.configs import mqar_grids
+from tests.experiments import run_python
+
+
+# One CPU device: BaseConv's short-then-long layers hang XLA's CPU runtime on 8 virtual
+# devices (JAX 0.11.2; either kind alone runs).
+_ONE_DEVICE = ("import os; os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '')"
+               ".replace('--xla_force_host_platform_device_count=8', ''); ")
+
+
+def test_grid_trains_tabulates_and_resumes(tmp_path):
+  args = ["--grid=smoke", "--mixers=base_conv", f"--output_dir={tmp_path}"]
+  code = (_ONE_DEVICE + "import sys; from experiments import mqar_grid, cli; "
+          f"sys.argv = ['mqar_grid'] + {args!r}; cli.run(mqar_grid.main, 'experiments.mqar_grid')")
+  out = run_python("-c", code)
+  rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+  assert [(r["seq_len"], r["num_kv_pairs"]) for r in rows] == [(32, 2), (48, 4)]
+  # Two BaseConv layers (short, then long convolution of seq_len): 2·d + seq_len·d.
+  assert [r["state_size"] for r in rows] == [2 * 16 + 32 * 16, 2 * 16 + 48 * 16]
+  assert all(0 <= r["accuracy"] <= 1 and r["steps"] == 1 for r in rows)
+  summary = (tmp_path / "summary.md").read_text()
+  assert "| base_conv | 16 | 544–800 |" in summary and "(48, 4)" in summary
+  assert "[1/2]" in out
+  # A rerun finds both runs done and trains nothing.
+  out = run_python("-c", code)
+  assert "[1/2]" not in out and len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_run_config_is_zoologys_setup():
+  grid = mqar_grids.GRIDS["zoology_figure2"]
+  config = mqar_grids.run_config(grid, "softmax", 256, 16, 128, 1e-3, data_dir="/d")
+  assert config.train.global_batch_size == 256
+  assert config.train.num_steps == 64 * 100_000 // 256
+  assert (config.data.vocab_size, config.data.random_non_queries) == (8192, False)
+  model = config.model
+  assert (model.num_layers, model.num_heads, model.mlp_dim, model.norm) == (2, 1, 0, "layer")
+  assert (model.positions, model.max_len) == ("learned", 256)
+  assert model.mixer_options.softmax.rope is False
+  hyena = mqar_grids.run_config(grid, "hyena", 256, 16, 128, 1e-3, data_dir="/d")
+  assert hyena.model.positions == "none" and hyena.model.mixer_options.all.max_len == 256
+
+
+def test_bad_cell_is_a_usage_error(tmp_path):
+  code = ("import sys; from experiments import mqar_grid, cli; "
+          f"sys.argv = ['mqar_grid', '--grid=smoke', '--cells=64x9', "
+          f"'--output_dir={tmp_path}']; cli.run(mqar_grid.main, 'experiments.mqar_grid')")
+  with pytest.raises(AssertionError, match="not in the grid"):
+    run_python("-c", code)
