@@ -9,7 +9,7 @@ The variant after ':' is a mixer name of `attn_jax.layers.REGISTRY` (softmax, sw
 based, lightning, retnet, hgrn2, mamba2, linear, mla, diff, base_conv, hyena) or a named
 hybrid:
 "hybrid" (MiniMax-style lightning, softmax), "griffin" (hgrn2, hgrn2, swa),
-"based_hybrid" (based, swa). Every model is the tiny size (d_model 64, 2 layers).
+"based_hybrid" (based, swa), "zoology_based" (base_conv, based: Zoology's "based"). Every model is the tiny size (d_model 64, 2 layers).
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ HYBRIDS = {
     "hybrid": ("lightning", "softmax"),
     "griffin": ("hgrn2", "hgrn2", "swa"),
     "based_hybrid": ("based", "swa"),
+    # Zoology's Hybrid mixer takes configs[layer_idx % len(configs)]: its "based" model
+    # is a BaseConv layer, then a Based layer (Zoology's Figure 2, Based's Figure 2).
+    "zoology_based": ("base_conv", "based"),
 }
 
 

@@ -44,6 +44,11 @@ def test_run_config_is_zoologys_setup():
   assert model.mixer_options.softmax.rope is False
   hyena = mqar_grids.run_config(grid, "hyena", 256, 16, 128, 1e-3, data_dir="/d")
   assert hyena.model.positions == "none" and hyena.model.mixer_options.all.max_len == 256
+  # Zoology's "based": a short-convolution BaseConv layer, then Based (feature_dim 8).
+  based = mqar_grids.run_config(grid, "zoology_based", 64, 4, 64, 1e-3, data_dir="/d")
+  assert tuple(based.model.mixers) == ("base_conv", "based")
+  assert based.model.mixer_options.base_conv.kernel_size[0] == 3
+  assert based.model.mixer_options.based.to_dict() == {"feature_dim": 8, "window_size": None}
 
 
 def test_bad_cell_is_a_usage_error(tmp_path):
