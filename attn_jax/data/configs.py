@@ -25,11 +25,16 @@ def default_mqar_config() -> ml_collections.ConfigDict:
   per data_dir (about half a minute on a CPU). docs/data.md has the runs that chose it.
   `random_non_queries`: filler tokens between pairs and queries are random (True, as in
   Based's Figure 2) or 0 (False, as in Zoology's Figure 2).
+  `train_slices`, `eval_slices`: "" (the single task above), or tasks as
+  "SEQ_LENxPAIRS:EXAMPLES,…" (Based's Figure 2 mixes). Training then runs on the mix of
+  the train slices, each padded to `seq_len` (which must hold the longest; the slices'
+  total replaces `num_train_examples`); evaluation runs on each eval slice as its own
+  task, reported per slice (`eval/accuracy/<seq_len>x<pairs>`) and over all of them.
   """
   return ml_collections.ConfigDict({
       **_COMMON, "name": "mqar", "vocab_size": 128, "seq_len": 64, "num_kv_pairs": 4,
       "power_a": 0.01, "num_train_examples": 100_000, "num_eval_examples": 1_000,
-      "random_non_queries": True})
+      "random_non_queries": True, "train_slices": "", "eval_slices": ""})
 
 
 def default_text_config(path: str = "") -> ml_collections.ConfigDict:

@@ -24,6 +24,11 @@ Example (vocab 16, seq_len 16, 2 pairs; `.` is a random token, `_` no target):
   inputs   3 12  5  9  5  .  .  .  .  .  3  .  .  .  .  .
   targets  _  _  _  _  9  _  _  _  _  _ 12  _  _  _  _  _
 
+A training mix (Based's Figure 2, `train_slices`): the train split holds several tasks
+(seq_len_i, num_kv_pairs_i, n_i) one after the other, each example padded at the end to
+the config's seq_len (padding: token 0, no target), so one model trains on all of them;
+the test split stays the config's own task (evaluate other tasks as their own configs).
+
 Generation is vectorised numpy, seeded by (split, chunk), so the data depend only on the
 config. Weighted sampling without replacement uses exponential keys (Efraimidis & Spirakis
 2006: the K smallest `E_g / P(g)`, E ~ Exp(1)), which has the same law as drawing one gap at
@@ -55,26 +60,44 @@ class MqarConfig(tfds.core.BuilderConfig):
   num_train_examples: int = 100_000
   num_eval_examples: int = 1_000
   random_non_queries: bool = True
+  train_slices: tuple[tuple[int, int, int], ...] = ()  # (seq_len, num_kv_pairs, examples)
 
   @classmethod
   def make(cls, *, vocab_size: int, seq_len: int, num_kv_pairs: int, power_a: float,
            num_train_examples: int, num_eval_examples: int, random_non_queries: bool = True,
-           description: str | None = None, prefix: str = "") -> MqarConfig:
+           train_slices=(), description: str | None = None,
+           prefix: str = "") -> MqarConfig:
     """Checks the fields (errors name them, after `prefix`) and names the config (the
-    name of a random-filler config is the one it had before the field existed)."""
+    name of a random-filler config is the one it had before the field existed).
+
+    With `train_slices` the train split is their mix and `num_train_examples` must be
+    their total."""
     check_mqar_fields(vocab_size=vocab_size, seq_len=seq_len, num_kv_pairs=num_kv_pairs,
                       power_a=power_a, num_train_examples=num_train_examples,
                       num_eval_examples=num_eval_examples, prefix=prefix)
+    train_slices = tuple(tuple(int(x) for x in s) for s in train_slices)
+    for t, kv, n in train_slices:
+      if t > seq_len:
+        raise ValueError(f"{prefix}train_slices: a slice of length {t} does not fit "
+                         f"seq_len={seq_len}; raise seq_len to the longest slice.")
+      check_mqar_fields(vocab_size=vocab_size, seq_len=t, num_kv_pairs=kv, power_a=power_a,
+                        num_train_examples=n, num_eval_examples=0,
+                        prefix=f"{prefix}train_slices[{t}x{kv}:{n}].")
+    if train_slices and sum(n for *_, n in train_slices) != num_train_examples:
+      raise ValueError(f"{prefix}num_train_examples={num_train_examples} must be the "
+                       f"train_slices' total, {sum(n for *_, n in train_slices)}.")
     if not isinstance(random_non_queries, bool):
       raise ValueError(f"{prefix}random_non_queries={random_non_queries!r} is invalid: "
                        "expected True (random filler tokens) or False (token 0)")
     name = (f"v{vocab_size}-t{seq_len}-kv{num_kv_pairs}-a{float(power_a)!r}"
             f"-n{num_train_examples}-{num_eval_examples}"
             + ("" if random_non_queries else "-zeros"))
+    if train_slices:
+      name += "-mix" + "".join(f"-{t}x{kv}n{n}" for t, kv, n in train_slices)
     return cls(name=name, description=description, vocab_size=vocab_size, seq_len=seq_len,
                num_kv_pairs=num_kv_pairs, power_a=float(power_a),
                num_train_examples=num_train_examples, num_eval_examples=num_eval_examples,
-               random_non_queries=random_non_queries)
+               random_non_queries=random_non_queries, train_slices=train_slices)
 
 
 def check_mqar_fields(*, vocab_size, seq_len, num_kv_pairs, power_a, num_train_examples,
@@ -83,13 +106,13 @@ def check_mqar_fields(*, vocab_size, seq_len, num_kv_pairs, power_a, num_train_e
   def bad(field, value, expected):
     raise ValueError(f"{prefix}{field}={value!r} is invalid: expected {expected}")
   for field, value in (("vocab_size", vocab_size), ("seq_len", seq_len),
-                       ("num_kv_pairs", num_kv_pairs),
-                       ("num_train_examples", num_train_examples)):
+                       ("num_kv_pairs", num_kv_pairs)):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
       bad(field, value, "a positive int")
-  if (not isinstance(num_eval_examples, (int, np.integer)) or isinstance(num_eval_examples, bool)
-      or num_eval_examples < 0):
-    bad("num_eval_examples", num_eval_examples, "an int >= 0")
+  for field, value in (("num_train_examples", num_train_examples),
+                       ("num_eval_examples", num_eval_examples)):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+      bad(field, value, "an int >= 0 (0: no such split)")
   if not isinstance(power_a, (int, float)) or not power_a > 0:
     bad("power_a", power_a, "a float > 0 (Zoology uses 0.01; 1.0 is uniform)")
   if num_kv_pairs > vocab_size // 2 - 1:
@@ -100,6 +123,20 @@ def check_mqar_fields(*, vocab_size, seq_len, num_kv_pairs, power_a, num_train_e
     bad("num_kv_pairs", num_kv_pairs,
         f"seq_len >= 4 * num_kv_pairs, room for the pairs and one query slot per key "
         f"(seq_len={seq_len})")
+
+
+def parse_slices(text: str, field: str) -> tuple[tuple[int, int, int], ...]:
+  """"SEQ_LENxPAIRS:EXAMPLES,…" (e.g. "64x4:1000,128x8:500") as (seq_len, pairs, n)."""
+  slices = []
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    try:
+      task, n = item.split(":")
+      seq_len, pairs = task.lower().split("x")
+      slices.append((int(seq_len), int(pairs), int(n)))
+    except ValueError:
+      raise ValueError(f"{field}={text!r} is invalid: expected SEQ_LENxPAIRS:EXAMPLES items "
+                       f"separated by commas, e.g. '64x4:1000,128x8:500'; got {item!r}") from None
+  return tuple(slices)
 
 
 def query_gap_probabilities(num_slots: int, power_a: float) -> np.ndarray:
@@ -181,18 +218,27 @@ class Mqar(tfds_compat.LocalCodePath, tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
     c = self.builder_config
-    splits = {"train": self._generate_examples("train", c.num_train_examples)}
+    splits = {}
+    if c.num_train_examples:
+      splits["train"] = self._generate_examples("train", c.num_train_examples)
     if c.num_eval_examples:
       splits["test"] = self._generate_examples("test", c.num_eval_examples)
     return splits
 
   def _generate_examples(self, split: str, num_examples: int) -> Iterator[tuple[int, dict]]:
     c = self.builder_config
-    for start in range(0, num_examples, _CHUNK):
-      rng = np.random.default_rng([_SPLIT_SEEDS[split], start // _CHUNK])
-      chunk = mqar_examples(min(_CHUNK, num_examples - start), vocab_size=c.vocab_size,
-                            seq_len=c.seq_len, num_kv_pairs=c.num_kv_pairs,
-                            power_a=c.power_a, rng=rng,
-                            random_non_queries=c.random_non_queries)
-      for i in range(len(chunk["inputs"])):
-        yield start + i, {k: v[i] for k, v in chunk.items()}
+    tasks = [(c.seq_len, c.num_kv_pairs, num_examples)]
+    if split == "train" and c.train_slices:
+      tasks = c.train_slices
+    key = 0
+    for task, (seq_len, num_kv_pairs, n) in enumerate(tasks):
+      for start in range(0, n, _CHUNK):
+        # A single task keeps the seeds it had before mixes existed.
+        seed = [_SPLIT_SEEDS[split], start // _CHUNK] + ([task] if c.train_slices else [])
+        chunk = mqar_examples(min(_CHUNK, n - start), vocab_size=c.vocab_size,
+                              seq_len=seq_len, num_kv_pairs=num_kv_pairs,
+                              power_a=c.power_a, rng=np.random.default_rng(seed),
+                              random_non_queries=c.random_non_queries)
+        for i in range(len(chunk["inputs"])):
+          yield key, {k: np.pad(v[i], (0, c.seq_len - seq_len)) for k, v in chunk.items()}
+          key += 1

@@ -88,7 +88,10 @@ def _mqar_builder_config(cfg: Mapping[str, Any]) -> mqar.MqarConfig:
   fields = {k: cfg[k] for k in ("vocab_size", "seq_len", "num_kv_pairs", "power_a",
                                 "num_train_examples", "num_eval_examples",
                                 "random_non_queries")}
-  made = mqar.MqarConfig.make(**fields, prefix="config.data.")
+  slices = mqar.parse_slices(cfg["train_slices"], "config.data.train_slices")
+  if slices:
+    fields["num_train_examples"] = sum(n for *_, n in slices)
+  made = mqar.MqarConfig.make(**fields, train_slices=slices, prefix="config.data.")
   # TFDS accepts a custom config only if its name is not a predefined one.
   return mqar.Mqar.builder_configs.get(made.name, made)
 

@@ -85,7 +85,8 @@ def _mixers(config):
 
 # Fields added to configs after runs were saved without them: `field: the value the
 # saved runs had` (their behaviour then), so those runs still resume and load.
-ADDED_FIELDS = {"data.random_non_queries": True, "model.norm": "rms",
+ADDED_FIELDS = {"data.random_non_queries": True, "data.train_slices": "",
+                "data.eval_slices": "", "model.norm": "rms",
                 "model.positions": "none", "model.max_len": 0,
                 "model.mixer_options.diff.lambda_per_head": True}
 

@@ -30,6 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from attn_jax import data, models, sharding
+from attn_jax.data import mqar
 from attn_jax.ops import dispatch
 from attn_jax.train import config_check, metrics as metrics_lib
 from attn_jax.train.checkpoint import Checkpoints, absolute
@@ -148,11 +149,7 @@ def train_and_evaluate(config, workdir):
 
   train = _inputs(config, "train", config.train.global_batch_size, mesh, rules,
                   shuffle=True)
-  evals = _inputs(config, "eval", config.eval.global_batch_size, mesh, rules,
-                  shuffle=False, seq_len=train.shape[1])
-  if evals.pipeline.steps_per_epoch == 0:
-    raise ValueError(f"the eval split has {evals.pipeline.num_examples} examples, fewer "
-                     f"than config.eval.global_batch_size={evals.shape[0]}; lower it.")
+  evals = _eval_inputs(config, mesh, rules, seq_len=train.shape[1])
   vocab_size = train.pipeline.vocab_size
   setup = make_setup(config, vocab_size=vocab_size, mesh=mesh, rules=rules)
 
@@ -189,18 +186,21 @@ def train_and_evaluate(config, workdir):
     writer.log(start + (f" ({dropped} metric records of later steps moved to "
                         f"{metrics_lib.ABANDONED_FILE})" if dropped else ""))
     train_step = make_train_step(setup, {k: train.shape for k in train.keys})
-    eval_step = make_eval_step(setup, {k: evals.shape for k in evals.keys})
+    eval_steps = [make_eval_step(setup, {k: e.shape for k in e.keys}) for _, e in evals]
     tokens_per_step = int(np.prod(train.shape))
     log_every, eval_every = config.train.log_every, config.train.eval_every
     save_every = config.checkpoint.every
     result = {"step": step, "preempted": False}
 
     def evaluate_now(at_step, record=True):
-      out = _evaluate(eval_step, state["params"], evals, config.eval.num_steps)
+      out = _evaluate(eval_steps, state["params"], evals, config.eval.num_steps)
       if record:
         writer.write(at_step, out)
+      slices = "".join(f"  {name} {out[f'eval/accuracy/{name}']:.4f}" for name, _ in evals
+                       if name)
       writer.log(f"eval at step {at_step} ({time.perf_counter() - started:.0f} s): loss "
-                 f"{out['eval/loss']:.4f}  accuracy {out['eval/accuracy']:.4f}")
+                 f"{out['eval/loss']:.4f}  accuracy {out['eval/accuracy']:.4f}"
+                 + (f"  (per slice:{slices})" if slices else ""))
       result.update(out, eval_step=at_step)
 
     def save(at_step):
@@ -243,7 +243,8 @@ def train_and_evaluate(config, workdir):
     if writer is not None:
       writer.close()
     train.pipeline.close()
-    evals.pipeline.close()
+    for _, inputs in evals:
+      inputs.pipeline.close()
 
 
 def _report(writer, step, step_metrics, log_every, num_steps, tokens_per_step, result):
@@ -260,17 +261,51 @@ def _report(writer, step, step_metrics, log_every, num_steps, tokens_per_step, r
     writer.train_progress(step, named, tokens_per_step)
 
 
-def _evaluate(eval_step, params, evals, num_steps):
-  steps = evals.pipeline.steps_per_epoch
-  if num_steps:
-    steps = min(steps, num_steps)
-  totals = None
-  for i in range(steps):
-    sums = eval_step(params, evals.batch(i))
-    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-  count = max(totals["count"], 1.0)
-  return {"eval/loss": totals["loss_sum"] / count, "eval/accuracy": totals["correct"] / count}
+def _eval_inputs(config, mesh, rules, seq_len=None):
+  """`[(name, _Inputs)]`: the eval split (name ""), or with MQAR's `eval_slices` one task
+  per slice, named "<seq_len>x<pairs>" (only its test split is built)."""
+  batch = config.eval.global_batch_size
+  slices = ()
+  if config.data.get("name") == "mqar":
+    slices = mqar.parse_slices(config.data.get("eval_slices", ""), "config.data.eval_slices")
+  named = [("", config, seq_len)] if not slices else []
+  for t, kv, n in slices:
+    task = config.copy_and_resolve_references()
+    with task.unlocked():
+      task.data.update(dict(seq_len=t, num_kv_pairs=kv, num_eval_examples=n,
+                            num_train_examples=0, train_slices="", eval_slices=""))
+    named.append((f"{t}x{kv}", task, None))
+  out = []
+  for name, task, length in named:
+    inputs = _inputs(task, "eval", batch, mesh, rules, shuffle=False, seq_len=length)
+    if inputs.pipeline.steps_per_epoch == 0:
+      where = f"eval slice {name}" if name else "the eval split"
+      raise ValueError(f"{where} has {inputs.pipeline.num_examples} examples, fewer than "
+                       f"config.eval.global_batch_size={batch}; lower it.")
+    out.append((name, inputs))
+  return out
+
+
+def _evaluate(eval_steps, params, evals, num_steps):
+  """Loss and accuracy over every eval set, and per set when there are slices."""
+  out, grand = {}, None
+  for eval_step, (name, inputs) in zip(eval_steps, evals):
+    steps = inputs.pipeline.steps_per_epoch
+    if num_steps:
+      steps = min(steps, num_steps)
+    totals = None
+    for i in range(steps):
+      sums = eval_step(params, inputs.batch(i))
+      totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+    if name:
+      count = max(totals["count"], 1.0)
+      out[f"eval/loss/{name}"] = totals["loss_sum"] / count
+      out[f"eval/accuracy/{name}"] = totals["correct"] / count
+    grand = totals if grand is None else {k: grand[k] + totals[k] for k in grand}
+  count = max(grand["count"], 1.0)
+  return {"eval/loss": grand["loss_sum"] / count, "eval/accuracy": grand["correct"] / count,
+          **out}
 
 
 def evaluate(workdir, *, step=None, mesh=None, num_steps=None, kernels=None):
@@ -286,7 +321,8 @@ def evaluate(workdir, *, step=None, mesh=None, num_steps=None, kernels=None):
       automatic choice, not the kernels the run trained with.
 
   Returns:
-    `{"step", "eval/loss", "eval/accuracy"}`.
+    `{"step", "eval/loss", "eval/accuracy"}`, and per eval slice (MQAR's
+    `eval_slices`) `"eval/loss/<slice>"`, `"eval/accuracy/<slice>"`.
   """
   from attn_jax.train.load import load_meta  # pylint: disable=g-import-not-at-top
   meta = load_meta(workdir, step)
@@ -299,15 +335,14 @@ def evaluate(workdir, *, step=None, mesh=None, num_steps=None, kernels=None):
   rules = sharding.rules_from_config(config.get("sharding_rules", ()))
   setup = make_setup(config, vocab_size=meta["vocab_size"], mesh=mesh, rules=rules)
   checkpoints = Checkpoints(workdir, read_only=True)
-  evals = None
+  evals = []
   try:
     params = checkpoints.restore_params(meta["step"], setup.abstract_state()["params"])
-    batch = config.eval.global_batch_size
-    evals = _inputs(config, "eval", batch, mesh, rules, shuffle=False)
-    eval_step = make_eval_step(setup, {k: evals.shape for k in evals.keys})
+    evals = _eval_inputs(config, mesh, rules)
+    eval_steps = [make_eval_step(setup, {k: e.shape for k in e.keys}) for _, e in evals]
     steps = config.eval.num_steps if num_steps is None else num_steps
-    return {"step": meta["step"], **_evaluate(eval_step, params, evals, steps)}
+    return {"step": meta["step"], **_evaluate(eval_steps, params, evals, steps)}
   finally:
     checkpoints.close()
-    if evals is not None:
-      evals.pipeline.close()
+    for _, inputs in evals:
+      inputs.pipeline.close()

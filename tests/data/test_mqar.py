@@ -154,3 +154,27 @@ def test_a_run_saved_before_the_filler_field_still_resumes():
   assert config_check.differences(saved, current) == []
   current.data.random_non_queries = False
   assert config_check.differences(saved, current) == [("data.random_non_queries", True, False)]
+
+
+def test_parse_slices():
+  assert mqar.parse_slices("64x4:100, 128X8:20", "f") == ((64, 4, 100), (128, 8, 20))
+  assert mqar.parse_slices("", "f") == ()
+  with pytest.raises(ValueError, match="config.data.train_slices.*'64x4'"):
+    mqar.parse_slices("64x4", "config.data.train_slices")
+
+
+def test_train_mix_pads_each_slice_to_seq_len(tmp_path):
+  config = data.default_mqar_config()
+  config.update(data_dir=str(tmp_path), vocab_size=32, seq_len=24, num_kv_pairs=3,
+                num_eval_examples=8, train_slices="16x2:10,24x3:6", power_a=0.5)
+  train = data.make_pipeline(config, "train", global_batch_size=16, shuffle=False,
+                             prefetch=False)
+  assert (train.num_examples, train.seq_len) == (16, 24)
+  rows = train.batch(0)
+  short = rows["loss_mask"][:, 16:].sum(axis=1) == 0  # the 16-token slice's padding
+  queries = rows["loss_mask"].sum(axis=1)
+  assert short.sum() >= 10 and sorted(queries.tolist()) == [2] * 10 + [3] * 6
+  assert not rows["inputs"][queries == 2][:, 16:].any()
+  config.train_slices = "32x2:5"
+  with pytest.raises(ValueError, match="train_slices.*length 32.*seq_len=24"):
+    data.make_pipeline(config, "train", global_batch_size=4)

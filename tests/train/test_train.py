@@ -274,3 +274,20 @@ def test_verify_refuses_non_finite_arrays():
   train.checkpoint.verify(7, tree, meta)
   with pytest.raises(train.CorruptCheckpoint, match="checkpoint 7: non-finite"):
     train.checkpoint.verify(7, {"w": np.full((3, 2), np.nan, np.float32)}, {})
+
+
+def test_train_mix_and_per_slice_evaluation(tmp_path, data_dir, capfd):
+  """Based's Figure 2 setup in small: a mix of two tasks to train, each eval slice
+  reported on its own and over all of them (count-weighted), by training and by
+  `train.evaluate`."""
+  config = tiny_config(data_dir, num_steps=2, eval_every=2)
+  config.data.update(dict(train_slices="16x2:64,32x4:64", eval_slices="16x2:32,32x4:64",
+                          num_train_examples=128))
+  result = train.train_and_evaluate(config, tmp_path)
+  per_slice = {k: result[k] for k in ("eval/accuracy/16x2", "eval/accuracy/32x4")}
+  # eval.num_steps=2 batches of 32: 32 of the 16x2 queries (2 each), 64 of 32x4 (4 each).
+  weighted = (per_slice["eval/accuracy/16x2"] * 64 + per_slice["eval/accuracy/32x4"] * 256)
+  assert result["eval/accuracy"] == pytest.approx(weighted / 320)
+  again = train.evaluate(tmp_path)
+  assert {k: again[k] for k in per_slice} == pytest.approx(per_slice)
+  assert "(per slice:  16x2 " in "".join(capfd.readouterr())
