@@ -1,6 +1,7 @@
-r"""Trains an MQAR grid (Zoology's Figure 2) and tabulates and plots it.
+r"""Trains an MQAR grid (Zoology's Figure 2, Based's Figure 2) and tabulates and plots it.
 
     python -m experiments.mqar_grid --grid=zoology_figure2_cpu --output_dir=/tmp/zoo
+    python -m experiments.mqar_grid --grid=based_figure2 --output_dir=/tmp/based
     python -m experiments.mqar_grid --grid=zoology_figure2 --cells=256x16 --d_models=64 \
         --mixers=softmax,base_conv,hyena --output_dir=/tmp/zoo
     python -m experiments.mqar_grid --grid=zoology_figure2 --output_dir=/tmp/zoo --plot_only
@@ -57,7 +58,8 @@ def _cell(text):
 
 
 def run_id(mixer, seq_len, pairs, d_model, lr):
-  return f"{mixer}-t{seq_len}-kv{pairs}-d{d_model}-lr{lr:.1e}"
+  task = f"t{seq_len}-" + (f"kv{pairs}" if pairs else "mix")
+  return f"{mixer.replace(':', '_').replace(',', '+')}-{task}-d{d_model}-lr{lr:.1e}"
 
 
 def read_results(path):
@@ -98,10 +100,11 @@ def train_grid(grid, output_dir, results_path):
     print(f"[{i + 1}/{len(runs)}] {rid}: {config.train.num_steps} steps", flush=True)
     row = {"run_id": rid, "mixer": mixer, "seq_len": seq_len, "num_kv_pairs": pairs,
            "d_model": d_model, "learning_rate": lr, "steps": config.train.num_steps,
-           "state_size": state_size(config, seq_len)}
+           "state_size": state_size(config, max(seq_len, grid.max_len))}
     try:
       result = train.train_and_evaluate(config, os.path.join(output_dir, "runs", rid))
-      row.update(accuracy=float(result["eval/accuracy"]), loss=float(result["eval/loss"]))
+      row.update(accuracy=float(result["eval/accuracy"]), loss=float(result["eval/loss"]),
+                 **{k: float(v) for k, v in result.items() if k.startswith("eval/accuracy/")})
     except train.NonFiniteLossError as e:  # a diverged learning rate is a result too
       row.update(accuracy=0.0, loss=float("nan"), error=str(e).splitlines()[0])
     with open(results_path, "a") as f:
@@ -120,8 +123,9 @@ def best_rows(rows):
 
 def write_summary(rows, path):
   cells = sorted({(r["seq_len"], r["num_kv_pairs"]) for r in rows})
+  label = lambda t, kv: f"({t}, {kv})" if kv else f"mix (up to {t})"
   lines = ["| mixer | d_model | state size (numbers) | "
-           + " | ".join(f"({t}, {kv})" for t, kv in cells) + " |",
+           + " | ".join(label(t, kv) for t, kv in cells) + " |",
            "| --- | --- | --- | " + " | ".join("---" for _ in cells) + " |"]
   table = {}
   for r in rows:
@@ -155,7 +159,7 @@ def write_plots(rows, output_dir):
       if pts:
         ax.plot(*zip(*pts), marker="o", label=mixer)
     ax.set(xscale="log", xlabel="model dimension", ylabel="accuracy", ylim=(-0.02, 1.02),
-           title=f"seq_len {t}, {kv} pairs")
+           title=f"seq_len {t}, {kv} pairs" if kv else "mix")
   axes[0][-1].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(output_dir, "accuracy.png"), dpi=120)

@@ -9,7 +9,8 @@ The variant after ':' is a mixer name of `attn_jax.layers.REGISTRY` (softmax, sw
 based, lightning, retnet, hgrn2, mamba2, linear, mla, diff, base_conv, hyena) or a named
 hybrid:
 "hybrid" (MiniMax-style lightning, softmax), "griffin" (hgrn2, hgrn2, swa),
-"based_hybrid" (based, swa), "zoology_based" (base_conv, based: Zoology's "based"). Every model is the tiny size (d_model 64, 2 layers).
+"based_hybrid" (based, swa), "zoology_based" (base_conv, based: Zoology's "based"),
+"zoology_attention" and "zoology_swa" (base_conv, then softmax or swa: Based's Figure 2). Every model is the tiny size (d_model 64, 2 layers).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ HYBRIDS = {
     # Zoology's Hybrid mixer takes configs[layer_idx % len(configs)]: its "based" model
     # is a BaseConv layer, then a Based layer (Zoology's Figure 2, Based's Figure 2).
     "zoology_based": ("base_conv", "based"),
+    # Based's Figure 2 pairs every mixer with a BaseConv layer the same way.
+    "zoology_attention": ("base_conv", "softmax"),
+    "zoology_swa": ("base_conv", "swa"),
 }
 
 

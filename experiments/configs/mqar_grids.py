@@ -1,7 +1,11 @@
 """Named MQAR grids for `experiments/mqar_grid.py`, and the config of one run of a grid.
 
-A grid is every (cell, d_model, mixer, learning rate); a cell is (seq_len, num_kv_pairs).
-Each run is a 2-layer model in Zoology's setup (`zoology/experiments/paper_configs/
+A grid is every (cell, d_model, mixer, learning rate); a cell is (seq_len, num_kv_pairs),
+or with `train_slices` the one mix (Based's Figure 2: `(seq_len, 0)`, trained on the mix
+and evaluated per eval slice). A mixer entry is an `experiments/configs/mqar.py` variant,
+optionally with mixer options: "zoology_based:based.feature_dim=16".
+
+`zoology_figure2`: each run is a 2-layer model in Zoology's setup (`zoology/experiments/paper_configs/
 iclr24_zoology_figure2/configs.py`): no MLP (identity state mixer), LayerNorm, one head,
 learned absolute positions for attention only (`max_position_embeddings = input_seq_len`
 for attention, 0 otherwise), long convolutions of length seq_len, vocab 8192, 100,000
@@ -11,6 +15,14 @@ seq_len 256, 128 at 512), learning rates logspace(-4, -2, 4), AdamW with weight 
 (10 % of the steps) and cosine schedule stand in for Zoology's, and our initialisers.
 Zoology's "based" is our "zoology_based": a BaseConv layer (short convolution), then
 Based's Taylor linear attention (feature_dim 8, no window), one head.
+
+`based_figure2` (`zoology/experiments/paper_configs/arxiv24_based_figure2/configs.py`):
+the same model setup, with every mixer after a BaseConv layer (Zoology's Hybrid) except
+Mamba-2, no learned positions, random filler; trained on the mix of 180,000 examples of
+lengths 64-256 and evaluated on seven tasks up to length 1024 (`attn_jax.data.configs`),
+batch 256, learning rates logspace(-3, -1.5, 4), 32 epochs; attention and Based at
+d_model 64 and 128 (Based also 48 there), Based at feature_dim 8/16/24, sliding windows
+8-256 at d_model 128 (Based's code goes to 1024), Mamba-2 at state size 8/16/24.
 """
 
 from __future__ import annotations
@@ -33,6 +45,10 @@ class Grid:
   num_train_examples: int = 100_000
   num_eval_examples: int = 3_000
   random_non_queries: bool = False
+  train_slices: str = ""                 # a mix (see attn_jax.data.configs), or ""
+  eval_slices: str = ""
+  max_len: int = 0                       # longest sequence a model sees (mixes: eval)
+  batch_size: int = 0                    # 0: Zoology's Figure 2 sizes by seq_len
 
 
 # Zoology's Figure 2 mixers that exist here (its RWKV and H3 do not), then the rest of
@@ -52,6 +68,20 @@ GRIDS = {
         learning_rates=(1e-3, 3e-3), epochs=8, num_train_examples=20_000,
         num_eval_examples=1_000),
     # The end-to-end test's grid: seconds on a CPU.
+    # Based's Figure 2 (`arxiv24_based_figure2/configs.py`): the recall-vs-state frontier.
+    # Every model is a BaseConv layer then the mixer, except Mamba-2; random filler.
+    "based_figure2": Grid(
+        cells=((256, 0),), d_models=(64, 128),
+        mixers=("zoology_attention",)
+        + tuple(f"zoology_based:based.feature_dim={f}" for f in (8, 16, 24))
+        + tuple(f"zoology_swa:swa.window_size={w}" for w in (8, 16, 32, 64, 128, 256))
+        + tuple(f"mamba2:mamba2.state_size={n}" for n in (8, 16, 24)),
+        learning_rates=tuple(float(x) for x in np.logspace(-3, -1.5, 4)), epochs=32,
+        num_train_examples=180_000, num_eval_examples=7_000, random_non_queries=True,
+        train_slices="64x4:100000,128x8:20000,256x16:20000,256x32:20000,256x64:20000",
+        eval_slices=("64x4:1000,64x8:1000,64x16:1000,128x32:1000,256x64:1000,"
+                     "512x128:1000,1024x256:1000"),
+        max_len=1024, batch_size=256),
     "smoke": Grid(cells=((32, 2), (48, 4)), d_models=(16,), mixers=("softmax", "base_conv"),
                   learning_rates=(3e-3,), epochs=1, vocab_size=64, num_train_examples=256,
                   num_eval_examples=64),
@@ -63,11 +93,30 @@ def batch_size(seq_len: int) -> int:
   return 512 if seq_len <= 128 else 256 if seq_len <= 256 else 128
 
 
+def parse_mixer(entry: str):
+  """"variant[:mixer.option=value,...]" → (variant, {mixer: {option: value}})."""
+  variant, _, rest = entry.partition(":")
+  options = {}
+  for item in filter(None, rest.split(",")):
+    key, _, value = item.partition("=")
+    mixer, _, option = key.partition(".")
+    if not (mixer and option and value):
+      raise ValueError(f"mixer entry {entry!r}: options are mixer.option=value; got "
+                       f"{item!r}.")
+    try:
+      parsed = int(value)
+    except ValueError:
+      parsed = None if value == "None" else float(value)
+    options.setdefault(mixer, {})[option] = parsed
+  return variant, options
+
+
 def run_config(grid: Grid, mixer: str, seq_len: int, num_kv_pairs: int, d_model: int,
                learning_rate: float, *, data_dir: str, max_steps: int | None = None):
-  """The training config of one run of `grid`."""
-  config = mqar.get_config(mixer)
-  batch = min(batch_size(seq_len), grid.num_train_examples)
+  """The training config of one run of `grid` (`mixer`: an entry of `grid.mixers`)."""
+  variant, options = parse_mixer(mixer)
+  config = mqar.get_config(variant)
+  batch = min(grid.batch_size or batch_size(seq_len), grid.num_train_examples)
   steps = max(1, int(grid.epochs * grid.num_train_examples // batch))
   if max_steps:
     steps = min(steps, max_steps)
@@ -75,20 +124,27 @@ def run_config(grid: Grid, mixer: str, seq_len: int, num_kv_pairs: int, d_model:
       vocab_size=grid.vocab_size, seq_len=seq_len, num_kv_pairs=num_kv_pairs,
       num_train_examples=grid.num_train_examples,
       num_eval_examples=grid.num_eval_examples,
-      random_non_queries=grid.random_non_queries, data_dir=data_dir))
+      random_non_queries=grid.random_non_queries, data_dir=data_dir,
+      train_slices=grid.train_slices, eval_slices=grid.eval_slices))
+  max_len = max(seq_len, grid.max_len)
+  if grid.train_slices:  # evaluated per eval slice only: no test split of its own
+    config.data.update(dict(num_kv_pairs=1, num_eval_examples=0))
   model = config.model
   model.update(dict(d_model=d_model, num_layers=max(2, len(model.mixers)), num_heads=1,
                     mlp_dim=0, norm="layer"))
-  if "softmax" in model.mixers:  # Zoology's attention: learned positions, no RoPE
-    model.update(dict(positions="learned", max_len=seq_len))
-    model.mixer_options.softmax = {"rope": False}
-  model.mixer_options.all.max_len = seq_len
+  if tuple(model.mixers) == ("softmax",):  # Zoology's attention: learned positions
+    model.update(dict(positions="learned", max_len=max_len))
+  model.mixer_options.softmax = {"rope": False}  # Zoology's MHA has no RoPE
+  model.mixer_options.all.max_len = max_len
   model.mixer_options.based = {"feature_dim": 8, "window_size": None}
+  for name, values in options.items():
+    model.mixer_options[name] = {**model.mixer_options.get(name, {}), **values}
   config.optimizer.update(dict(learning_rate=float(learning_rate), weight_decay=0.1,
                                warmup_steps=max(1, steps // 10)))
   config.train.update(dict(num_steps=steps, global_batch_size=batch,
                            log_every=max(1, steps // 20), eval_every=steps))
-  config.eval.global_batch_size = min(250, grid.num_eval_examples)
+  config.eval.global_batch_size = min(32 if grid.eval_slices else 250,
+                                      grid.num_eval_examples)
   config.checkpoint.every = max(1, min(steps, 1000))
   config.tensorboard = False
   return config

@@ -51,6 +51,20 @@ def test_run_config_is_zoologys_setup():
   assert based.model.mixer_options.based.to_dict() == {"feature_dim": 8, "window_size": None}
 
 
+def test_based_figure2_runs_mix_with_a_baseconv_layer():
+  grid = mqar_grids.GRIDS["based_figure2"]
+  entry = "zoology_swa:swa.window_size=64"
+  assert entry in grid.mixers
+  config = mqar_grids.run_config(grid, entry, 256, 0, 128, 1e-3, data_dir="/d")
+  assert tuple(config.model.mixers) == ("base_conv", "swa")
+  assert config.model.mixer_options.swa.window_size == 64
+  assert config.model.positions == "none" and config.model.mixer_options.all.max_len == 1024
+  assert config.data.train_slices.startswith("64x4:100000,") and config.data.random_non_queries
+  assert config.train.global_batch_size == 256 and config.eval.global_batch_size == 32
+  with pytest.raises(ValueError, match="mixer.option=value"):
+    mqar_grids.parse_mixer("swa:window_size=4")
+
+
 def test_bad_cell_is_a_usage_error(tmp_path):
   code = ("import sys; from experiments import mqar_grid, cli; "
           f"sys.argv = ['mqar_grid', '--grid=smoke', '--cells=64x9', "
