@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax import layers, parallel, sharding
+from attn_jax.analysis.capture import layer_scope
 from attn_jax.layers.common import (Norm, Projection, check_positive_int, partitioned,
                                     segment_positions)
 from attn_jax.ops import dispatch
@@ -228,13 +229,12 @@ def make_blocks(mixers, *, d_model, num_heads, mlp_dim, mixer_options, causal, r
 
 def run_blocks(blocks, x, segment_ids, remat):
   """Applies `blocks` in order, each under the activation-checkpointing `remat` policy."""
-  if remat == "none":
-    for block in blocks:
-      x = block(x, segment_ids)
-    return x
-  apply = nnx.remat(lambda block, x, ids: block(x, ids), policy=REMAT_POLICIES[remat])
-  for block in blocks:
-    x = apply(block, x, segment_ids)
+  apply = lambda block, x, ids: block(x, ids)
+  if remat != "none":
+    apply = nnx.remat(apply, policy=REMAT_POLICIES[remat])
+  for i, block in enumerate(blocks):
+    with layer_scope(i):  # names the layer of its op calls (attn_jax.analysis)
+      x = apply(block, x, segment_ids)
   return x
 
 
