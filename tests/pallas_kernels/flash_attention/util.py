@@ -69,6 +69,13 @@ def kernel_and_reference(flash_attention, shape, options, dtype, interpret=True,
   return got, want
 
 
+# dsinks is one number per head, a sum over every query row whose terms partly cancel:
+# in bf16 its relative error has a heavy tail (0.0005-0.009 over six draws of the head
+# dim 256 MQA case, where dq, dk, dv stay at 0.0025-0.0030). A wrong sink gradient is off
+# by O(1), so 3x the tolerance still catches one.
+DSINKS_SLACK = {"dsinks": 3}
+
+
 def check(got, want, tol):
   """Relative errors below tol; rows that see no key exactly as the reference."""
   (out, lse, grads), (ref_out, ref_lse, ref_grads) = got, want
@@ -84,4 +91,4 @@ def check(got, want, tol):
     assert (g is None) == (w is None), name
     if g is not None:
       assert g.shape == w.shape, name
-      assert rel_err(g, w) < tol, (name, rel_err(g, w))
+      assert rel_err(g, w) < tol * DSINKS_SLACK.get(name, 1), (name, rel_err(g, w))
