@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax.ops import dispatch
+from pallas_kernels.linear_attention.common import expand_heads, per_token_log_decay
 
 _LAYER = contextvars.ContextVar("attn_jax_layer", default=-1)
 _ACTIVE = contextvars.ContextVar("attn_jax_capture", default=None)
@@ -127,15 +128,9 @@ def linear_attention_matrix(query, key, value, log_decay, initial_state, resets,
   del initial_state, unused
   batch, seq, heads, _ = key.shape
   value_heads = value.shape[2]
-  q, k = (jnp.repeat(x.astype(jnp.float32), value_heads // heads, axis=2)
-          for x in (query, key))
-  if log_decay is None:
-    g = jnp.zeros((batch, seq, value_heads, 1), jnp.float32)
-  else:
-    g = log_decay.astype(jnp.float32)
-    g = jnp.broadcast_to(g, (batch, seq, value_heads)) if g.ndim == 1 else g
-    g = g[..., None] if g.ndim == 3 else g
-  b = jnp.cumsum(g, axis=1)  # [batch, seq, heads, 1 | key_dim]
+  q, k = (expand_heads(x.astype(jnp.float32), value_heads // heads) for x in (query, key))
+  g = per_token_log_decay(log_decay, batch, seq, value_heads)
+  b = jnp.cumsum(g[..., None] if g.ndim == 3 else g, axis=1)  # [b, seq, heads, 1 | key_dim]
   t, s = jnp.arange(seq)[:, None], jnp.arange(seq)[None, :]
   run = jnp.cumsum(resets.astype(jnp.int32), axis=1)
   visible = (s <= t)[None] & (run[:, :, None] == run[:, None, :])  # [batch, t, s]
