@@ -29,8 +29,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from attn_jax import data, models, sharding
-from attn_jax.data import mqar
+from attn_jax import models, sharding
 from attn_jax.ops import dispatch
 from attn_jax.train import config_check, metrics as metrics_lib
 from attn_jax.train.checkpoint import Checkpoints, absolute
@@ -69,6 +68,7 @@ def resolve_config(config, workdir):
 
 def _inputs(config, split, global_batch, mesh, rules, *, shuffle, seq_len=None):
   """An `_Inputs` for `split`, reading only the rows this process's devices hold."""
+  from attn_jax import data  # pylint: disable=g-import-not-at-top  (tfds: only to read data)
   keys = ("inputs", "targets", "loss_mask") + (
       ("segment_ids",) if config.data.get("pack", False) else ())
   if seq_len is None:  # the pipeline knows T only once opened: open it for one process
@@ -264,6 +264,7 @@ def _report(writer, step, step_metrics, log_every, num_steps, tokens_per_step, r
 def _eval_inputs(config, mesh, rules, seq_len=None):
   """`[(name, _Inputs)]`: the eval split (name ""), or with MQAR's `eval_slices` one task
   per slice, named "<seq_len>x<pairs>" (only its test split is built)."""
+  from attn_jax.data import mqar  # pylint: disable=g-import-not-at-top  (tfds: as above)
   batch = config.eval.global_batch_size
   slices = ()
   if config.data.get("name") == "mqar":
