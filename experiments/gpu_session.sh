@@ -51,7 +51,7 @@ for step in ${steps[*]}; do
     training)
       for seq in 1024 32768 4096 16384; do
         for mixer in lightning softmax; do
-          line=$(timeout 90 python3 -m experiments.bench_training --size=medium --num_heads=8 \
+          line=$(timeout 240 python3 -m experiments.bench_training --size=medium --num_heads=8 \
             --mixers=$mixer --seq_len=$seq --global_batch_size=$((32768 / seq)) --steps=5 \
             --warmup=1 2>"$out/training_${mixer}_${seq}.err" | grep '^{')
           [[ -n "$line" ]] || line="{\"mixers\": [\"$mixer\"], \"seq_len\": $seq, \"error\": \"no result (timeout or crash; see training_${mixer}_${seq}.err)\"}"
