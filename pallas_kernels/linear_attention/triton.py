@@ -11,11 +11,14 @@ with resets as masks (`rel`, the resets so far inside the chunk: token i reads h
 while rel_i = 0, key j feeds h_{n+1} only from the chunk's last run, h passes a chunk only
 if it holds no reset, pairs interact only within one run).
 
-This file holds the scalar gate (fixed decay and "no decay" broadcast to it), where
-every exponent above is ≤ 0; the vector gate (GLA) is `triton_vector`'s, which
-`linear_attention` and the custom_vjp here dispatch to. The kernels are `pallas_triton`'s
-written in Triton, composed by `chunked_plan.forward` and `backward` (shared with
-`pallas_triton` and `pallas_mosaic_gpu`) through this module's `Launches`:
+This file holds the entry point, the kernels of both gates' forward and state passes
+(b `[C, K]` for the vector gate, `[C, 1]` for a scalar one, so that `triton_tiles`'
+expressions serve both), the scalar gate's gradient kernels (fixed decay and "no decay"
+broadcast to it), where every exponent above is ≤ 0, and every launch but the vector
+gate's gradients. The vector gate (GLA) is `triton_vector`'s: its chunk outputs (factored
+or exact), gradient stages and decay gradient. The kernels are `pallas_triton`'s written
+in Triton, composed by `chunked_plan.forward` and `backward` (shared with `pallas_triton`
+and `pallas_mosaic_gpu`) through `LAUNCHES`:
 
   * `_fused_output_kernel`: one program per (value block, sequence piece, batch × head)
     walks the piece's chunks in order with h `[K, BV]` on chip (f32) and writes o, so the
@@ -53,58 +56,83 @@ import triton.language as tl
 
 from pallas_kernels.linear_attention import chunked_plan, triton_vector
 from pallas_kernels.linear_attention.chunked_plan import BlockSizes, storage_dtype
-from pallas_kernels.linear_attention.triton_vector import dot_precision
-from pallas_kernels.triton_call import triton_call
+from pallas_kernels.linear_attention.triton_tiles import (
+    FACTORED_RANGE, dot_precision, gate_row, gate_rows, gradient_inputs, gradient_outputs,
+    gradient_program, heads_of, kernel_name, key_decay, launch, launch_gradients, offsets,
+    pairs, state_offsets, state_step, sum_value_blocks, through_offsets, value_block_rows)
+from pallas_kernels.linear_attention.triton_vector import (exact_chunk_output,
+                                                           factored_chunk_output)
+
+
+@triton.jit
+def _pair_decay(b, rel, C: tl.constexpr):
+  """e^{b_i − b_j} `[C, C]` of a scalar gate (b `[C, 1]`) for the pairs j ≤ i of one run
+  (≤ 1), else 0."""
+  return tl.exp(tl.where(pairs(rel, C), b - tl.trans(b), -float("inf")))
+
+
+@triton.jit
+def _chunk_output(q_ptr, o_ptr, k, v, b, rel, s, rows, hk, h, vv, scale, HEADS: tl.constexpr,
+                  KEY_HEADS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  C: tl.constexpr, PRECISION: tl.constexpr):
+  """Writes o of one chunk of a scalar gate: k, v `[C, ·]`, b `[C, 1]` and rel `[C]` of
+  the chunk's `rows`, s = h_n `[K, BV]` f32."""
+  dtype = q_ptr.dtype.element_ty
+  q = tl.load(q_ptr + offsets(rows, hk, tl.arange(0, K), KEY_HEADS, K))
+  # Intra-chunk: pairs j ≤ i of one run, decay e^{b_i − b_j} ≤ 1.
+  scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * _pair_decay(b, rel, C)
+  # Inter-chunk: tokens still in the run that entered the chunk read h_n.
+  q_decayed = tl.where(rel[:, None] == 0, q.to(tl.float32) * tl.exp(b), 0.0)
+  out = tl.dot(q_decayed.to(dtype), s.to(dtype), input_precision=PRECISION)
+  out += tl.dot(scores.to(dtype), v, input_precision=PRECISION)
+  tl.store(o_ptr + offsets(rows, h, vv, HEADS, V), (scale * out).to(o_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _fused_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, rel_ptr, start_ptr, seq, chunks, scale,
                          o_ptr, end_ptr, HEADS: tl.constexpr, KEY_HEADS: tl.constexpr,
                          PIECES: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                         BV: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr):
+                         BV: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
+                         VECTOR: tl.constexpr, PRECISION: tl.constexpr):
   """The forward of one sequence piece and one value block.
 
-  q, k `[B, T, HK, K]`, v `[B, T, H, V]`, b `[B, T, H]` f32, rel `[B, T]` i32, start
-  `[B, H, P, K, V]` f32 (the state entering each piece); T = seq, P · chunks · C tokens.
-  Writes o `[B, T, H, V]` and end `[B, H, P, K, V]`, the state leaving each piece.
+  q, k `[B, T, HK, K]`, v `[B, T, H, V]`, b `[B, T, H(, K)]` f32 (`[B, T, H, K]` if
+  VECTOR), rel `[B, T]` i32, start `[B, H, P, K, V]` f32 (the state entering each piece);
+  T = seq, P · chunks · C tokens. Writes o `[B, T, H, V]` and end `[B, H, P, K, V]`, the
+  state leaving each piece. A vector gate's chunks are factored or exact (SUB-row blocks).
   """
   block_v, piece, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-  n, h = batch_head // HEADS, batch_head % HEADS
-  hk = h // (HEADS // KEY_HEADS)  # the key head this value head reads
+  n, h, hk = heads_of(batch_head, HEADS, KEY_HEADS)
   dtype = q_ptr.dtype.element_ty
   i = tl.arange(0, C)  # rows of a chunk
   kk = tl.arange(0, K)
   vv = block_v * BV + tl.arange(0, BV)
-  state = ((n * HEADS + h) * PIECES + piece).to(tl.int64) * K * V + kk[:, None] * V + vv[None, :]
+  state = state_offsets(n, h, piece, kk, vv, HEADS, PIECES, K, V)
   s = tl.load(start_ptr + state)  # h [K, BV], f32, carried over the chunks
 
   for t in range(0, chunks):
-    row0 = (n.to(tl.int64) * seq + (piece * chunks + t) * C)  # first row of the chunk
+    row0 = n.to(tl.int64) * seq + (piece * chunks + t) * C  # first row of the chunk
     rows = row0 + i
-    q = tl.load(q_ptr + (rows[:, None] * KEY_HEADS + hk) * K + kk[None, :])
-    k = tl.load(k_ptr + (rows[:, None] * KEY_HEADS + hk) * K + kk[None, :]).to(dtype)
-    v = tl.load(v_ptr + (rows[:, None] * HEADS + h) * V + vv[None, :]).to(dtype)
-    b = tl.load(b_ptr + rows * HEADS + h)  # [C] f32
+    k = tl.load(k_ptr + offsets(rows, hk, kk, KEY_HEADS, K)).to(dtype)
+    v = tl.load(v_ptr + offsets(rows, h, vv, HEADS, V)).to(dtype)
+    b = gate_rows(b_ptr, rows, h, kk, HEADS, K, VECTOR)  # [C, K|1] f32
+    b_last = gate_row(b_ptr, row0 + C - 1, h, kk, HEADS, K, VECTOR)
     rel = tl.load(rel_ptr + rows)  # [C] i32
-    b_last = tl.load(b_ptr + (row0 + C - 1) * HEADS + h)
     rel_last = tl.load(rel_ptr + row0 + C - 1)
-
-    # Intra-chunk: pairs j ≤ i of one run, decay e^{b_i − b_j} ≤ 1.
-    pairs = (i[:, None] >= i[None, :]) & (rel[:, None] == rel[None, :])
-    decay = tl.exp(tl.where(pairs, b[:, None] - b[None, :], -float("inf")))
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay
-    # Inter-chunk: tokens still in the run that entered the chunk read h_n.
-    q_decayed = tl.where(rel[:, None] == 0, q.to(tl.float32) * tl.exp(b)[:, None], 0.0)
-    out = tl.dot(q_decayed.to(dtype), s.to(dtype), input_precision=PRECISION)
-    out += tl.dot(scores.to(dtype), v, input_precision=PRECISION)
-    tl.store(o_ptr + (rows[:, None] * HEADS + h) * V + vv[None, :],
-             (scale * out).to(o_ptr.dtype.element_ty))
-
-    # h ← e^{b_C} h + Σ_j e^{b_C − b_j} k_j v_jᵀ over the chunk's last run.
-    weight = tl.where(rel == rel_last, tl.exp(b_last - b), 0.0)
-    keys = (k.to(tl.float32) * weight[:, None]).to(dtype)
-    carry = tl.where(rel_last == 0, tl.exp(b_last), 0.0)
-    s = carry * s + tl.dot(tl.trans(keys), v, input_precision=PRECISION)
+    # The branches are helpers: Triton's if/else needs the names both define to agree
+    # in type, and the exact blocks' tiles are [SUB, ·] where the others are [C, ·].
+    if VECTOR:
+      if tl.min(b_last, axis=0) >= -FACTORED_RANGE:
+        factored_chunk_output(q_ptr, o_ptr, k, v, b, rel, s, rows, hk, h, vv, scale, HEADS,
+                              KEY_HEADS, K, V, C, PRECISION)
+      else:
+        exact_chunk_output(q_ptr, k_ptr, v_ptr, b_ptr, rel_ptr, o_ptr, k, v, b, rel, s, row0,
+                           hk, h, vv, scale, HEADS, KEY_HEADS, K, V, C, SUB, PRECISION)
+    else:
+      _chunk_output(q_ptr, o_ptr, k, v, b, rel, s, rows, hk, h, vv, scale, HEADS, KEY_HEADS,
+                    K, V, C, PRECISION)
+    # h ← e^{b_C} ⊙ h + Σ_j (k_j ⊙ e^{b_C − b_j}) v_jᵀ over the chunk's last run.
+    s = state_step(s, k, v, key_decay(b, b_last, rel, rel_last), b_last, rel_last, PRECISION)
 
   tl.store(end_ptr + state, s)
 
@@ -114,16 +142,15 @@ def _fused_output_call(q, k, v, b, rel, starts, plan):
   and results as `chunked_plan.Launches.output`."""
   batch, seq, key_heads, key_dim = q.shape
   heads, value_dim = v.shape[2:]
-  return triton_call(
-      _fused_output_kernel, q, k, v, b, rel, starts, seq, plan.chunks_per_piece,
+  return launch(
+      plan, _fused_output_kernel, q, k, v, b, rel, starts, seq, plan.chunks_per_piece,
       np.float32(plan.scale),
       out_shape=[jax.ShapeDtypeStruct(v.shape, q.dtype),
                  jax.ShapeDtypeStruct(starts.shape, jnp.float32)],
       grid=(value_dim // plan.block_v, plan.pieces, batch * heads),
-      interpret=plan.interpret, num_warps=plan.num_warps, num_stages=plan.num_stages,
-      name="linear_attention_fused_fwd", HEADS=heads, KEY_HEADS=key_heads,
+      name=kernel_name("fused_fwd", b.ndim == 4), HEADS=heads, KEY_HEADS=key_heads,
       PIECES=plan.pieces, K=key_dim, V=value_dim, BV=plan.block_v, C=plan.chunk,
-      PRECISION=dot_precision(q.dtype))
+      SUB=plan.sub, VECTOR=b.ndim == 4, PRECISION=dot_precision(q.dtype))
 
 
 @triton.jit
@@ -131,28 +158,28 @@ def _state_kernel(x_ptr, y_ptr, b_ptr, rel_ptr, start_ptr, seq, chunks, scale, s
                   end_ptr, HEADS: tl.constexpr, X_HEADS: tl.constexpr, PIECES: tl.constexpr,
                   N: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, C: tl.constexpr, REVERSE: tl.constexpr,
-                  WRITE_STATES: tl.constexpr, PRECISION: tl.constexpr):
+                  WRITE_STATES: tl.constexpr, VECTOR: tl.constexpr,
+                  PRECISION: tl.constexpr):
   """The chunk-state recurrence over one sequence piece, for one `[BK, BV]` state tile.
 
   Forward (x = k, y = v, chunks in order): stores h_n, then
-    h ← e^{b_C} h + Σ_j e^{b_C − b_j} k_j v_jᵀ   (j in the chunk's last run).
+    h ← e^{b_C} ⊙ h + Σ_j (k_j ⊙ e^{b_C − b_j}) v_jᵀ   (j in the chunk's last run).
   Reverse (x = q, y = dO, chunks backwards): stores dh_n (w.r.t. the state leaving chunk
-  n), then dh ← e^{b_C} dh + scale Σ_i e^{b_i} q_i dO_iᵀ (i before any reset).
-  The decay factor is zero when the chunk holds a reset.
+  n), then dh ← e^{b_C} ⊙ dh + scale Σ_i (q_i ⊙ e^{b_i}) dO_iᵀ (i before any reset).
+  The decay factor is zero when the chunk holds a reset; with a vector gate the decays
+  are per state row.
 
-  x `[B, T, Hx, K]` (Hx divides H), y `[B, T, H, V]`, b `[B, T, H]` f32, rel `[B, T]`
-  i32, start `[B, H, P, K, V]` f32; T = seq, P · chunks · C tokens. Writes states
-  `[B, H, N, K, V]` (if WRITE_STATES) and end `[B, H, P, K, V]` f32.
+  x `[B, T, Hx, K]` (Hx divides H), y `[B, T, H, V]`, b `[B, T, H(, K)]` f32, rel
+  `[B, T]` i32, start `[B, H, P, K, V]` f32; T = seq, P · chunks · C tokens. Writes
+  states `[B, H, N, K, V]` (if WRITE_STATES) and end `[B, H, P, K, V]` f32.
   """
   tile, piece, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-  n, h = batch_head // HEADS, batch_head % HEADS
-  hx = h // (HEADS // X_HEADS)
+  n, h, hx = heads_of(batch_head, HEADS, X_HEADS)
   dtype = x_ptr.dtype.element_ty
   i = tl.arange(0, C)
   kk = (tile // (V // BV)) * BK + tl.arange(0, BK)
   vv = (tile % (V // BV)) * BV + tl.arange(0, BV)
-  in_state = kk[:, None] * V + vv[None, :]
-  end = ((n * HEADS + h) * PIECES + piece).to(tl.int64) * K * V + in_state
+  end = state_offsets(n, h, piece, kk, vv, HEADS, PIECES, K, V)
   s = tl.load(start_ptr + end)  # [BK, BV] f32, carried over the chunks
 
   for t in range(0, chunks):
@@ -161,23 +188,21 @@ def _state_kernel(x_ptr, y_ptr, b_ptr, rel_ptr, start_ptr, seq, chunks, scale, s
     else:
       j = piece * chunks + t
     if WRITE_STATES:
-      tl.store(states_ptr + ((n * HEADS + h) * N + j).to(tl.int64) * K * V + in_state,
+      tl.store(states_ptr + state_offsets(n, h, j, kk, vv, HEADS, N, K, V),
                s.to(states_ptr.dtype.element_ty))
     row0 = n.to(tl.int64) * seq + j * C
     rows = row0 + i
-    x = tl.load(x_ptr + (rows[:, None] * X_HEADS + hx) * K + kk[None, :])
-    y = tl.load(y_ptr + (rows[:, None] * HEADS + h) * V + vv[None, :]).to(dtype)
-    b = tl.load(b_ptr + rows * HEADS + h)
+    x = tl.load(x_ptr + offsets(rows, hx, kk, X_HEADS, K))
+    y = tl.load(y_ptr + offsets(rows, h, vv, HEADS, V)).to(dtype)
+    b = gate_rows(b_ptr, rows, h, kk, HEADS, K, VECTOR)
+    b_last = gate_row(b_ptr, row0 + C - 1, h, kk, HEADS, K, VECTOR)
     rel = tl.load(rel_ptr + rows)
-    b_last = tl.load(b_ptr + (row0 + C - 1) * HEADS + h)
     rel_last = tl.load(rel_ptr + row0 + C - 1)
     if REVERSE:
-      weight = tl.where(rel == 0, scale * tl.exp(b), 0.0)
+      weight = tl.where(rel[:, None] == 0, scale * tl.exp(b), 0.0)
     else:
-      weight = tl.where(rel == rel_last, tl.exp(b_last - b), 0.0)
-    x = (x.to(tl.float32) * weight[:, None]).to(dtype)
-    carry = tl.where(rel_last == 0, tl.exp(b_last), 0.0)
-    s = carry * s + tl.dot(tl.trans(x), y, input_precision=PRECISION)
+      weight = key_decay(b, b_last, rel, rel_last)
+    s = state_step(s, x, y, weight, b_last, rel_last, PRECISION)
 
   tl.store(end_ptr + end, s)
 
@@ -194,14 +219,14 @@ def _state_call(x, y, b, rel, start, plan, *, reverse, write_states):
       (batch, heads, plan.chunks, key_dim, value_dim) if write_states else (1,),
       storage_dtype(x.dtype))
   tiles = (key_dim // plan.block_k) * (value_dim // plan.block_v)
-  states, ends = triton_call(
-      _state_kernel, x, y, b, rel, start, seq, plan.chunks_per_piece, np.float32(plan.scale),
-      out_shape=[states, ends], grid=(tiles, plan.pieces, batch * heads),
-      interpret=plan.interpret, num_warps=plan.num_warps, num_stages=plan.num_stages,
-      name="linear_attention_state_bwd" if reverse else "linear_attention_state_fwd",
+  states, ends = launch(
+      plan, _state_kernel, x, y, b, rel, start, seq, plan.chunks_per_piece,
+      np.float32(plan.scale), out_shape=[states, ends],
+      grid=(tiles, plan.pieces, batch * heads),
+      name=kernel_name("state_bwd" if reverse else "state_fwd", b.ndim == 4),
       HEADS=heads, X_HEADS=x_heads, PIECES=plan.pieces, N=plan.chunks, K=key_dim,
       V=value_dim, BK=plan.block_k, BV=plan.block_v, C=plan.chunk, REVERSE=reverse,
-      WRITE_STATES=write_states, PRECISION=dot_precision(x.dtype))
+      WRITE_STATES=write_states, VECTOR=b.ndim == 4, PRECISION=dot_precision(x.dtype))
   return (states, ends) if write_states else (ends,)
 
 
@@ -211,101 +236,75 @@ def _gradient_kernel(q_ptr, k_ptr, v_ptr, do_ptr, b_ptr, rel_ptr, h_ptr, dh_ptr,
                      HEADS: tl.constexpr, KEY_HEADS: tl.constexpr, N: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                      PRECISION: tl.constexpr):
-  """dq, dk, dv and the decay-gradient parts of one chunk and value block.
+  """dq, dk, dv and the decay-gradient parts of one chunk and value block, scalar gate.
 
   q, k `[B, T, HK, K]`; v, do `[B, T, H, V]`; b `[B, T, H]` f32; rel `[B, T]` i32; h, dh
   `[B, H, N, K, V]`. Writes dq, dk `[S, B, T, H, K]` and db, dkeys `[S, B, T, H]` (S
   value blocks), dv `[B, T, H, V]`, through `[S, B, H, N, K]`.
   """
-  chunk, split, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-  n, h = batch_head // HEADS, batch_head % HEADS
-  hk = h // (HEADS // KEY_HEADS)
+  chunk, split, n, h, hk, vv, row0 = gradient_program(seq, HEADS, KEY_HEADS, BV, C)
   dtype = q_ptr.dtype.element_ty
   i = tl.arange(0, C)
   kk = tl.arange(0, K)
-  vv = split * BV + tl.arange(0, BV)
-  row0 = n.to(tl.int64) * seq + chunk * C
   rows = row0 + i
-  q = tl.load(q_ptr + (rows[:, None] * KEY_HEADS + hk) * K + kk[None, :])
-  k = tl.load(k_ptr + (rows[:, None] * KEY_HEADS + hk) * K + kk[None, :]).to(dtype)
-  v = tl.load(v_ptr + (rows[:, None] * HEADS + h) * V + vv[None, :]).to(dtype)
-  do = tl.load(do_ptr + (rows[:, None] * HEADS + h) * V + vv[None, :]).to(dtype)
-  b = tl.load(b_ptr + rows * HEADS + h)
-  rel = tl.load(rel_ptr + rows)
-  b_last = tl.load(b_ptr + (row0 + C - 1) * HEADS + h)
+  q, k, v, do, b, rel = gradient_inputs(q_ptr, k_ptr, v_ptr, do_ptr, b_ptr, rel_ptr, rows,
+                                        hk, h, vv, HEADS, KEY_HEADS, K, V, False)
+  b_last = gate_row(b_ptr, row0 + C - 1, h, kk, HEADS, K, False)  # b [C, 1], b_C [1]
   rel_last = tl.load(rel_ptr + row0 + C - 1)
-  state = (((n * HEADS + h) * N + chunk).to(tl.int64) * K * V + kk[:, None] * V
-           + vv[None, :])
+  state = state_offsets(n, h, chunk, kk, vv, HEADS, N, K, V)
   hs = tl.load(h_ptr + state)  # h_n [K, BV]
   dh = tl.load(dh_ptr + state)  # dh_n [K, BV]
 
   # Inter-chunk: o_i ∋ scale (q_i e^{b_i})ᵀ h_n and h_{n+1} ∋ (k_j e^{b_C − b_j}) v_jᵀ.
-  q_decay = tl.where(rel == 0, tl.exp(b), 0.0)
-  dq = scale * q_decay[:, None] * tl.dot(do, tl.trans(hs.to(dtype)),
-                                         input_precision=PRECISION)
-  k_decay = tl.where(rel == rel_last, tl.exp(b_last - b), 0.0)
-  dk_state = k_decay[:, None] * tl.dot(v, tl.trans(dh.to(dtype)), input_precision=PRECISION)
-  dv = tl.dot((k.to(tl.float32) * k_decay[:, None]).to(dtype), dh.to(dtype),
+  q_decay = tl.where(rel[:, None] == 0, tl.exp(b), 0.0)
+  dq = scale * q_decay * tl.dot(do, tl.trans(hs.to(dtype)), input_precision=PRECISION)
+  k_decay = key_decay(b, b_last, rel, rel_last)
+  dk_state = k_decay * tl.dot(v, tl.trans(dh.to(dtype)), input_precision=PRECISION)
+  dv = tl.dot((k.to(tl.float32) * k_decay).to(dtype), dh.to(dtype),
               input_precision=PRECISION)
 
   # Intra-chunk: o_i ∋ scale Σ_{j≤i} e^{b_i − b_j} (q_i · k_j) v_j; the pair (i, i)
   # goes to dq and dk below (`own`), not through the decay gradient's parts.
-  pairs = (i[:, None] >= i[None, :]) & (rel[:, None] == rel[None, :])
-  decay = tl.exp(tl.where(pairs, b[:, None] - b[None, :], -float("inf")))
+  decay = _pair_decay(b, rel, C)
   scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay
   d_scores = scale * tl.dot(do, tl.trans(v), input_precision=PRECISION)
-  d_scores = tl.where(pairs & (i[:, None] > i[None, :]), d_scores * decay, 0.0).to(dtype)
+  d_scores = tl.where(pairs(rel, C) & (i[:, None] > i[None, :]), d_scores * decay,
+                      0.0).to(dtype)
   dq += tl.dot(d_scores, k, input_precision=PRECISION)
   dk = tl.dot(tl.trans(d_scores), q, input_precision=PRECISION)
   dv += tl.dot(tl.trans((scale * scores).to(dtype)), do, input_precision=PRECISION)
 
   q, k = q.to(tl.float32), k.to(tl.float32)
   own = scale * tl.sum(do.to(tl.float32) * v.to(tl.float32), axis=1)
-  part = (split * batch + n).to(tl.int64) * seq + chunk * C + i  # rows of [S, B, T]
-  per_head = (part[:, None] * HEADS + h) * K + kk[None, :]
+  part = value_block_rows(split, batch, n, seq, chunk * C) + i  # rows of [S, B, T]
+  per_head = offsets(part, h, kk, HEADS, K)
   tl.store(dq_ptr + per_head, (dq + own[:, None] * k).to(dq_ptr.dtype.element_ty))
   tl.store(dk_ptr + per_head,
            (dk + dk_state + own[:, None] * q).to(dk_ptr.dtype.element_ty))
-  tl.store(dv_ptr + (rows[:, None] * HEADS + h) * V + vv[None, :],
-           dv.to(dv_ptr.dtype.element_ty))
+  tl.store(dv_ptr + offsets(rows, h, vv, HEADS, V), dv.to(dv_ptr.dtype.element_ty))
   tl.store(db_ptr + part * HEADS + h, tl.sum(q * dq - k * dk, axis=1))
   tl.store(dkeys_ptr + part * HEADS + h, tl.sum(k * dk_state, axis=1))
-  through = ((split * batch + n) * HEADS + h) * N + chunk
-  tl.store(through_ptr + through.to(tl.int64) * K + kk,
+  tl.store(through_ptr + through_offsets(split * batch + n, h, chunk, kk, HEADS, N, K),
            tl.sum(dh.to(tl.float32) * hs.to(tl.float32), axis=1))
 
 
 def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
-  """Launches `_gradient_kernel`; arguments and results as `chunked_plan.Launches.gradients`
-  (dq, dk per value head `[B, T, H, K]`, dv, d_b, d_keys `[B, T, H]`, through
-  `[B, H, N, K]`)."""
-  batch, seq, key_heads, key_dim = q.shape
-  heads, value_dim = v.shape[2:]
-  bv = plan.gradient_block_v
-  splits = value_dim // bv
-  partial = lambda shape, dtype: jax.ShapeDtypeStruct((splits,) + shape, dtype)
-  # f32 when summed over value blocks or over the value heads that share a key head.
-  sums = splits > 1 or heads != key_heads
-  per_head = partial((batch, seq, heads, key_dim), jnp.float32 if sums
-                     else storage_dtype(q.dtype))
-  parts = partial(b.shape, jnp.float32)
-  dq, dk, dv, d_b, d_keys, through = triton_call(
-      _gradient_kernel, q, k, v, do, b, rel, states, d_states, batch, seq,
-      np.float32(plan.scale),
-      out_shape=[per_head, per_head, jax.ShapeDtypeStruct(v.shape, v.dtype), parts, parts,
-                 partial((batch, heads, plan.chunks, key_dim), jnp.float32)],
-      grid=(plan.chunks, splits, batch * heads), interpret=plan.interpret,
-      num_warps=plan.gradient_num_warps, num_stages=plan.num_stages,
-      name="linear_attention_gradients", HEADS=heads, KEY_HEADS=key_heads, N=plan.chunks,
-      K=key_dim, V=value_dim, BV=bv, C=plan.chunk, PRECISION=dot_precision(q.dtype))
-  return (dq.sum(0), dk.sum(0), dv, d_b.sum(0), d_keys.sum(0), through.sum(0))
+  """`chunked_plan.Launches.gradients`: dq, dk per value head `[B, T, H, K]`, dv, d_b,
+  d_keys (like b) and through `[B, H, N, K]`; `_gradient_kernel` for a scalar gate,
+  `triton_vector.gradient_call`'s three launches for a vector one."""
+  if b.ndim == 4:
+    return triton_vector.gradient_call(q, k, v, do, b, rel, states, d_states, plan)
+  per_head, dv, parts, through = gradient_outputs(q, v, b, plan)
+  return sum_value_blocks(*launch_gradients(
+      plan, _gradient_kernel, "gradients", q, k, v, do, b, rel, states, d_states,
+      out_shape=[per_head, per_head, dv, parts, parts, through]))
 
 
 @triton.jit
 def _decay_gradient_kernel(db_ptr, dkeys_ptr, through_ptr, b_ptr, rel_ptr, reset_ptr, seq,
                            dg_ptr, HEADS: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                            C: tl.constexpr):
-  """dL/dg_t over one chunk from `_gradient_kernel`'s parts:
+  """dL/dg_t over one chunk of a scalar gate from `_gradient_kernel`'s parts:
 
     dg_t = Σ_{u ≥ t in t's run} db_u                          (0 at a reset token)
          + Σ_{u < t in t's run} dkeys_u + e^{b_C} Σ_k through  (t in the chunk's last
@@ -323,8 +322,7 @@ def _decay_gradient_kernel(db_ptr, dkeys_ptr, through_ptr, b_ptr, rel_ptr, reset
   kept = tl.load(reset_ptr + rows) == 0  # not a reset token
   rel_last = tl.load(rel_ptr + row0 + C - 1)
   b_last = tl.load(b_ptr + (row0 + C - 1) * HEADS + h)
-  through = tl.load(through_ptr + ((n * HEADS + h) * N + chunk).to(tl.int64) * K
-                    + tl.arange(0, K))
+  through = tl.load(through_ptr + through_offsets(n, h, chunk, tl.arange(0, K), HEADS, N, K))
   through = tl.where(rel_last == 0, tl.exp(b_last) * tl.sum(through, axis=0), 0.0)
   same_run = rel[:, None] == rel[None, :]  # [t, u]
   inner = tl.sum(tl.where(same_run & (i[None, :] >= i[:, None]), db[None, :], 0.0), axis=1)
@@ -335,21 +333,23 @@ def _decay_gradient_kernel(db_ptr, dkeys_ptr, through_ptr, b_ptr, rel_ptr, reset
 
 
 def _decay_gradient_call(b, rel, resets, d_b, d_keys, through, plan):
-  """Launches `_decay_gradient_kernel`; arguments and result as
-  `chunked_plan.Launches.decay_gradient` for a scalar gate (b, rel, resets, d_b, d_keys
-  `[B, T, H]`-like, through `[B, H, N, K]`; dL/dg `[B, T, H]` f32)."""
-  batch, seq, heads = b.shape
-  return triton_call(
-      _decay_gradient_kernel, d_b, d_keys, through, b, rel, resets.astype(jnp.int32), seq,
+  """`chunked_plan.Launches.decay_gradient` over (chunk, head, batch): b, d_b, d_keys
+  `[B, T, H(, K)]`, rel, resets `[B, T]`, through `[B, H, N, K]`; dL/dg like b, f32. The
+  kernel is this module's for a scalar gate, `triton_vector`'s for a vector one."""
+  batch, seq, heads = b.shape[:3]
+  vector = b.ndim == 4
+  kernel = triton_vector.decay_gradient_kernel if vector else _decay_gradient_kernel
+  return launch(
+      plan, kernel, d_b, d_keys, through, b, rel, resets.astype(jnp.int32), seq,
       out_shape=jax.ShapeDtypeStruct(b.shape, jnp.float32),
-      grid=(plan.chunks, heads, batch), interpret=plan.interpret, num_warps=plan.num_warps,
-      num_stages=plan.num_stages, name="linear_attention_decay_gradient", HEADS=heads,
-      N=plan.chunks, K=through.shape[-1], C=plan.chunk)
+      grid=(plan.chunks, heads, batch), name=kernel_name("decay_gradient", vector),
+      HEADS=heads, N=plan.chunks, K=through.shape[-1], C=plan.chunk)
 
 
 LAUNCHES = chunked_plan.Launches(output=_fused_output_call, state=_state_call,
                                  gradients=_gradient_call,
-                                 decay_gradient=_decay_gradient_call)
+                                 decay_gradient=_decay_gradient_call,
+                                 chunk_cumsum=triton_vector.chunk_cumsum_call)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -357,18 +357,12 @@ def _linear_attention(q, k, v, g, h0, resets, plan):
   return _forward(q, k, v, g, h0, resets, plan)[0]
 
 
-def _launches(g):
-  """The vector gate's kernels (`triton_vector`) for g `[B, T, H, K]`, else this module's."""
-  return triton_vector.LAUNCHES if g.ndim == 4 else LAUNCHES
-
-
 def _forward(q, k, v, g, h0, resets, plan):
-  return chunked_plan.forward(q, k, v, g, h0, resets, plan, _launches(g))
+  return chunked_plan.forward(q, k, v, g, h0, resets, plan, LAUNCHES)
 
 
 def _backward(plan, residuals, cotangents):
-  g = residuals[3]
-  return chunked_plan.backward(plan, residuals, cotangents, _launches(g))
+  return chunked_plan.backward(plan, residuals, cotangents, LAUNCHES)
 
 
 _linear_attention.defvjp(_forward, _backward)

@@ -1,5 +1,5 @@
-"""The Triton-language linear-attention kernels (`pallas_kernels.linear_attention.triton`
-and, for the vector gate, `triton_vector`) against the float32 recurrence: output, final
+"""The Triton-language linear-attention kernels (`pallas_kernels.linear_attention.triton`,
+`triton_vector` and `triton_tiles`) against the float32 recurrence: output, final
 state and the gradients of q, k, v, log decay and initial state, with random cotangents
 on the output and the final state, through the Pallas-Triton tests' helpers.
 
@@ -111,7 +111,7 @@ def test_vector_decay_gradient_sums_within_runs():
   plan = cp.make_plan(batch, seq, heads, key_dim, key_dim, jnp.float32, True, 1.0, chunk,
                       BlockSizes(16, 16), INTERPRET)
   d_b, d_keys, b, through, resets, rel = triton_tests.decay_gradient_parts(True)
-  got = jax.jit(lambda *a: lt.triton_vector._decay_gradient_call(*a, plan))(
+  got = jax.jit(lambda *a: lt._decay_gradient_call(*a, plan))(
       jnp.asarray(b), jnp.asarray(rel, jnp.int32), jnp.asarray(resets), jnp.asarray(d_b),
       jnp.asarray(d_keys), jnp.asarray(through))
   want = triton_tests.decay_gradient_by_definition(d_b, d_keys, b, through, resets, rel,
