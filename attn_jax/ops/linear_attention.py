@@ -244,13 +244,23 @@ def _pallas_triton():
 
 
 def _triton():
-  """Triton-language kernels through jax_triton, an optional dependency."""
+  """Triton-language kernels through jax_triton, an optional dependency: a missing
+  triton, or (compiled, not interpreted) a jax_triton that does not import, refuses the
+  call, so that `implementation=None` goes on to the next backend."""
+  install = "pip install -e '.[gpu]' (triton==3.6.0, jax-triton==0.3.1)"
   try:
     from pallas_kernels.linear_attention import triton
-  except ModuleNotFoundError as e:
+  except ImportError as e:
     raise NotImplementedError(
-        f"implementation='triton' needs the package {e.name!r}: pip install -e '.[gpu]' "
-        "(triton==3.6.0, jax-triton==0.3.1).") from e
+        f"implementation='triton' needs the package {e.name or 'triton'!r} ({e}): "
+        f"{install}.") from e
+  if not dispatch.interpret_mode():
+    try:
+      import jax_triton  # noqa: F401  pylint: disable=unused-import
+    except ImportError as e:
+      raise NotImplementedError(
+          f"implementation='triton' compiles through jax_triton, which does not import "
+          f"here ({e}): {install}.") from e
   return dispatch.traced_once(triton.linear_attention, _STATIC_ARGS)
 
 
@@ -261,11 +271,14 @@ def _pallas_tpu():
 
 # On Hopper the Mosaic GPU kernels serve fixed and scalar decays (measured faster than
 # pallas_triton: docs/perf/linear_attention.md); they refuse other GPUs and vector
-# gates, which fall through to pallas_triton. "triton" runs only when named.
+# gates, which fall through to pallas_triton. "triton" (jax-triton) comes after it until
+# its backward is tuned (0.44x pallas_triton forward + backward on the H100, 2026-12-06):
+# it serves automatically where pallas_triton refuses, e.g. once JAX drops the Pallas
+# Triton lowering. Swap the two rows when triton measures faster (issue 20).
 BACKENDS = (
     dispatch.Backend("xla", "any", _xla),
     dispatch.Backend("pallas_mosaic_gpu", "gpu", _pallas_mosaic_gpu),
-    dispatch.Backend("triton", "gpu", _triton, automatic=False),
     dispatch.Backend("pallas_triton", "gpu", _pallas_triton),
+    dispatch.Backend("triton", "gpu", _triton),
     dispatch.Backend("pallas_tpu", "tpu", _pallas_tpu),
 )

@@ -4,6 +4,7 @@ import dataclasses
 import importlib
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +105,7 @@ def test_identical_kernel_calls_share_one_trace(monkeypatch, op):
 
 @pytest.mark.parametrize("platform, attention, linear", [
     ("gpu", ("cudnn", "pallas_mosaic_gpu", "pallas_triton", "xla"),
-     ("pallas_mosaic_gpu", "pallas_triton", "xla")),
+     ("pallas_mosaic_gpu", "pallas_triton", "triton", "xla")),
     ("tpu", ("pallas_tpu", "xla"), ("pallas_tpu", "xla")),
     ("cpu", ("xla",), ("xla",)),
 ])
@@ -113,6 +114,44 @@ def test_automatic_order_per_platform(monkeypatch, platform, attention, linear):
   for module, order in (("attention", attention), ("linear_attention", linear)):
     backends = importlib.import_module(f"attn_jax.ops.{module}").BACKENDS
     assert dispatch.automatic_order(backends) == order
+
+
+@pytest.mark.parametrize("jax_triton_imports", [True, False])
+def test_linear_attention_falls_back_to_triton_where_pallas_triton_refuses(
+    monkeypatch, jax_triton_imports):
+  """On a GPU where neither Mosaic GPU nor Pallas Triton serves (e.g. once JAX drops the
+  Pallas Triton lowering), None takes "triton"; where jax_triton does not import, triton
+  refuses too and the reasons of all three name what is missing. The triton loader runs
+  (its import checks); stubs stand in for the kernels."""
+  pytest.importorskip("triton")
+  la = importlib.import_module("attn_jax.ops.linear_attention")
+  monkeypatch.delenv("ATTN_JAX_INTERPRET", raising=False)
+  monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
+  monkeypatch.setitem(sys.modules, "jax_triton",
+                      types.ModuleType("jax_triton") if jax_triton_imports else None)
+
+  def refuse(reason):
+    def load():
+      raise NotImplementedError(reason)
+    return load
+
+  def stub(backend):
+    if backend.name == "pallas_mosaic_gpu":
+      return dataclasses.replace(backend, load=refuse("needs a Hopper GPU"))
+    if backend.name == "pallas_triton":
+      return dataclasses.replace(backend, load=refuse("the Pallas Triton lowering is gone"))
+    if backend.name == "triton":
+      return dataclasses.replace(backend, load=lambda: (backend.load(),
+                                                        lambda **kw: "triton")[1])
+    return dataclasses.replace(backend, automatic=False)  # xla: not a fallback here
+
+  backends = [stub(b) for b in la.BACKENDS]
+  if jax_triton_imports:
+    assert dispatch.dispatch("linear_attention", backends, None) == "triton"
+  else:
+    with pytest.raises(NotImplementedError,
+                       match=r"(?s)Hopper.*Pallas Triton lowering.*triton: .*jax_triton"):
+      dispatch.dispatch("linear_attention", backends, None)
 
 
 def test_implementations_are_the_names_of_the_tables():
