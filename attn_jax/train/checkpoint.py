@@ -13,15 +13,18 @@ to `<workdir>/corrupt_checkpoints/` — never deleted — and the next older one
 half-written temporary directories are reported and skipped. Verification: at save the
 `meta` item records a fingerprint of every array (`fingerprint`: its float64 sum and sum
 of squares, computed on the devices); restored arrays must be finite and match it.
+A failed restore says, in one line, which step and what was wrong (`describe_error`), and
+lets the reads it abandoned finish before their event loop closes (`_settle_abandoned_reads`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
-import sys
+import threading
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -135,8 +138,8 @@ class Checkpoints:
     return None
 
   def _restore(self, step, **items):
-    _ignore_abandoned_reads()  # before: some abandoned reads end before the error is raised
-    return self.manager.restore(step, args=ocp.args.Composite(**items))
+    with _settle_abandoned_reads():
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
 
   def _report_partial(self):
     if not self.directory.exists():
@@ -168,7 +171,13 @@ class CorruptCheckpoint(ValueError):
 def describe_error(e, limit=1000):
   """`Type: message` of a failed restore, on one line: TensorStore's messages end with
   the JSON spec of every layer of the failed read (~2,000 characters per array), cut
-  here; what is left names the array, the item's folder, the file and what is wrong."""
+  here; what is left names the array, the item's folder, the file and what is wrong.
+
+  orbax wraps the error of a failed chunk read in one that says only the array index and
+  then the spec ("Encountered error while reading array index: ... See full TensorStore
+  details: ..."); the error it wraps is described instead."""
+  while e.__cause__ is not None and "See full TensorStore details" in str(e):
+    e = e.__cause__
   message = str(e).splitlines()[0] if str(e) else ""
   message = message.split(" [tensorstore_spec", 1)[0]
   message = re.sub(r'(Error opening "\w+" driver: )+', "", message)
@@ -177,27 +186,76 @@ def describe_error(e, limit=1000):
   return f"{type(e).__name__}: {message}"
 
 
-def _ignore_abandoned_reads():
-  """Drops the "Event loop is closed" reports of the reads a failed restore abandoned.
+SETTLE_SECONDS = 30.0
 
-  When one array fails, orbax closes its event loop while TensorStore still reads the
-  others; each of those reads that ends later reports a RuntimeError from asyncio's
-  `call_soon_threadsafe` through `sys.unraisablehook` (about 20 tracebacks for a tiny
-  model). Installed by every restore (unless in place); every other report passes on to
-  the hook that was there before.
+
+class _SettlingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop that, closed with tasks still pending, first lets them finish
+  (cancelling those still running after `SETTLE_SECONDS`), as `asyncio.run` does."""
+
+  def close(self):
+    if not self.is_running() and not self.is_closed():
+      pending = asyncio.all_tasks(self)
+      if pending:
+        _, late = self.run_until_complete(asyncio.wait(pending, timeout=SETTLE_SECONDS))
+        for task in late:
+          task.cancel()
+        # Collects every outcome, so none is reported as never retrieved.
+        self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+
+class _SettlingPolicy(asyncio.AbstractEventLoopPolicy):
+  """`base` (the default policy), except that new event loops are `_SettlingEventLoop`s.
+  Every other call goes to `base`, so each thread's current loop stays what it was."""
+
+  def __init__(self, base):
+    self.base = base
+
+  def get_event_loop(self):
+    return self.base.get_event_loop()
+
+  def set_event_loop(self, loop):
+    self.base.set_event_loop(loop)
+
+  def new_event_loop(self):
+    return _SettlingEventLoop()
+
+  def get_child_watcher(self):
+    return self.base.get_child_watcher()
+
+  def set_child_watcher(self, watcher):
+    self.base.set_child_watcher(watcher)
+
+
+_POLICY_LOCK = threading.RLock()  # held while a restore runs: a nested one changes nothing
+
+
+@contextlib.contextmanager
+def _settle_abandoned_reads():
+  """Within: event loops created by orbax let their pending reads finish before closing.
+
+  orbax runs a restore's reads as tasks of a fresh event loop and closes it when the
+  restore ends (`asyncio_utils.run_sync`: `run_until_complete`, then `close`, without
+  asyncio.run's clean-up of pending tasks). When one read fails, the others are
+  abandoned mid-read: TensorStore later completes each on the closed loop (a "RuntimeError:
+  Event loop is closed" traceback from its thread), and the garbage collector closes the
+  suspended coroutines, each printing its error with the whole TensorStore spec (or, at
+  interpreter exit, an ImportError) — dozens of tracebacks after the one useful message,
+  how many depending on timing. A loop that waits for them prints none of that; the wait
+  costs at most what the rest of the restore would have. Another policy than asyncio's
+  default (uvloop's, say) is left alone.
   """
-  if getattr(sys.unraisablehook, "drops_abandoned_reads", False):
-    return
-  before = sys.unraisablehook
-
-  def hook(unraisable):
-    frames = traceback.extract_tb(unraisable.exc_traceback)
-    if not (unraisable.object is None and unraisable.exc_type is RuntimeError
-            and str(unraisable.exc_value) == "Event loop is closed"
-            and any(f.name == "call_soon_threadsafe" for f in frames)):
-      before(unraisable)
-  hook.drops_abandoned_reads = True
-  sys.unraisablehook = hook
+  with _POLICY_LOCK:
+    base = asyncio.get_event_loop_policy()
+    if type(base) is not asyncio.DefaultEventLoopPolicy:  # pylint: disable=unidiomatic-typecheck
+      yield
+      return
+    asyncio.set_event_loop_policy(_SettlingPolicy(base))
+    try:
+      yield
+    finally:
+      asyncio.set_event_loop_policy(base)
 
 
 def _saved_arrays(state):

@@ -32,7 +32,8 @@ from jax.experimental import multihost_utils
 from attn_jax import models, sharding
 from attn_jax.ops import dispatch
 from attn_jax.train import config_check, metrics as metrics_lib
-from attn_jax.train.checkpoint import Checkpoints, absolute
+from attn_jax.train.checkpoint import (Checkpoints, CorruptCheckpoint, absolute,
+                                       describe_error)
 from attn_jax.train.state import count_params, init_state, make_setup
 from attn_jax.train.step import make_eval_step, make_train_step
 
@@ -324,6 +325,11 @@ def evaluate(workdir, *, step=None, mesh=None, num_steps=None, kernels=None):
   Returns:
     `{"step", "eval/loss", "eval/accuracy"}`, and per eval slice (MQAR's
     `eval_slices`) `"eval/loss/<slice>"`, `"eval/accuracy/<slice>"`.
+
+  Raises:
+    FileNotFoundError: no checkpoint (of `step`) in the workdir.
+    CorruptCheckpoint: the checkpoint's parameters do not restore or verify; the message
+      names its step and what is wrong.
   """
   from attn_jax.train.load import load_meta  # pylint: disable=g-import-not-at-top
   meta = load_meta(workdir, step)
@@ -338,7 +344,14 @@ def evaluate(workdir, *, step=None, mesh=None, num_steps=None, kernels=None):
   checkpoints = Checkpoints(workdir, read_only=True)
   evals = []
   try:
-    params = checkpoints.restore_params(meta["step"], setup.abstract_state()["params"])
+    try:
+      params = checkpoints.restore_params(meta["step"], setup.abstract_state()["params"])
+    except Exception as e:  # orbax raises many types for damaged files
+      others = [s for s in checkpoints.steps() if s != meta["step"]]
+      raise CorruptCheckpoint(
+          f"checkpoint {meta['step']} in {checkpoints.directory} does not restore: "
+          f"{describe_error(e)}" + (f" (other checkpoints: {others})" if others else "")
+      ) from None
     evals = _eval_inputs(config, mesh, rules)
     eval_steps = [make_eval_step(setup, {k: e.shape for k in e.keys}) for _, e in evals]
     steps = config.eval.num_steps if num_steps is None else num_steps
