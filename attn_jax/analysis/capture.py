@@ -30,21 +30,11 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
+from attn_jax.layers.scope import current_layer
 from attn_jax.ops import dispatch
 from pallas_kernels.linear_attention.common import expand_heads, per_token_log_decay
 
-_LAYER = contextvars.ContextVar("attn_jax_layer", default=-1)
 _ACTIVE = contextvars.ContextVar("attn_jax_capture", default=None)
-
-
-@contextlib.contextmanager
-def layer_scope(index: int):
-  """Names the layer of the op calls made inside (set by the model's blocks)."""
-  token = _LAYER.set(int(index))
-  try:
-    yield
-  finally:
-    _LAYER.reset(token)
 
 
 class _Request:
@@ -85,7 +75,7 @@ def capture_attention(layers=None, heads=None):
 
 def _hook(op_name, run, implementation, *args, **kwargs):
   request = _ACTIVE.get()
-  layer = _LAYER.get()
+  layer = current_layer()
   if request is None or not request.wants(layer):
     return NotImplemented
   if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):

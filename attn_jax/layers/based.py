@@ -89,6 +89,7 @@ class Based(Mixer):
 
   NAME = "based"
   PATTERNS = ("causal_self", "noncausal_self")
+  CACHE_POLICY = True
 
   def __init__(self, d_model, num_heads, *, rngs, feature_dim=16, window_size=64,
                head_dim=None, causal=True, short_conv_size=None, chunk_size=64,
@@ -112,12 +113,13 @@ class Based(Mixer):
       y = y + self.window(x, segment_ids=segment_ids)
     return y
 
-  def init_cache(self, batch_size, max_len):
-    """The linear branch's state and the window's ring buffer."""
+  def init_cache(self, batch_size, max_len, policy=None):
+    """The linear branch's state and the window's ring buffer (under the KV-cache
+    `policy`, as `SlidingWindowAttention.init_cache`)."""
     self._check_decode()
     cache = {"linear": self.linear.init_cache(batch_size), "pos": jnp.zeros((), jnp.int32)}
     if self.window is not None:
-      cache["window"] = self.window.init_cache(batch_size, max_len)
+      cache["window"] = self.window.init_cache(batch_size, max_len, policy=policy)
     return cache
 
   def decode(self, x_t, cache):

@@ -18,6 +18,8 @@ import numpy as np
 from flax import nnx
 from flax.core import meta
 
+from attn_jax.layers import scope
+
 # The logical axis names parameters use; `None` in a name tuple means "never sharded".
 AXES = ("embed", "heads", "kv_heads", "head_dim", "q_lora", "kv_lora")
 
@@ -53,7 +55,8 @@ class Projection(nnx.Module):
 
   The kernel has shape `in_shape + out_shape` and logical axis `names`, one per kernel
   dimension, so a head projection is `[embed, heads, head_dim]` and an output projection
-  `[heads, head_dim, embed]`. Computes in the input's dtype.
+  `[heads, head_dim, embed]`. Computes in the input's dtype. An output projection (input
+  axes "heads", "head_dim") applies the active head mask first (`scope.head_mask`).
   """
 
   def __init__(self, in_shape, out_shape, names, *, rngs, use_bias=False, init_scale=1.0,
@@ -63,6 +66,7 @@ class Projection(nnx.Module):
       raise ValueError(f"names {names} must name every kernel axis of "
                        f"{in_shape + out_shape}.")
     self.num_in = len(in_shape)
+    self.from_heads = tuple(names[:self.num_in]) == ("heads", "head_dim")
     init = nnx.initializers.variance_scaling(
         init_scale, "fan_in", "truncated_normal", in_axis=tuple(range(self.num_in)),
         out_axis=tuple(range(self.num_in, self.num_in + len(out_shape))))
@@ -72,6 +76,8 @@ class Projection(nnx.Module):
         rngs.params(), out_shape, param_dtype)) if use_bias else None
 
   def __call__(self, x):
+    if self.from_heads:
+      x = scope.mask_heads(x)
     kernel = self.kernel[...].astype(x.dtype)
     axes = tuple(range(x.ndim - self.num_in, x.ndim))
     y = jax.lax.dot_general(x, kernel, ((axes, tuple(range(self.num_in))), ((), ())))

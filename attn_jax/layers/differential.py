@@ -30,7 +30,7 @@ from flax import nnx
 from attn_jax import ops
 from attn_jax.layers.common import (Norm, Projection, apply_rope, check_divides,
                                     check_positive_int, check_rope, partitioned)
-from attn_jax.layers.mixer import Mixer, kv_cache_append, kv_cache_init
+from attn_jax.layers.mixer import Mixer, attend_views, kv_cache_init, kv_cache_update
 
 
 def lambda_init(layer_index):
@@ -53,10 +53,12 @@ class DifferentialAttention(Mixer):
       `SoftmaxAttention` (`ops.sliding_window`).
 
   Decode cache: `key [batch, slots, kv_heads, 2, head_dim]` and
-  `value [batch, slots, kv_heads, 2 · head_dim]`: `4 · kv_heads · head_dim` per token.
+  `value [batch, slots, kv_heads, 2 · head_dim]`: `4 · kv_heads · head_dim` per token;
+  a KV-cache policy shrinks it as `SoftmaxAttention`'s.
   """
 
   NAME = "diff"
+  CACHE_POLICY = True
 
   def __init__(self, d_model, num_heads, *, rngs, num_kv_heads=None, head_dim=None,
                layer_index=0, lambda_per_head=False, causal=True, window_size=None,
@@ -111,16 +113,23 @@ class DifferentialAttention(Mixer):
       q, k = rope(q), rope(k)
     return q, k, v
 
-  def _differential(self, q, k, v, **mask):
-    """`(A₁ − λ A₂) V`, per-head norm, `(1 − λ_init)`, output projection."""
+  def _maps(self, q, k, v, heads=None, **mask):
+    """`(A₁ − λ A₂) V` float32 for the query heads `heads` (int32; None: all) of q."""
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     attend = lambda i: ops.dot_product_attention(q[..., i, :], k[..., i, :], v,
                                                  implementation=self.implementation,
                                                  **mask)
-    lam = self.lambda_().astype(jnp.float32)[:, None]
-    o = attend(0).astype(jnp.float32) - lam * attend(1).astype(jnp.float32)
+    lam = self.lambda_().astype(jnp.float32)
+    lam = (lam if heads is None else jnp.take(lam, heads))[:, None]
+    return attend(0).astype(jnp.float32) - lam * attend(1).astype(jnp.float32)
+
+  def _output(self, o, dtype):
+    """Per-head norm, `(1 − λ_init)`, output projection."""
     o = self.norm(o) * (1.0 - self.lambda_init)
-    return self.out(o.astype(q.dtype))
+    return self.out(o.astype(dtype))
+
+  def _differential(self, q, k, v, **mask):
+    return self._output(self._maps(q, k, v, **mask), q.dtype)
 
   def __call__(self, x, *, context=None, segment_ids=None, context_segment_ids=None):
     """`x [batch, seq, d_model]` (and `context`) → `[batch, seq, d_model]`."""
@@ -131,14 +140,14 @@ class DifferentialAttention(Mixer):
                                                                    causal=self.causal),
                               q_segment_ids=segment_ids, kv_segment_ids=kv_ids)
 
-  def init_cache(self, batch_size, max_len, dtype=None):
-    """KV cache of `max_len` slots (`min(max_len, window_size)` with a window)."""
+  def init_cache(self, batch_size, max_len, dtype=None, policy=None):
+    """KV cache of `max_len` slots (`min(max_len, window_size)` with a window), shrunk by
+    a KV-cache `policy` as `SoftmaxAttention.init_cache`."""
     self._check_decode()
-    max_len = check_positive_int("max_len", max_len)
-    slots = max_len if self.window_size is None else min(max_len, self.window_size)
     kvh, d = self.num_kv_heads, self.head_dim
-    return kv_cache_init(batch_size, slots, {"key": (kvh, 2, d), "value": (kvh, 2 * d)},
-                         dtype or self.dtype or jnp.float32)
+    return kv_cache_init(batch_size, max_len, {"key": (kvh, 2, d), "value": (kvh, 2 * d)},
+                         dtype or self.dtype or jnp.float32, window_size=self.window_size,
+                         policy=policy, num_kv_heads=kvh)
 
   def decode(self, x_t, cache):
     """One token against the cache: `(y_t [batch, 1, d_model], new cache)`."""
@@ -146,8 +155,10 @@ class DifferentialAttention(Mixer):
     x_t = self._cast_step(x_t)
     batch = x_t.shape[0]
     q, k, v = self._qkv(x_t, x_t, jnp.broadcast_to(cache["pos"], (batch, 1)))
-    cache, kv_ids = kv_cache_append(cache, key=k, value=v)
-    y = self._differential(q, cache["key"], cache["value"],
-                           q_segment_ids=jnp.ones((batch, 1), jnp.int32),
-                           kv_segment_ids=kv_ids)
-    return y, cache
+    cache, views = kv_cache_update(cache, {"key": k, "value": v},
+                                   window_size=self.window_size)
+    q_ids = jnp.ones((batch, 1), jnp.int32)
+    o = attend_views(q, views, self.num_kv_heads, lambda q, view, heads: self._maps(
+        q, view.entries["key"], view.entries["value"], heads, q_segment_ids=q_ids,
+        kv_segment_ids=view.kv_ids))
+    return self._output(o, q.dtype), cache

@@ -3,7 +3,7 @@
 Every mixer is an `nnx.Module` with
 
     y = m(x, *, context=None, segment_ids=None, context_segment_ids=None)
-    cache = m.init_cache(batch_size, max_len)
+    cache = m.init_cache(batch_size, max_len)   # + policy= where CACHE_POLICY is True
     y_t, cache = m.decode(x_t, cache)
 
 `x` is `[batch, seq, d_model]`. Which of the four attention patterns of the Comprehensive
@@ -20,7 +20,10 @@ A mixer lists the patterns its mechanism defines in `PATTERNS`; any other raises
 ValueError naming `causal` or `context`. Decoding is defined for causal self-attention.
 
 Caches are dicts of arrays (pytrees), with the number of tokens seen so far in `"pos"`
-(an int32 scalar), so a model can jit a decode step.
+(an int32 scalar), so a model can jit a decode step. Mixers with `CACHE_POLICY = True`
+take `init_cache(..., policy=)`, a KV-cache policy (`attn_jax.layers.kv_policy`): the
+softmax family shrinks its KV cache by it, recurrent mixers (a state that does not grow)
+ignore it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax import ops
+from attn_jax.layers import kv_policy
 from attn_jax.layers.common import check_positive_int, segment_positions
 
 PATTERNS = ("causal_self", "noncausal_self", "causal_cross", "noncausal_cross")
@@ -42,6 +46,7 @@ class Mixer(nnx.Module):
 
   NAME = "mixer"
   PATTERNS: tuple[str, ...] = PATTERNS
+  CACHE_POLICY = False  # whether init_cache takes a KV-cache policy (policy=)
 
   def __init__(self, d_model, num_heads, *, causal=True, dtype=None):
     self.d_model = check_positive_int("d_model", d_model)
@@ -132,40 +137,185 @@ class Mixer(nnx.Module):
     return x_t
 
 
-# KV cache: a ring buffer of `length` slots. `slot_pos[j]` is the position held by slot j
-# (-1 while empty). A full-attention cache has length max_len; a sliding-window cache has
-# length window_size, so old entries fall out as new ones arrive.
-
-def kv_cache_init(batch_size, length, shapes, dtype):
-  """Zeros `[batch, length, *shape]` for each named entry, plus `slot_pos` and `pos`."""
-  batch_size = check_positive_int("batch_size", batch_size)
-  length = check_positive_int("max_len", length)
-  cache = {name: jnp.zeros((batch_size, length) + tuple(shape), dtype)
-           for name, shape in shapes.items()}
-  cache["slot_pos"] = jnp.full((length,), -1, jnp.int32)
-  cache["pos"] = jnp.zeros((), jnp.int32)
-  return cache
+# KV cache: a ring buffer of slots; `slot_pos[j]` is the position held by slot j (-1 while
+# empty). A full-attention cache has max_len slots, a sliding-window cache window_size, so
+# old entries fall out as new ones arrive. Under a sinks_window policy (`kv_policy`) the
+# cache also holds the policy's `sinks` and `window` (int32 scalars): with exactly
+# sinks + window slots the first `sinks` slots are pinned to the first tokens and the rest
+# is a ring of `window`; with fewer (a window mixer whose own window is the shorter) it is
+# the plain ring, and the policy's mask drops what the policy would have evicted. A
+# per_head cache is `{"groups": (full, streaming), "pos"}`: two such caches without `pos`,
+# each over the KV heads in its `kv_heads` (int32).
 
 
-def kv_cache_append(cache, **entries):
-  """Writes one token's entries (`[batch, 1, ...]`) at slot `pos % length`.
+class KVView(NamedTuple):
+  """One group of a KV cache as a query sees it after `kv_cache_update`.
 
-  Returns the new cache and `kv_segment_ids [batch, length]` (1 for filled slots, 0 for
-  empty ones) to pair with `q_segment_ids = ones([batch, 1])` in `dot_product_attention`.
-  Decoding past `length` tokens overwrites the oldest slot.
+  Attributes:
+    kv_heads: int32 `[group_kv_heads]`, the group's KV heads; None for all, in order.
+    entries: the cached arrays by name, `[batch, slots, (group_kv_heads,) ...]`.
+    kv_ids: `[batch, slots]` int32, 1 where the query sees the slot, 0 elsewhere; pair it
+      with `q_segment_ids = ones([batch, 1])` in `ops.dot_product_attention`.
   """
-  length = cache["slot_pos"].shape[0]
+
+  kv_heads: jax.Array | None
+  entries: dict
+  kv_ids: jax.Array
+
+
+def kv_cache_slots(max_len, window_size, policy):
+  """`(slots, masked)`: the slots a cache of `policy` (a `LayerCachePolicy`) needs, and
+  whether the policy hides anything the mixer would otherwise see.
+
+  A window mixer sees the last `window_size` tokens; a sinks_window policy keeps the first
+  `sinks` and the last `window`; together the query sees what both keep, in
+  `min(window_size, max_len, sinks + window)` slots. A policy that never evicts within
+  max_len tokens, or whose window covers the mixer's, changes nothing.
+  """
+  ring = max_len if window_size is None else min(max_len, window_size)
+  if policy.is_full:
+    return ring, False
+  if (policy.sinks + policy.window >= max_len
+      or (window_size is not None and policy.window >= window_size)):
+    return ring, False
+  return min(ring, policy.sinks + policy.window), True
+
+
+def kv_cache_init(batch_size, max_len, shapes, dtype, *, window_size=None, policy=None,
+                  num_kv_heads=None):
+  """An empty KV cache for `max_len` tokens.
+
+  Args:
+    batch_size, max_len: sequences and tokens to decode.
+    shapes: `{name: shape}` of one token's entry; with `num_kv_heads`, each shape starts
+      with the KV-head axis (`(kv_heads, head_dim)`).
+    dtype: the entries' dtype.
+    window_size: the mixer's own window (None: global attention).
+    policy: None (full), or what `kv_policy.layer_policy` takes. per_head needs
+      `num_kv_heads`; a per_head policy with every KV head full is the full cache, with
+      none full the sinks_window cache.
+    num_kv_heads: the KV heads of the entries; None when they have none (e.g. MLA's
+      latent).
+
+  Returns:
+    `{name: zeros [batch, slots, *shape]}`, `slot_pos`, `pos` (and the policy's `sinks`,
+    `window`), or for a per_head policy `{"groups": (full, streaming), "pos"}`.
+  """
+  batch_size = check_positive_int("batch_size", batch_size)
+  max_len = check_positive_int("max_len", max_len)
+  policy = kv_policy.layer_policy(policy)
+  pos = jnp.zeros((), jnp.int32)
+  if policy.kind == "per_head":
+    if num_kv_heads is None:
+      raise ValueError("a per_head cache policy needs KV heads, and this cache has none "
+                       f"(its entries are {sorted(shapes)}).")
+    policy.check_heads(num_kv_heads)
+    streaming = policy.streaming()
+    streaming_heads = tuple(h for h in range(num_kv_heads) if h not in policy.full_heads)
+    if not policy.full_heads:
+      policy = streaming
+    elif not streaming_heads or not kv_cache_slots(max_len, window_size, streaming)[1]:
+      policy = kv_policy.FULL_LAYER
+    else:
+      groups = tuple(_group(batch_size, max_len, shapes, dtype, window_size, p, heads)
+                     for p, heads in ((kv_policy.FULL_LAYER, policy.full_heads),
+                                      (streaming, streaming_heads)))
+      return {"groups": groups, "pos": pos}
+  cache = _group(batch_size, max_len, shapes, dtype, window_size, policy, None)
+  return {**cache, "pos": pos}
+
+
+def _group(batch_size, max_len, shapes, dtype, window_size, policy, kv_heads):
+  slots, masked = kv_cache_slots(max_len, window_size, policy)
+  group = {}
+  for name, shape in shapes.items():
+    shape = tuple(shape) if kv_heads is None else (len(kv_heads),) + tuple(shape)[1:]
+    group[name] = jnp.zeros((batch_size, slots) + shape, dtype)
+  group["slot_pos"] = jnp.full((slots,), -1, jnp.int32)
+  if masked:
+    group["sinks"] = jnp.asarray(policy.sinks, jnp.int32)
+    group["window"] = jnp.asarray(policy.window, jnp.int32)
+  if kv_heads is not None:
+    group["kv_heads"] = jnp.asarray(kv_heads, jnp.int32)
+  return group
+
+
+def kv_cache_update(cache, entries, *, window_size=None):
+  """Writes one token's `entries` (`{name: [batch, 1, ...]}`) into the cache.
+
+  Args:
+    cache: from `kv_cache_init`.
+    entries: the new token's arrays, with the cache's names and the full KV-head axis.
+    window_size: the mixer's own window (None: global), which a policy cache masks.
+
+  Returns:
+    The new cache and a list of `KVView`s, one per group (one for full and sinks_window
+    caches).
+  """
   pos = cache["pos"]
-  slot = pos % length
-  new = dict(cache)
+  batch = next(iter(entries.values())).shape[0]
+
+  def view(group, visible, kv_heads):
+    ids = jnp.broadcast_to(visible.astype(jnp.int32), (batch, visible.shape[0]))
+    return KVView(kv_heads, {name: group[name] for name in entries}, ids)
+
+  if "groups" in cache:
+    groups, views = [], []
+    for group in cache["groups"]:
+      heads = group["kv_heads"]
+      group, visible = _write(group, {n: jnp.take(e, heads, axis=2) for n, e in
+                                      entries.items()}, pos, window_size)
+      groups.append(group)
+      views.append(view(group, visible, heads))
+    return {"groups": tuple(groups), "pos": pos + 1}, views
+  new, visible = _write(cache, entries, pos, window_size)
+  new["pos"] = pos + 1
+  return new, [view(new, visible, None)]
+
+
+def _write(group, entries, pos, window_size):
+  """Writes token `pos` into one group; returns it and the slots it sees (`[slots]`)."""
+  slot_pos = group["slot_pos"]
+  slots = slot_pos.shape[0]
+  if "sinks" in group:
+    sinks, window = group["sinks"], group["window"]
+    pinned = jnp.where(sinks + window == slots, sinks, 0)
+    slot = jnp.where(pos < pinned, pos, pinned + (pos - pinned) % (slots - pinned))
+  else:
+    slot = pos % slots
+  new = dict(group)
   for name, value in entries.items():
     new[name] = jax.lax.dynamic_update_slice_in_dim(
-        cache[name], value.astype(cache[name].dtype), slot, axis=1)
-  new["slot_pos"] = cache["slot_pos"].at[slot].set(pos)
-  new["pos"] = pos + 1
-  batch = next(iter(entries.values())).shape[0]
-  kv_ids = jnp.broadcast_to((new["slot_pos"] >= 0).astype(jnp.int32), (batch, length))
-  return new, kv_ids
+        group[name], value.astype(group[name].dtype), slot, axis=1)
+  held = new["slot_pos"] = slot_pos.at[slot].set(pos)
+  visible = held >= 0
+  if "sinks" in group:
+    age = pos - held
+    visible &= (held < sinks) | (age < window)
+    if window_size is not None:
+      visible &= age < window_size
+  return new, visible
+
+
+def attend_views(q, views, num_kv_heads, attend):
+  """Attention of `q [batch, 1, heads, ...]` over each view; outputs in head order.
+
+  `attend(q_group, view, q_heads)` returns `[batch, 1, group_heads, ...]` for the query
+  heads `q_heads` (int32, None for all) of a view; query head h reads KV head
+  `h // (heads // num_kv_heads)`, so a group of KV heads K serves query heads
+  `k · g + j` (k in K, j < g) in that order, and keeps GQA's mapping inside the group.
+  """
+  if len(views) == 1 and views[0].kv_heads is None:
+    return attend(q, views[0], None)
+  group = q.shape[2] // num_kv_heads
+  outs, heads = [], []
+  for view in views:
+    q_heads = (view.kv_heads[:, None] * group + jnp.arange(group, dtype=jnp.int32)
+               ).reshape(-1)
+    outs.append(attend(jnp.take(q, q_heads, axis=2), view, q_heads))
+    heads.append(q_heads)
+  o = jnp.concatenate(outs, axis=2)
+  return jnp.zeros_like(o).at[:, :, jnp.concatenate(heads)].set(o)
 
 
 class LinearAttentionInputs(NamedTuple):
@@ -208,6 +358,7 @@ class RecurrentMixer(Mixer):
   """
 
   PATTERNS = ("causal_self", "causal_cross")
+  CACHE_POLICY = True
   convs = None  # an nnx.Dict of ShortConv, or None
 
   def __init__(self, d_model, num_heads, *, causal=True, short_conv_size=None,
@@ -278,8 +429,9 @@ class RecurrentMixer(Mixer):
                              implementation=self.implementation)
     return self._output(o, x, inputs.output_aux)
 
-  def init_cache(self, batch_size, max_len=None):
-    """The recurrent state (`max_len` is ignored: the state does not grow)."""
+  def init_cache(self, batch_size, max_len=None, policy=None):
+    """The recurrent state (`max_len` and the KV-cache `policy` are ignored: the state
+    does not grow)."""
     self._check_decode()
     batch_size = check_positive_int("batch_size", batch_size)
     value_heads, key_dim, value_dim = self._state_shape()

@@ -27,9 +27,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from attn_jax import ops
+from attn_jax.layers import kv_policy
 from attn_jax.layers.common import (Norm, Projection, apply_rope, check_positive_int,
                                     check_rope)
-from attn_jax.layers.mixer import Mixer, kv_cache_append, kv_cache_init
+from attn_jax.layers.mixer import Mixer, kv_cache_init, kv_cache_update
 
 
 class MultiHeadLatentAttention(Mixer):
@@ -47,10 +48,12 @@ class MultiHeadLatentAttention(Mixer):
       `SoftmaxAttention`.
 
   Decode cache: `latent [batch, max_len, kv_lora_rank]`,
-  `k_rope [batch, max_len, rope_head_dim]`, `slot_pos`, `pos`.
+  `k_rope [batch, max_len, rope_head_dim]`, `slot_pos`, `pos`. A sinks_window KV-cache
+  policy shrinks it; a per_head policy does not apply (every head reads the one latent).
   """
 
   NAME = "mla"
+  CACHE_POLICY = True
 
   def __init__(self, d_model, num_heads, *, rngs, head_dim=None, rope_head_dim=None,
                v_head_dim=None, kv_lora_rank=None, q_lora_rank=None, causal=True,
@@ -119,12 +122,23 @@ class MultiHeadLatentAttention(Mixer):
                                   implementation=self.implementation)
     return self.out(o)
 
-  def init_cache(self, batch_size, max_len, dtype=None):
-    """The compressed cache: `kv_lora_rank + rope_head_dim` numbers per token."""
+  def init_cache(self, batch_size, max_len, dtype=None, policy=None):
+    """The compressed cache: `kv_lora_rank + rope_head_dim` numbers per token.
+
+    `policy`: None (full) or a sinks_window KV-cache policy (`kv_policy.layer_policy`).
+    A per_head policy raises a ValueError: the latent is shared by all heads, so no head
+    can keep more of it than another.
+    """
     self._check_decode()
+    layer = kv_policy.layer_policy(policy)
+    if layer.kind == "per_head":
+      where = "" if layer.layer is None else f" (layer {layer.layer})"
+      raise ValueError(f"the per_head cache policy does not apply to {self.NAME!r}"
+                       f"{where}: its cached latent is shared by all heads. Use full or "
+                       "sinks_window:sinks=S,window=W.")
     return kv_cache_init(batch_size, max_len,
                          {"latent": (self.kv_lora_rank,), "k_rope": (self.rope_head_dim,)},
-                         dtype or self.dtype or jnp.float32)
+                         dtype or self.dtype or jnp.float32, policy=layer)
 
   def decode(self, x_t, cache):
     """One token by the absorbed form: `(y_t [batch, 1, d_model], new cache)`."""
@@ -134,16 +148,16 @@ class MultiHeadLatentAttention(Mixer):
     positions = jnp.broadcast_to(cache["pos"], (batch, 1))
     q_nope, q_rope = self._query(x_t, positions)
     latent, k_rope = self._latent(x_t, positions)
-    cache, kv_ids = kv_cache_append(cache, latent=latent, k_rope=k_rope)
+    cache, (view,) = kv_cache_update(cache, {"latent": latent, "k_rope": k_rope})
     # Absorb W_uk into the query: q_latent,h = W_uk,hᵀ q_nope,h  [b, 1, h, kv_lora_rank].
     w_uk = self.k_up.kernel[...].astype(q_nope.dtype)  # [kv_lora_rank, h, nope]
     q_latent = jnp.einsum("bshn,rhn->bshr", q_nope, w_uk)
     q = jnp.concatenate([q_latent, q_rope], axis=-1)
-    latents = cache["latent"].astype(q.dtype)
-    k = jnp.concatenate([latents, cache["k_rope"].astype(q.dtype)], axis=-1)[:, :, None]
+    latents, k_rope = (view.entries[n].astype(q.dtype) for n in ("latent", "k_rope"))
+    k = jnp.concatenate([latents, k_rope], axis=-1)[:, :, None]
     o_latent = ops.dot_product_attention(
         q, k, latents[:, :, None], scale=self.scale,
-        q_segment_ids=jnp.ones((batch, 1), jnp.int32), kv_segment_ids=kv_ids,
+        q_segment_ids=jnp.ones((batch, 1), jnp.int32), kv_segment_ids=view.kv_ids,
         implementation=self.implementation)  # [b, 1, h, kv_lora_rank]
     w_uv = self.v_up.kernel[...].astype(o_latent.dtype)  # [kv_lora_rank, h, v_head_dim]
     o = jnp.einsum("bshr,rhv->bshv", o_latent, w_uv)

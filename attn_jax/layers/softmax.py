@@ -14,6 +14,10 @@ attention of Longformer (Beltagy et al., 2020), Mistral, Griffin (De et al., 202
 Samba (Ren et al., 2024) and Based (Arora et al., 2024). Its decode cache is a ring
 buffer of `window_size` slots, so its memory does not grow with the sequence.
 
+Both take a KV-cache policy (`kv_policy`: StreamingLLM's sinks + window, DuoAttention's
+per-head caches) in `init_cache`; a query then sees what both its window and the policy
+keep.
+
 Not reproduced: attention dropout, biases in the softmax (ALiBi, T5), other RoPE
 scalings (NTK, YaRN, Llama 3). Cross attention applies no RoPE (queries and context have
 unrelated positions).
@@ -27,7 +31,7 @@ from flax import nnx
 from attn_jax import ops
 from attn_jax.layers.common import (Norm, Projection, apply_rope, check_divides,
                                     check_positive_int, check_rope, partitioned)
-from attn_jax.layers.mixer import Mixer, kv_cache_append, kv_cache_init
+from attn_jax.layers.mixer import Mixer, attend_views, kv_cache_init, kv_cache_update
 
 
 class SoftmaxAttention(Mixer):
@@ -54,9 +58,11 @@ class SoftmaxAttention(Mixer):
 
   Decode cache: `key`, `value` `[batch, slots, kv_heads, head_dim]` with `slots = max_len`
   (or `window_size`), `slot_pos`, `pos`: `2 · kv_heads · head_dim` numbers per token.
+  A KV-cache policy shrinks it (`init_cache`).
   """
 
   NAME = "softmax"
+  CACHE_POLICY = True
 
   def __init__(self, d_model, num_heads, *, rngs, num_kv_heads=None, head_dim=None,
                causal=True, window_size=None, rope=True, rope_base=10000.0,
@@ -97,8 +103,11 @@ class SoftmaxAttention(Mixer):
       q, k = apply_rope(q, positions, **rope), apply_rope(k, positions, **rope)
     return q, k, v
 
-  def _attend(self, q, k, v, *, is_causal, window, q_ids, kv_ids):
+  def _attend(self, q, k, v, *, is_causal, window, q_ids, kv_ids, heads=None):
+    """Attention of the query heads `heads` (int32; None: all) of q."""
     sinks = None if self.sinks is None else self.sinks[...]
+    if sinks is not None and heads is not None:
+      sinks = jnp.take(sinks, heads)
     return ops.dot_product_attention(
         q, k.astype(q.dtype), v.astype(q.dtype), is_causal=is_causal,
         local_window_size=window, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
@@ -114,14 +123,18 @@ class SoftmaxAttention(Mixer):
                      q_ids=segment_ids, kv_ids=kv_ids)
     return self.out(o)
 
-  def init_cache(self, batch_size, max_len, dtype=None):
-    """KV cache of `max_len` slots (`min(max_len, window_size)` with a window)."""
+  def init_cache(self, batch_size, max_len, dtype=None, policy=None):
+    """KV cache of `max_len` slots (`min(max_len, window_size)` with a window).
+
+    `policy`: None (full) or a layer's KV-cache policy (`kv_policy.layer_policy`); a
+    sinks_window policy keeps `min(window_size, max_len, sinks + window)` slots, a
+    per_head policy full slots for its KV heads and those for the others.
+    """
     self._check_decode()
-    max_len = check_positive_int("max_len", max_len)
-    slots = max_len if self.window_size is None else min(max_len, self.window_size)
     shape = (self.num_kv_heads, self.head_dim)
-    return kv_cache_init(batch_size, slots, {"key": shape, "value": shape},
-                         dtype or self.dtype or jnp.float32)
+    return kv_cache_init(batch_size, max_len, {"key": shape, "value": shape},
+                         dtype or self.dtype or jnp.float32, window_size=self.window_size,
+                         policy=policy, num_kv_heads=self.num_kv_heads)
 
   def decode(self, x_t, cache):
     """One token against the cache: `(y_t [batch, 1, d_model], new cache)`."""
@@ -129,11 +142,13 @@ class SoftmaxAttention(Mixer):
     x_t = self._cast_step(x_t)
     positions = jnp.broadcast_to(cache["pos"], (x_t.shape[0], 1))
     q, k, v = self._qkv(x_t, x_t, positions)
-    cache, kv_ids = kv_cache_append(cache, key=k, value=v)
+    cache, views = kv_cache_update(cache, {"key": k, "value": v},
+                                   window_size=self.window_size)
     q_ids = jnp.ones((x_t.shape[0], 1), jnp.int32)
-    # The ring buffer holds exactly the visible keys, so no causal or window mask.
-    o = self._attend(q, cache["key"], cache["value"], is_causal=False, window=None,
-                     q_ids=q_ids, kv_ids=kv_ids)
+    # The cache's kv_ids mark exactly the visible keys, so no causal or window mask.
+    o = attend_views(q, views, self.num_kv_heads, lambda q, view, heads: self._attend(
+        q, view.entries["key"], view.entries["value"], is_causal=False, window=None,
+        q_ids=q_ids, kv_ids=view.kv_ids, heads=heads))
     return self.out(o), cache
 
 

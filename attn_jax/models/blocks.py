@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax import layers, parallel, sharding
-from attn_jax.analysis.capture import layer_scope
 from attn_jax.layers.common import (Norm, Projection, check_positive_int, partitioned,
                                     segment_positions)
+from attn_jax.layers.scope import layer_scope
 from attn_jax.ops import dispatch
 
 # Activation checkpointing: what the backward pass may keep instead of recomputing.
@@ -233,7 +233,7 @@ def run_blocks(blocks, x, segment_ids, remat):
   if remat != "none":
     apply = nnx.remat(apply, policy=REMAT_POLICIES[remat])
   for i, block in enumerate(blocks):
-    with layer_scope(i):  # names the layer of its op calls (attn_jax.analysis)
+    with layer_scope(i):  # names the layer (attn_jax.analysis, head masks)
       x = apply(block, x, segment_ids)
   return x
 

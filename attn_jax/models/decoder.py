@@ -8,7 +8,8 @@ model `["hgrn2", "hgrn2", "swa"]` and a Based model `["based"]` — configs, not
 pattern repeats to `num_layers`.
 
 Generation decodes one token at a time against per-layer caches (KV caches for softmax
-mixers, recurrent states for linear ones): see `generate.py`.
+mixers, recurrent states for linear ones), optionally under a KV-cache policy
+(`attn_jax.layers.kv_policy`, docs/kv_cache.md): see `generate.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from attn_jax import sharding
+from attn_jax.layers import kv_policy
 from attn_jax.layers.common import Projection
+from attn_jax.layers.scope import layer_scope
 from attn_jax.models.blocks import Trunk, ops_context
 
 
@@ -70,9 +73,24 @@ class DecoderLM(Trunk):
       logits = self.head(x).astype(jnp.float32)
     return sharding.constrain(logits, ("batch", "seq", "act_vocab"))
 
-  def init_cache(self, batch_size, max_len):
-    """Per-layer decode caches (a list of pytrees) for `max_len` tokens."""
-    return [block.mixer.init_cache(batch_size, max_len) for block in self.blocks]
+  def init_cache(self, batch_size, max_len, policy=None):
+    """Per-layer decode caches (a list of pytrees) for `max_len` tokens.
+
+    `policy`: a KV-cache policy (None or "full": every token; a flag string or a
+    `kv_policy.CachePolicy`, see `kv_policy.parse`). Layer i's mixer gets
+    `policy.for_layer(i)`; mixers without a KV cache (recurrent states, long
+    convolutions) keep their state as it is.
+    """
+    policy = kv_policy.resolve(policy)
+    policy.check_layers(len(self.blocks))
+    caches = []
+    for i, block in enumerate(self.blocks):
+      if policy.is_full or not block.mixer.CACHE_POLICY:
+        caches.append(block.mixer.init_cache(batch_size, max_len))
+      else:
+        caches.append(block.mixer.init_cache(batch_size, max_len,
+                                             policy=policy.for_layer(i)))
+    return caches
 
   def decode_state_size(self, seq_len):
     """Numbers carried from token to token after `seq_len` tokens, summed over the
@@ -86,8 +104,9 @@ class DecoderLM(Trunk):
       positions = jnp.broadcast_to(caches[0]["pos"], tokens_t.shape)
       x = self.embed_tokens(tokens_t, positions)
       new = []
-      for block, cache in zip(self.blocks, caches):
-        x, cache = block.decode(x, cache)
+      for i, (block, cache) in enumerate(zip(self.blocks, caches)):
+        with layer_scope(i):  # as in the forward pass (attn_jax.analysis, head masks)
+          x, cache = block.decode(x, cache)
         new.append(cache)
       return self._logits(self.final_norm(x)), new
 

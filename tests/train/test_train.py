@@ -268,6 +268,33 @@ def test_generate_prints_the_prompt_and_each_continuation_apart(reference):
     assert label == "generated:" and len(tokens) == 4 and all(t.isdigit() for t in tokens)
 
 
+def test_evaluate_and_generate_under_a_cache_policy(reference):
+  """A KV-cache policy that evicts nothing decodes to `train.evaluate`'s numbers; one that
+  evicts reports its memory: 2 softmax layers of 4 KV heads of 8 over 32 tokens, keeping
+  sinks + window = 10 of the 32 slots."""
+  ref_dir, result, _ = reference
+  runs = {}
+  for policy in ("sinks_window:sinks=0,window=32", "sinks_window:sinks=2,window=8"):
+    done = _module("experiments.evaluate", f"--workdir={ref_dir}", f"--cache_policy={policy}")
+    assert done.returncode == 0, done.stderr
+    runs[policy] = json.loads(done.stdout)
+    assert runs[policy]["step"] == STEPS and runs[policy]["cache_policy"] == policy
+  whole, evicting = runs.values()
+  np.testing.assert_allclose(whole["eval/accuracy"], result["eval/accuracy"])
+  np.testing.assert_allclose(whole["eval/loss"], result["eval/loss"], rtol=1e-5)
+  assert whole["cache/fraction_of_full"] == 1.0
+  full_bytes = 2 * 2 * 32 * 4 * 8 * 4  # layers, key and value, slots, heads, head_dim, f32
+  assert evicting["cache/full_bytes"] == full_bytes
+  assert evicting["cache/bytes"] == full_bytes * 10 // 32
+  assert evicting["cache/fraction_of_full"] == 10 / 32
+  assert 0.0 <= evicting["eval/accuracy"] <= 1.0
+  done = _module("experiments.generate", f"--workdir={ref_dir}", "--prompt_tokens=5,9,3",
+                 "--max_new_tokens=4", "--cache_policy=sinks_window:sinks=1,window=2")
+  assert done.returncode == 0, done.stderr
+  assert len(done.stdout.splitlines()) == 2, done.stdout
+  assert "cache: sinks_window:sinks=1,window=2: " in done.stderr, done.stderr
+
+
 def test_verify_refuses_non_finite_arrays():
   tree = {"w": np.ones((3, 2), np.float32)}
   meta = {"fingerprint": train.checkpoint.fingerprint(tree)}
