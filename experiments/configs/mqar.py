@@ -10,7 +10,10 @@ based, lightning, retnet, hgrn2, mamba2, linear, mla, diff, base_conv, hyena) or
 hybrid:
 "hybrid" (MiniMax-style lightning, softmax), "griffin" (hgrn2, hgrn2, swa),
 "based_hybrid" (based, swa), "zoology_based" (base_conv, based: Zoology's "based"),
-"zoology_attention" and "zoology_swa" (base_conv, then softmax or swa: Based's Figure 2). Every model is the tiny size (d_model 64, 2 layers).
+"zoology_attention" and "zoology_swa" (base_conv, then softmax or swa: Based's Figure 2). Every model is the tiny size (d_model 64, 2 layers), except "heads": softmax
+attention with 8 heads of 16 (d_model 128) on 128 tokens with 8 pairs, 1,000 steps (about
+20 minutes on 2 CPU cores), the model `experiments/analyze_heads.py` is shown on in
+docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ HYBRIDS = {
 def get_config(variant: str = "softmax"):
   config = common.base_config()
   variant = variant or "softmax"
-  mixers = HYBRIDS.get(variant, (variant,))
+  mixers = HYBRIDS.get(variant, ("softmax",) if variant == "heads" else (variant,))
   config.model = common.model_config("tiny", mixers)
   if len(mixers) == 3:
     config.model.num_layers = 3
@@ -48,6 +51,10 @@ def get_config(variant: str = "softmax"):
   config.optimizer.b2 = 0.98
   config.optimizer.weight_decay = 0.01
   config.train.num_steps = 500
+  if variant == "heads":
+    config.model.update(d_model=128, num_heads=8)
+    config.data.update(seq_len=128, num_kv_pairs=8)
+    config.train.num_steps = 1000
   config.train.global_batch_size = 64
   config.train.log_every = 25
   config.train.eval_every = 100

@@ -318,3 +318,23 @@ def test_train_mix_and_per_slice_evaluation(tmp_path, data_dir, capfd):
   again = train.evaluate(tmp_path)
   assert {k: again[k] for k in per_slice} == pytest.approx(per_slice)
   assert "(per slice:  16x2 " in "".join(capfd.readouterr())
+
+
+def test_analyze_heads_writes_every_score_and_plot(reference, tmp_path):
+  """The binary end to end on the reference run (2 layers of 4 heads), at a tiny size."""
+  ref_dir, _, _ = reference
+  done = _module("experiments.analyze_heads", f"--workdir={ref_dir}",
+                 f"--output_dir={tmp_path}", "--num_examples=32", "--map_examples=4",
+                 "--batch_size=32", "--top_k=1", "--random_draws=1", "--sinks=1",
+                 "--window=2")
+  assert done.returncode == 0, done.stderr
+  report = json.loads((tmp_path / "heads.json").read_text())
+  assert set(report["scores"]) == {"sink", "retrieval", "induction", "entropy",
+                                   "mean_distance"}
+  assert np.asarray(report["scores"]["retrieval"]).shape == (2, 4)
+  assert [row["k"] for row in report["ablation"]] == [1]
+  assert report["cache"][0]["policy"] == "full" and report["cache"][0]["memory"] == 1.0
+  assert abs(report["cache"][0]["accuracy"] - report["full"]["accuracy"]) < 0.05
+  assert {p.name for p in tmp_path.glob("*.png")} == {"scores.png", "maps.png",
+                                                     "pruning.png", "cache.png"}
+  assert "| cache policy | memory (of full) | accuracy |" in done.stdout
