@@ -112,6 +112,8 @@ def evaluate_under_policy(workdir, policy, *, step=None, num_steps=None):
   from attn_jax import train  # pylint: disable=g-import-not-at-top
   from attn_jax.models.generate import decode_logits  # pylint: disable=g-import-not-at-top
   from attn_jax.train.step import token_metrics  # pylint: disable=g-import-not-at-top
+  from attn_jax.train.trainer import (  # pylint: disable=g-import-not-at-top
+      eval_summary, sum_metrics)
   meta = train.load_meta(workdir, step)
   config = train.load_config(workdir, meta["step"])
   if config.data.get("pack", False):
@@ -120,7 +122,7 @@ def evaluate_under_policy(workdir, policy, *, step=None, num_steps=None):
   model = train.load(workdir, step=meta["step"])
   limit = config.eval.num_steps if num_steps is None else num_steps
   metrics = jax.jit(token_metrics)
-  out, grand = {}, None
+  per_set = []
   for name, task in _eval_tasks(config):
     pipeline = _pipeline(task)
     try:
@@ -129,23 +131,13 @@ def evaluate_under_policy(workdir, policy, *, step=None, num_steps=None):
         raise ValueError(f"the eval split{' ' + name if name else ''} has "
                          f"{pipeline.num_examples} examples, fewer than "
                          f"config.eval.global_batch_size={config.eval.global_batch_size}.")
-      totals = None
-      for i in range(steps):
-        rows = pipeline.batch(i)
-        sums = metrics(decode_logits(model, rows["inputs"], policy),
-                       jnp.asarray(rows["targets"]), jnp.asarray(rows["loss_mask"]))
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+      batches = (pipeline.batch(i) for i in range(steps))
+      per_set.append((name, sum_metrics(
+          metrics(decode_logits(model, rows["inputs"], policy), jnp.asarray(rows["targets"]),
+                  jnp.asarray(rows["loss_mask"])) for rows in batches)))
     finally:
       pipeline.close()
-    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-    if name:
-      count = max(totals["count"], 1.0)
-      out[f"eval/loss/{name}"] = totals["loss_sum"] / count
-      out[f"eval/accuracy/{name}"] = totals["correct"] / count
-    grand = totals if grand is None else {k: grand[k] + totals[k] for k in grand}
-  count = max(grand["count"], 1.0)
-  return {"step": meta["step"], "eval/loss": grand["loss_sum"] / count,
-          "eval/accuracy": grand["correct"] / count, **out}
+  return {"step": meta["step"], **eval_summary(per_set)}
 
 
 def cache_report(workdir, policy, *, step=None):

@@ -290,16 +290,29 @@ def _eval_inputs(config, mesh, rules, seq_len=None):
 
 def _evaluate(eval_steps, params, evals, num_steps):
   """Loss and accuracy over every eval set, and per set when there are slices."""
-  out, grand = {}, None
+  per_set = []
   for eval_step, (name, inputs) in zip(eval_steps, evals):
     steps = inputs.pipeline.steps_per_epoch
     if num_steps:
       steps = min(steps, num_steps)
-    totals = None
-    for i in range(steps):
-      sums = eval_step(params, inputs.batch(i))
-      totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+    per_set.append((name, sum_metrics(eval_step(params, inputs.batch(i))
+                                      for i in range(steps))))
+  return eval_summary(per_set)
+
+
+def sum_metrics(sums):
+  """`{"loss_sum", "correct", "count"}` of several batches (an iterable), as floats."""
+  totals = None
+  for batch in sums:
+    totals = batch if totals is None else jax.tree.map(lambda a, b: a + b, totals, batch)
+  return {k: float(v) for k, v in jax.device_get(totals).items()}
+
+
+def eval_summary(per_set):
+  """`{"eval/loss", "eval/accuracy"}` over `[(name, sums)]`, and per named set (MQAR's
+  slices) `"eval/loss/<name>"`, `"eval/accuracy/<name>"`."""
+  out, grand = {}, None
+  for name, totals in per_set:
     if name:
       count = max(totals["count"], 1.0)
       out[f"eval/loss/{name}"] = totals["loss_sum"] / count

@@ -98,14 +98,19 @@ def _assert_quiet(stderr):
     assert noise not in stderr, stderr[-3000:]
 
 
-def test_load_says_which_step_and_file_in_one_line(truncated_run):
-  workdir = truncated_run
+def _load_error(workdir):
+  """The last stderr line of `attn_jax.load` of the damaged step, checked to be alone."""
   result = _python(f"import attn_jax; attn_jax.load({str(workdir)!r}, step={DAMAGED})")
   assert result.returncode == 1
   _assert_quiet(result.stderr)
   lines = result.stderr.strip().splitlines()
   assert len(lines) < 20, result.stderr
-  error = lines[-1]
+  return lines[-1]
+
+
+def test_load_says_which_step_and_file_in_one_line(truncated_run):
+  workdir = truncated_run
+  error = _load_error(workdir)
   assert error.startswith("attn_jax.train.checkpoint.CorruptCheckpoint: checkpoint "
                           f"{DAMAGED} in {workdir}/checkpoints does not restore: "), error
   assert len(error) < 1000, error
@@ -116,12 +121,7 @@ def test_a_truncated_chunk_is_described_by_what_is_wrong(chunk_truncated_run):
   """orbax wraps a failed chunk read in an error that gives only the array index and the
   spec; the message gives the error it wraps: the array, the item's folder, the damage."""
   workdir = chunk_truncated_run
-  result = _python(f"import attn_jax; attn_jax.load({str(workdir)!r}, step={DAMAGED})")
-  assert result.returncode == 1
-  _assert_quiet(result.stderr)
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) < 20, result.stderr
-  error = lines[-1]
+  error = _load_error(workdir)
   assert error.startswith("attn_jax.train.checkpoint.CorruptCheckpoint: checkpoint "
                           f"{DAMAGED} in {workdir}/checkpoints does not restore: "
                           'ValueError: OUT_OF_RANGE: Error reading "'), error
