@@ -57,21 +57,28 @@ class DecoderLM(Trunk):
     self.head = None if tie_embeddings else Projection(
         (d_model,), (vocab_size,), ("embed", "vocab"), rngs=rngs, param_dtype=param_dtype)
 
-  def __call__(self, tokens, segment_ids=None):
+  def __call__(self, tokens, segment_ids=None, positions=None):
     """`tokens [batch, seq]` int → logits `[batch, seq, vocab]` float32.
 
     With segment ids (packed sequences) no token sees another segment. Under a mesh
     whose `seq` axis is split (the sharding rules), attention runs sequence-parallel.
+    `positions [batch, n]` (ints): logits only there, `[batch, n, vocab]` — what a loss
+    on a few positions per row (MQAR's queries) needs, without the vocabulary projection
+    of every other token.
     """
     with ops_context(self.kernels):
-      return self._logits(self.features(tokens, segment_ids))
+      x = self.features(tokens, segment_ids)
+      if positions is None:
+        return self._logits(x)
+      x = jnp.take_along_axis(x, jnp.asarray(positions)[..., None], axis=1)
+      return self._logits(x, ("batch", None, "act_vocab"))
 
-  def _logits(self, x):
+  def _logits(self, x, axes=("batch", "seq", "act_vocab")):
     if self.head is None:
       logits = self.embed.attend(x)
     else:
       logits = self.head(x).astype(jnp.float32)
-    return sharding.constrain(logits, ("batch", "seq", "act_vocab"))
+    return sharding.constrain(logits, axes)
 
   def init_cache(self, batch_size, max_len, policy=None):
     """Per-layer decode caches (a list of pytrees) for `max_len` tokens.

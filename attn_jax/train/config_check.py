@@ -16,7 +16,8 @@ from attn_jax.models.blocks import check_mixer_options
 from attn_jax.ops import dispatch
 
 # Prefixes of config fields a resumed run may change.
-RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "eval.",
+RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every",
+             "train.loss_positions", "eval.",
              "checkpoint.", "mesh.", "sharding_rules", "data.data_dir", "model.remat",
              "tensorboard", "kernels")
 
@@ -126,3 +127,26 @@ def check_config(config):
                      f"got {config.eval.num_steps!r}.")
   dispatch.check_kernels(config.get("kernels") or {}, where="config.kernels")
   check_mixer_options(config.model.get("mixer_options"), where="config.model.mixer_options")
+  _check_loss_positions(config)
+
+
+def _check_loss_positions(config):
+  """`train.loss_positions` must hold every loss position of a row, so it is taken only
+  for MQAR, whose rows have exactly their pairs' number (the most of any slice)."""
+  n = config.train.get("loss_positions", 0)
+  if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    raise ValueError(f"config.train.loss_positions must be an int >= 0 (0: logits at "
+                     f"every position); got {n!r}.")
+  if not n:
+    return
+  if config.data.get("name") != "mqar":
+    raise ValueError("config.train.loss_positions > 0 needs data whose rows have at most "
+                     "that many loss positions (MQAR); set it to 0 for "
+                     f"{config.data.get('name')!r}.")
+  from attn_jax.data import mqar  # pylint: disable=g-import-not-at-top  (tfds)
+  pairs = [config.data.num_kv_pairs] + [
+      kv for field in ("train_slices", "eval_slices")
+      for _, kv, _ in mqar.parse_slices(config.data.get(field, ""), f"config.data.{field}")]
+  if n < max(pairs):
+    raise ValueError(f"config.train.loss_positions={n} is fewer than the most query "
+                     f"positions of a row ({max(pairs)} pairs): set it to {max(pairs)}.")

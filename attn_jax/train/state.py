@@ -51,6 +51,7 @@ class TrainSetup:
   schedule: Any
   shardings: dict  # like the train state: NamedShardings
   kernels: dict = dataclasses.field(default_factory=dict)  # {op: name}, steps trace in it
+  loss_positions: int = 0  # config.train.loss_positions: logits at that many per row
 
   def abstract_state(self):
     """The train state as `jax.ShapeDtypeStruct`s with shardings (a restore target)."""
@@ -72,7 +73,8 @@ def make_setup(config, *, vocab_size, mesh, rules) -> TrainSetup:
                                         transform_non_params=lambda _: replicated)
   shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
   return TrainSetup(spec, graphdef, abstract_model, mesh, tuple(rules), tx, schedule,
-                    shardings, dict(config.get("kernels") or {}))
+                    shardings, dict(config.get("kernels") or {}),
+                    int(config.train.get("loss_positions", 0)))
 
 
 def _fresh_state(setup, key):

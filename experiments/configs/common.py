@@ -7,7 +7,8 @@
     config.mesh                 {data, fsdp, tensor, sequence} sizes; -1 fills the rest
     config.sharding_rules       overrides of `attn_jax.sharding.RULES`: ((name, axes), ...)
     config.optimizer            `attn_jax.train.optimizer` fields
-    config.train                num_steps, global_batch_size, log_every, eval_every
+    config.train                num_steps, global_batch_size, log_every, eval_every,
+                                loss_positions (0: logits everywhere; n: at n per row)
     config.eval                 global_batch_size, num_steps (0: the whole eval split)
     config.checkpoint           every (steps), keep (newest N), async_save
     config.tensorboard          write TensorBoard event files
@@ -74,7 +75,10 @@ def base_config():
       "end_learning_rate_fraction": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
       "weight_decay": 0.1, "grad_clip_norm": 1.0})
   config.train = ml_collections.ConfigDict({
-      "num_steps": 10_000, "global_batch_size": 64, "log_every": 100, "eval_every": 1000})
+      "num_steps": 10_000, "global_batch_size": 64, "log_every": 100, "eval_every": 1000,
+      # > 0: logits only at that many loss positions per row (MQAR: its pairs), the same
+      # loss without the vocabulary projection of the other tokens; 0: every position.
+      "loss_positions": 0})
   config.eval = ml_collections.ConfigDict({"global_batch_size": 64, "num_steps": 50})
   config.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep": 3,
                                                  "async_save": True})

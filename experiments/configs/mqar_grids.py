@@ -31,6 +31,7 @@ import dataclasses
 
 import numpy as np
 
+from attn_jax.data.mqar import parse_slices
 from experiments.configs import mqar
 
 
@@ -141,8 +142,11 @@ def run_config(grid: Grid, mixer: str, seq_len: int, num_kv_pairs: int, d_model:
     model.mixer_options[name] = {**model.mixer_options.get(name, {}), **values}
   config.optimizer.update(dict(learning_rate=float(learning_rate), weight_decay=0.1,
                                warmup_steps=max(1, steps // 10)))
+  pairs = [num_kv_pairs] + [kv for text in (grid.train_slices, grid.eval_slices)
+                            for _, kv, _ in parse_slices(text, "grid slices")]
   config.train.update(dict(num_steps=steps, global_batch_size=batch,
-                           log_every=max(1, steps // 20), eval_every=steps))
+                           log_every=max(1, steps // 20), eval_every=steps,
+                           loss_positions=max(pairs)))  # logits at the queries only
   config.eval.global_batch_size = min(32 if grid.eval_slices else 250,
                                       grid.num_eval_examples)
   config.checkpoint.every = max(1, min(steps, 1000))
