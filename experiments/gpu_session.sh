@@ -11,7 +11,9 @@
 # gate), linear (the linear-attention sweep: auto, pallas_mosaic_gpu, jla), flash (the
 # softmax sweep: auto, pallas_mosaic_gpu, cuDNN, FlashAttention-3), training (issue 21
 # item 5: Lightning vs softmax LM, medium with 8 heads of 128, 32k tokens per step, at
-# seq 1k, 4k, 16k, 32k). Logs and JSON go under OUT; a compact table to stdout.
+# seq 1k, 4k, 16k, 32k), forward_ab (issue 21: the current Mosaic GPU linear forward
+# against the reverted three-warpgroup one and jla, then a profile of each; not in the
+# default list). Logs and JSON go under OUT; a compact table to stdout.
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT [tests|linear|flash|training ...]}
 shift
@@ -59,6 +61,22 @@ for step in ${steps[*]}; do
         done
       done
       ;;
-    *) echo "gpu_session.sh: unknown step '$step' (tests, linear, flash, training)" >&2 ;;
+    forward_ab)
+      # Issue 21: current Mosaic GPU linear forward vs the reverted three-warpgroup one.
+      ab=/tmp/forward_ab; mkdir -p "$ab"
+      kernel=pallas_kernels/linear_attention/pallas_mosaic_gpu.py
+      cp "$kernel" "$ab/pm_current.py"
+      if git apply docs/perf/runs/2026-12-07b-linear-forward-three-warpgroups-rebased.patch \
+          || patch -p1 < docs/perf/runs/2026-12-07b-linear-forward-three-warpgroups-rebased.patch; then
+        cp "$kernel" "$ab/pm_three.py"
+        cp "$ab/pm_current.py" "$kernel"
+        PYTHONPATH=$ab:$PYTHONPATH timeout 400 python3 \
+          docs/perf/runs/scripts/2026-12-07b-forward_ab_profile.py "$out" 2>&1 | quiet \
+          | tee "$out/forward_ab.md"
+      else
+        echo "gpu_session.sh: the three-warpgroup patch does not apply" >&2
+      fi
+      ;;
+    *) echo "gpu_session.sh: unknown step '$step' (tests, linear, flash, training, forward_ab)" >&2 ;;
   esac
 done
