@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from attn_jax.ops import dispatch
 from attn_jax.ops.checks import check_qkv, segment_ids_int32
+from attn_jax.ops.nonfinite_guard import guard_attention
 from pallas_kernels.flash_attention.mask import AttentionMask
 
 
@@ -83,16 +84,17 @@ def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
                            query, key, value, q_segment_ids, kv_segment_ids, sinks, **kwargs)
 
 
-def _backend(entry, jit: bool):
+def _backend(entry, jit: bool, kernel: bool = True):
   """The op's call of `entry`, a backend's `flash_attention` (`pallas_kernels.
-  flash_attention`): a kernel's through one shared jit (`dispatch.traced_once`)."""
+  flash_attention`): a Pallas kernel's through one shared jit (`dispatch.traced_once`);
+  a fused kernel's (not XLA's) guarded against non-finite inputs (`nonfinite_guard`)."""
   if jit:
     entry = dispatch.traced_once(entry, _STATIC_ARGS)
 
   def run(query, key, value, q_segment_ids, kv_segment_ids, sinks, **static):
     return entry(query, key, value, q_segment_ids=q_segment_ids,
                  kv_segment_ids=kv_segment_ids, sinks=sinks, **static)
-  return run
+  return guard_attention(run) if kernel else run
 
 
 _STATIC_ARGS = ("mask", "scale", "logits_soft_cap", "return_residuals", "interpret")
@@ -102,7 +104,7 @@ _STATIC_ARGS = ("mask", "scale", "logits_soft_cap", "return_residuals", "interpr
 
 def _xla():
   from pallas_kernels.flash_attention import xla
-  return _backend(xla.flash_attention, jit=False)
+  return _backend(xla.flash_attention, jit=False, kernel=False)
 
 
 def _cudnn():

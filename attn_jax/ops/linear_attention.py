@@ -20,6 +20,7 @@ import numpy as np
 
 from attn_jax.ops import dispatch
 from attn_jax.ops.checks import check_qkv, segment_ids_int32
+from attn_jax.ops.nonfinite_guard import guard_linear
 
 NORMALIZE_EPS = 1e-6
 
@@ -235,12 +236,12 @@ def _xla():
 
 def _pallas_mosaic_gpu():
   from pallas_kernels.linear_attention import pallas_mosaic_gpu
-  return dispatch.traced_once(pallas_mosaic_gpu.linear_attention, _STATIC_ARGS)
+  return guard_linear(dispatch.traced_once(pallas_mosaic_gpu.linear_attention, _STATIC_ARGS))
 
 
 def _pallas_triton():
   from pallas_kernels.linear_attention import pallas_triton
-  return dispatch.traced_once(pallas_triton.linear_attention, _STATIC_ARGS)
+  return guard_linear(dispatch.traced_once(pallas_triton.linear_attention, _STATIC_ARGS))
 
 
 def _triton():
@@ -261,12 +262,12 @@ def _triton():
       raise NotImplementedError(
           f"implementation='triton' compiles through jax_triton, which does not import "
           f"here ({e}): {install}.") from e
-  return dispatch.traced_once(triton.linear_attention, _STATIC_ARGS)
+  return guard_linear(dispatch.traced_once(triton.linear_attention, _STATIC_ARGS))
 
 
 def _pallas_tpu():
   from pallas_kernels.linear_attention import pallas_tpu
-  return dispatch.traced_once(pallas_tpu.linear_attention, _STATIC_ARGS)
+  return guard_linear(dispatch.traced_once(pallas_tpu.linear_attention, _STATIC_ARGS))
 
 
 # On Hopper the Mosaic GPU kernels serve fixed and scalar decays (measured faster than

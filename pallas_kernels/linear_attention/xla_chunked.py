@@ -28,10 +28,9 @@ belongs.
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax import lax
 
 from pallas_kernels.linear_attention import common
-from pallas_kernels.nonfinite import zero_nonfinite
+from pallas_kernels.nonfinite import mark_linear, zero_nonfinite
 
 SUBCHUNK = 16
 
@@ -63,10 +62,7 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
   out, final = chunked_linear_attention(q, k, value, log_decay=log_decay, scale=scale,
                                         initial_state=initial_state, resets=resets,
                                         chunk_size=chunk_size)
-  seen = _seen_in_run(bad_k | bad_v, resets)  # [batch, seq, value_heads]
-  out = jnp.where((bad_q | seen)[..., None], jnp.nan, out)
-  final = jnp.where(seen[:, -1, :, None, None], jnp.nan, final)
-  return out, final
+  return mark_linear(out, final, bad_q, bad_k | bad_v, resets)
 
 
 def chunked_linear_attention(query, key, value, *, log_decay, scale, initial_state,
@@ -154,12 +150,3 @@ def _diag_blocks(within, m):
   """`[b, n, m, s, s, h]` → `[b, n, m, s, m, s, h]` with block I placed at (I, I)."""
   eye = jnp.eye(m, dtype=within.dtype)
   return jnp.einsum("bnIijh,IJ->bnIiJjh", within, eye)
-
-
-def _seen_in_run(bad, resets):
-  """`[batch, seq, heads]` bool: some token s ≤ t of t's run (segment) is `bad`."""
-  count = jnp.cumsum(bad.astype(jnp.int32), axis=1)
-  before = count - bad  # bad tokens before t
-  starts = resets.at[:, 0].set(True)[..., None]
-  base = lax.cummax(jnp.where(starts, before, 0), axis=1)  # bad tokens before t's run
-  return count > base

@@ -117,3 +117,73 @@ def test_positive_log_decay_under_jit_is_nan_not_silent():
                                       implementation="xla")[:, :, 0]), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="log_decay must be finite and ≤ 0"):
     ops.linear_attention(q, k, v, log_decay=decay, implementation="xla")
+
+
+# Through the fused kernels (interpret mode), whose masks multiply by 0 inside a tile:
+# the op's guard (`ops.nonfinite_guard`) must give what the XLA path gives. Each case
+# plants an Inf in a key of the first run and a NaN in a value of the second, both at
+# masked positions of tiles that also hold visible pairs.
+SOFTMAX_KERNELS = [("pallas_triton", jnp.float32, 16, 32),
+                   ("pallas_mosaic_gpu", jnp.bfloat16, 64, 64)]
+LINEAR_KERNELS = [("pallas_triton", jnp.float32, 16, 32), ("triton", jnp.float32, 16, 32),
+                  ("pallas_mosaic_gpu", jnp.bfloat16, 64, 64)]
+
+
+def _planted(dtype, dim, seq, heads=2):
+  q, k, v = (x.astype(dtype) for x in _qkv(seq=seq, heads=heads, dim=dim))
+  half = seq // 2
+  segments = jnp.asarray(np.repeat([0, 1], half)[None])
+  bad_k = k.at[0, 3, 0, 1].set(jnp.inf)
+  bad_v = v.at[0, half + 5].set(jnp.nan)
+  return (q, k, v), (q, bad_k, bad_v), segments
+
+
+def _check_against_xla(run, implementation, clean, planted, rtol):
+  want = run(*planted, implementation="xla")
+  got = run(*planted, implementation=implementation)
+  sees = ~np.isfinite(np.asarray(want, np.float32)).all(axis=-1)  # [1, seq, heads]
+  assert sees.any() and not sees.all()
+  np.testing.assert_array_equal(~np.isfinite(np.asarray(got, np.float32)).all(axis=-1), sees)
+  np.testing.assert_allclose(np.asarray(got, np.float32)[~sees],
+                             np.asarray(want, np.float32)[~sees], rtol=rtol, atol=rtol)
+  with ops.nonfinite_guard(False):  # the case does exercise the kernel's leak
+    unguarded = run(*planted, implementation=implementation)
+  assert (~np.isfinite(np.asarray(unguarded, np.float32)).all(axis=-1) & ~sees).any()
+
+  def loss(q, k, v):  # the outputs that see no planted value
+    out = run(q, k, v, implementation=implementation).astype(jnp.float32)
+    return jnp.sum(jnp.where(jnp.asarray(~sees)[..., None], out, 0.0))
+  grads = jax.grad(loss, (0, 1, 2))(*planted)
+  clean_grads = jax.grad(loss, (0, 1, 2))(*clean)
+  for g, c in zip(grads, clean_grads):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(c, np.float32),
+                               rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("implementation, dtype, dim, seq", SOFTMAX_KERNELS)
+def test_softmax_kernels_keep_nonfinite_to_the_queries_that_see_it(
+    monkeypatch, implementation, dtype, dim, seq):
+  monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
+  clean, planted, segments = _planted(dtype, dim, seq)
+
+  def run(q, k, v, implementation):
+    return ops.dot_product_attention(q, k, v, is_causal=True, q_segment_ids=segments,
+                                     kv_segment_ids=segments, implementation=implementation)
+  _check_against_xla(run, implementation, clean, planted,
+                     rtol=2e-2 if dtype == jnp.bfloat16 else 1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # unguarded
+@pytest.mark.parametrize("implementation, dtype, dim, seq", LINEAR_KERNELS)
+def test_linear_kernels_keep_nonfinite_to_its_run(monkeypatch, implementation, dtype, dim,
+                                                  seq):
+  monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
+  clean, planted, segments = _planted(dtype, dim, seq)
+  log_decay = -jax.random.uniform(fresh_keys(1)[0], (1, seq, 2))
+
+  def run(q, k, v, implementation):
+    return ops.linear_attention(q, k, v, log_decay=log_decay, segment_ids=segments,
+                                chunk_size=64 if dim == 64 else 16,
+                                implementation=implementation)
+  _check_against_xla(run, implementation, clean, planted,
+                     rtol=3e-2 if dtype == jnp.bfloat16 else 1e-4)

@@ -1,0 +1,108 @@
+"""Exact answers from the kernels when an input holds a NaN or an Inf.
+
+A fused kernel masks inside a tile by multiplying by 0, so a non-finite key or value at a
+masked position of the same tile reaches outputs that do not see it (0 · NaN is NaN), and
+a non-finite query reaches the gradients of keys it does not see. The XLA paths never let
+it (docs/reliability.md). Around every kernel the ops check that query, key and value are
+finite (one read of each, reduced to one flag) and `lax.cond` on that flag:
+
+- all finite (every call of a healthy run): the kernel, on the inputs as they are;
+- otherwise: the kernel on copies with the non-finite rows zeroed, then NaN put back, as
+  the XLA paths do, exactly where the mask lets a bad row be seen. Softmax attention finds
+  those queries with a second call of the same kernel on zero queries and keys (every
+  visible key then has weight 1/n, so no weight underflows) and the bad-row flags as
+  values; linear attention from the runs (segments) alone.
+
+Both branches are compiled; under `vmap` the flag is batched and `lax.cond` becomes a
+select that runs both. `nonfinite_guard(False)` turns the check off within a context
+(a benchmark of the kernels alone, inputs known to be finite). Like `dispatch.kernels`,
+it is read when JAX traces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.nonfinite import mark_linear, zero_nonfinite
+
+_ENABLED = contextvars.ContextVar("attn_jax_nonfinite_guard", default=True)
+
+
+@contextlib.contextmanager
+def nonfinite_guard(enabled: bool):
+  """Within the context, kernels called by the ops are (True, the default) or are not
+  (False) guarded against non-finite inputs reaching outputs that do not see them."""
+  if not isinstance(enabled, bool):
+    raise ValueError(f"nonfinite_guard takes True or False; got {enabled!r}.")
+  token = _ENABLED.set(enabled)
+  try:
+    yield
+  finally:
+    _ENABLED.reset(token)
+
+
+def _all_finite(*arrays):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
+
+
+def guard_attention(run):
+  """`run(query, key, value, q_segment_ids, kv_segment_ids, sinks, **static)`, a softmax
+  attention kernel's op call (`attention._backend`), guarded as the module says."""
+
+  def guarded(query, key, value, q_segment_ids, kv_segment_ids, sinks, **static):
+    if not _ENABLED.get():
+      return run(query, key, value, q_segment_ids, kv_segment_ids, sinks, **static)
+    operands = (query, key, value, q_segment_ids, kv_segment_ids, sinks)
+
+    def as_is(operands):
+      return run(*operands, **static)
+
+    def exact(operands):
+      query, key, value, q_segment_ids, kv_segment_ids, sinks = operands
+      (query, bad_q), (key, bad_k), (value, bad_v) = map(zero_nonfinite,
+                                                          (query, key, value))
+      result = run(query, key, value, q_segment_ids, kv_segment_ids, sinks, **static)
+      bad_rows = jnp.broadcast_to((bad_k | bad_v)[..., None], value.shape).astype(value.dtype)
+      seen = run(jnp.zeros_like(query), jnp.zeros_like(key), bad_rows, q_segment_ids,
+                 kv_segment_ids, None,
+                 **dict(static, logits_soft_cap=None, return_residuals=False))
+      sees_bad = bad_q | (seen[..., 0] > 0)  # [batch, q_seq, q_heads]
+      if not static["return_residuals"]:
+        return jnp.where(sees_bad[..., None], jnp.nan, result)
+      out, lse = result
+      return (jnp.where(sees_bad[..., None], jnp.nan, out),
+              jnp.where(jnp.moveaxis(sees_bad, 1, 2), jnp.nan, lse))
+
+    return lax.cond(_all_finite(query, key, value), as_is, exact, operands)
+
+  return guarded
+
+
+def guard_linear(run):
+  """`run(query, key, value, log_decay, initial_state, resets, **static)`, a causal linear
+  attention kernel's op call (`linear_attention.BACKENDS`), guarded as the module says."""
+
+  def guarded(query, key, value, log_decay, initial_state, resets, **static):
+    if not _ENABLED.get():
+      return run(query, key, value, log_decay, initial_state, resets, **static)
+    operands = (query, key, value, log_decay, initial_state, resets)
+
+    def as_is(operands):
+      return run(*operands, **static)
+
+    def exact(operands):
+      query, key, value, log_decay, initial_state, resets = operands
+      (query, bad_q), (key, bad_k), (value, bad_v) = map(zero_nonfinite,
+                                                          (query, key, value))
+      out, final = run(query, key, value, log_decay, initial_state, resets, **static)
+      ratio = value.shape[2] // key.shape[2]  # value heads per key head
+      bad_q, bad_k = (jnp.repeat(x, ratio, axis=2) for x in (bad_q, bad_k))
+      return mark_linear(out, final, bad_q, bad_k | bad_v, resets)
+
+    return lax.cond(_all_finite(query, key, value), as_is, exact, operands)
+
+  return guarded
