@@ -63,7 +63,10 @@ GRIDS = {
         cells=((64, 4), (128, 8), (256, 16), (512, 64)), d_models=(64, 128, 256, 512),
         mixers=ZOO, learning_rates=tuple(float(x) for x in np.logspace(-4, -2, 4)),
         epochs=64),
-    # What a CPU can run: two cells, two widths, two learning rates, 8 epochs of 20,000.
+    # What a CPU can run one run of at a time: two cells, two widths, two learning rates,
+    # 8 epochs of 20,000 (312 steps of 512; about 5 minutes a run on 2 cores with logits
+    # only at the queries). All of it is 112 runs, about 10 hours: narrow it with
+    # --mixers, --cells and --d_models (docs/results/zoology.md has the runs made).
     "zoology_figure2_cpu": Grid(
         cells=((64, 4), (128, 8)), d_models=(64, 128), mixers=ZOO,
         learning_rates=(1e-3, 3e-3), epochs=8, num_train_examples=20_000,
