@@ -45,64 +45,54 @@ def nonfinite_guard(enabled: bool):
     _ENABLED.reset(token)
 
 
-def _all_finite(*arrays):
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
-
-
 def guard_attention(run):
   """`run(query, key, value, q_segment_ids, kv_segment_ids, sinks, **static)`, a softmax
   attention kernel's op call (`attention._backend`), guarded as the module says."""
-
-  def guarded(query, key, value, q_segment_ids, kv_segment_ids, sinks, **static):
-    if not _ENABLED.get():
-      return run(query, key, value, q_segment_ids, kv_segment_ids, sinks, **static)
-    operands = (query, key, value, q_segment_ids, kv_segment_ids, sinks)
-
-    def as_is(operands):
-      return run(*operands, **static)
-
-    def exact(operands):
-      query, key, value, q_segment_ids, kv_segment_ids, sinks = operands
-      (query, bad_q), (key, bad_k), (value, bad_v) = map(zero_nonfinite,
-                                                          (query, key, value))
-      result = run(query, key, value, q_segment_ids, kv_segment_ids, sinks, **static)
-      bad_rows = jnp.broadcast_to((bad_k | bad_v)[..., None], value.shape).astype(value.dtype)
-      seen = run(jnp.zeros_like(query), jnp.zeros_like(key), bad_rows, q_segment_ids,
-                 kv_segment_ids, None,
-                 **dict(static, logits_soft_cap=None, return_residuals=False))
-      sees_bad = bad_q | (seen[..., 0] > 0)  # [batch, q_seq, q_heads]
-      if not static["return_residuals"]:
-        return jnp.where(sees_bad[..., None], jnp.nan, result)
-      out, lse = result
-      return (jnp.where(sees_bad[..., None], jnp.nan, out),
-              jnp.where(jnp.moveaxis(sees_bad, 1, 2), jnp.nan, lse))
-
-    return lax.cond(_all_finite(query, key, value), as_is, exact, operands)
-
-  return guarded
+  return _guard(run, _exact_attention)
 
 
 def guard_linear(run):
   """`run(query, key, value, log_decay, initial_state, resets, **static)`, a causal linear
   attention kernel's op call (`linear_attention.BACKENDS`), guarded as the module says."""
+  return _guard(run, _exact_linear)
 
-  def guarded(query, key, value, log_decay, initial_state, resets, **static):
+
+def _guard(run, exact):
+  """`run` when disabled or when its first three operands (q, k, v) are finite, else
+  `exact(run, operands, static)`."""
+
+  def guarded(*operands, **static):
     if not _ENABLED.get():
-      return run(query, key, value, log_decay, initial_state, resets, **static)
-    operands = (query, key, value, log_decay, initial_state, resets)
-
-    def as_is(operands):
       return run(*operands, **static)
-
-    def exact(operands):
-      query, key, value, log_decay, initial_state, resets = operands
-      (query, bad_q), (key, bad_k), (value, bad_v) = map(zero_nonfinite,
-                                                          (query, key, value))
-      out, final = run(query, key, value, log_decay, initial_state, resets, **static)
-      ratio = value.shape[2] // key.shape[2]  # value heads per key head
-      bad_q, bad_k = (jnp.repeat(x, ratio, axis=2) for x in (bad_q, bad_k))
-      return mark_linear(out, final, bad_q, bad_k | bad_v, resets)
-
-    return lax.cond(_all_finite(query, key, value), as_is, exact, operands)
+    return lax.cond(_all_finite(*operands[:3]), lambda ops: run(*ops, **static),
+                    lambda ops: exact(run, ops, static), operands)
 
   return guarded
+
+
+def _all_finite(*arrays):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
+
+
+def _exact_attention(run, operands, static):
+  query, key, value, q_segment_ids, kv_segment_ids, sinks = operands
+  (query, bad_q), (key, bad_k), (value, bad_v) = map(zero_nonfinite, (query, key, value))
+  result = run(query, key, value, q_segment_ids, kv_segment_ids, sinks, **static)
+  bad_rows = jnp.broadcast_to((bad_k | bad_v)[..., None], value.shape).astype(value.dtype)
+  seen = run(jnp.zeros_like(query), jnp.zeros_like(key), bad_rows, q_segment_ids,
+             kv_segment_ids, None, **dict(static, logits_soft_cap=None, return_residuals=False))
+  sees_bad = bad_q | (seen[..., 0] > 0)  # [batch, q_seq, q_heads]
+  if not static["return_residuals"]:
+    return jnp.where(sees_bad[..., None], jnp.nan, result)
+  out, lse = result
+  return (jnp.where(sees_bad[..., None], jnp.nan, out),
+          jnp.where(jnp.moveaxis(sees_bad, 1, 2), jnp.nan, lse))
+
+
+def _exact_linear(run, operands, static):
+  query, key, value, log_decay, initial_state, resets = operands
+  (query, bad_q), (key, bad_k), (value, bad_v) = map(zero_nonfinite, (query, key, value))
+  out, final = run(query, key, value, log_decay, initial_state, resets, **static)
+  ratio = value.shape[2] // key.shape[2]  # value heads per key head
+  bad_q, bad_k = (jnp.repeat(x, ratio, axis=2) for x in (bad_q, bad_k))
+  return mark_linear(out, final, bad_q, bad_k | bad_v, resets)
