@@ -49,6 +49,10 @@ _IMPLS = flags.DEFINE_list("implementations", ["cudnn", "xla", "pallas_triton"],
 _PEERS = flags.DEFINE_list("peers", [], f"Peers to time beside ours: {', '.join(peers.SOFTMAX)}.")
 _OUT = flags.DEFINE_string("output_dir", "/tmp/bench_attention", "Where JSON/markdown/plot go.")
 _TRIALS = flags.DEFINE_integer("trials", 15, "Timed trials per row (median reported).")
+_GUARD = flags.DEFINE_bool(
+    "nonfinite_guard", False, "Time our kernels with the ops' non-finite check (True, what "
+    "ops calls do by default: it costs forward-only calls a read of k and v, "
+    "docs/reliability.md) or alone (False, as the peers run).")
 
 # What a CPU runs when these flags are not set (`benchmarking.small_sweep_on_cpu`).
 _CPU_SWEEP = {"seq_lens": "256,512", "tokens_per_batch": "1024", "heads": "4", "head_dim": "64",
@@ -147,6 +151,11 @@ def bench_row(impl, seq, mask, shape, pass_, key):
 
 def main(argv):
   del argv
+  with ops.nonfinite_guard(_GUARD.value):
+    _sweep()
+
+
+def _sweep():
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
   benchmarking.small_sweep_on_cpu(_CPU_SWEEP)
   impls = list(_IMPLS.value) + peers.usable(_PEERS.value, "softmax")

@@ -49,6 +49,10 @@ _SOFTMAX = flags.DEFINE_string("softmax_implementation", "cudnn",
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "chunk_size passed to the op.")
 _OUT = flags.DEFINE_string("output_dir", "/tmp/bench_linear_attention", "Output folder.")
 _TRIALS = flags.DEFINE_integer("trials", 10, "Timed trials per row (median reported).")
+_GUARD = flags.DEFINE_bool(
+    "nonfinite_guard", False, "Time our kernels with the ops' non-finite check (True, what "
+    "ops calls do by default: it costs forward-only calls a read of k and v, "
+    "docs/reliability.md) or alone (False, as the peers run).")
 
 # What a CPU runs when these flags are not set (`benchmarking.small_sweep_on_cpu`).
 _CPU_SWEEP = {"seq_lens": "256,512", "tokens_per_batch": "1024", "heads": "4",
@@ -107,6 +111,11 @@ def bench_row(impl, seq, form, pass_, key):
 
 def main(argv):
   del argv
+  with ops.nonfinite_guard(_GUARD.value):
+    _sweep()
+
+
+def _sweep():
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
   benchmarking.small_sweep_on_cpu(_CPU_SWEEP)
   impls = (list(_IMPLS.value) + peers.usable(_PEERS.value, "linear")

@@ -3,8 +3,9 @@
 A fused kernel masks inside a tile by multiplying by 0, so a non-finite key or value at a
 masked position of the same tile reaches outputs that do not see it (0 · NaN is NaN), and
 a non-finite query reaches the gradients of keys it does not see. The XLA paths never let
-it (docs/reliability.md). Around every kernel the ops check that query, key and value are
-finite (one read of each, reduced to one flag) and `lax.cond` on that flag:
+it (docs/reliability.md). Around every kernel the ops check that key and value are finite
+(one read of each, reduced to one flag; a bad query reaches only its own row in every
+kernel's forward) and `lax.cond` on that flag:
 
 - all finite (every call of a healthy run): the kernel, on the inputs as they are;
 - otherwise: the kernel on copies with the non-finite rows zeroed, then NaN put back, as
@@ -13,8 +14,12 @@ finite (one read of each, reduced to one flag) and `lax.cond` on that flag:
   visible key then has weight 1/n, so no weight underflows) and the bad-row flags as
   values; linear attention from the runs (segments) alone.
 
-Both branches are compiled; under `vmap` the flag is batched and `lax.cond` becomes a
-select that runs both. `nonfinite_guard(False)` turns the check off within a context
+Differentiated, the guard steps aside: it is a `custom_vjp` whose forward rule is the
+kernel's own, because autodiff through a `lax.cond` carries both branches' residuals
+(measured on an H100: forward + backward 5-85 % slower; docs/reliability.md). Under
+`jax.grad` a non-finite input therefore reaches what the kernel lets it reach. Both
+branches are compiled; under `vmap` the flag is batched and `lax.cond` becomes a select
+that runs both. `nonfinite_guard(False)` turns the check off within a context
 (a benchmark of the kernels alone, inputs known to be finite). Like `dispatch.kernels`,
 it is read when JAX traces.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -58,14 +64,21 @@ def guard_linear(run):
 
 
 def _guard(run, exact):
-  """`run` when disabled or when its first three operands (q, k, v) are finite, else
-  `exact(run, operands, static)`."""
+  """`run` when disabled or when its operands 1 and 2 (key, value) are finite, else
+  `exact(run, operands, static)`; differentiated, `run` as is (its own VJP)."""
 
   def guarded(*operands, **static):
     if not _ENABLED.get():
       return run(*operands, **static)
-    return lax.cond(_all_finite(*operands[:3]), lambda ops: run(*ops, **static),
-                    lambda ops: exact(run, ops, static), operands)
+    unguarded = lambda *ops: run(*ops, **static)
+
+    @jax.custom_vjp
+    def call(*ops):
+      return lax.cond(_all_finite(*ops[1:3]), lambda o: unguarded(*o),
+                      lambda o: exact(run, o, static), ops)
+
+    call.defvjp(lambda *ops: jax.vjp(unguarded, *ops), lambda vjp, g: vjp(g))
+    return call(*operands)
 
   return guarded
 
