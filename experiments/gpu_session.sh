@@ -13,6 +13,8 @@
 # item 5: Lightning vs softmax LM, medium with 8 heads of 128, 32k tokens per step, at
 # seq 1k, 4k, 16k, 32k), forward_ab (issue 21: the current Mosaic GPU linear forward
 # against the reverted three-warpgroup one and jla, then a profile of each; not in the
+# default list), prepass_ab (issue 21: the forward with wq, wk, d derived in the kernel,
+# a patch, against the current one and jla, then the compiled tests with it; not in the
 # default list). Logs and JSON go under OUT; a compact table to stdout.
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT [tests|linear|flash|training ...]}
@@ -77,6 +79,25 @@ for step in ${steps[*]}; do
         echo "gpu_session.sh: the three-warpgroup patch does not apply" >&2
       fi
       ;;
-    *) echo "gpu_session.sh: unknown step '$step' (tests, linear, flash, training, forward_ab)" >&2 ;;
+    prepass_ab)
+      # Issue 21: the linear forward with wq, wk, d derived in the kernel (patch) against
+      # the current one (XLA pass + TMA copies) and jla; then the compiled tests with it.
+      ab=/tmp/prepass_ab; mkdir -p "$ab"
+      kernel=pallas_kernels/linear_attention/pallas_mosaic_gpu.py
+      patch_file=docs/perf/runs/2026-12-07c-linear-forward-derived-vectors.patch
+      cp "$kernel" "$ab/pm_before.py"
+      if git apply "$patch_file" || patch -p1 < "$patch_file"; then
+        PYTHONPATH=$ab:$PYTHONPATH timeout 200 python3 \
+          docs/perf/runs/scripts/2026-12-07c-forward_prepass_ab.py 2>&1 | quiet \
+          | tee "$out/prepass_ab.md"
+        JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu_only \
+          tests/pallas_kernels/linear_attention/test_pallas_mosaic_gpu.py 2>&1 | tail -5 \
+          | tee "$out/prepass_tests.log"
+        cp "$ab/pm_before.py" "$kernel"
+      else
+        echo "gpu_session.sh: the derived-vectors patch does not apply" >&2
+      fi
+      ;;
+    *) echo "gpu_session.sh: unknown step '$step' (tests, linear, flash, training, forward_ab, prepass_ab)" >&2 ;;
   esac
 done
