@@ -21,3 +21,17 @@ def pytest_collection_modifyitems(config, items):
       if item.get_closest_marker(marker) and platform != needed:
         item.add_marker(pytest.mark.skip(reason=f"needs a {needed.upper()}; "
                                                 f"backend is {platform}"))
+
+
+@pytest.fixture(autouse=True)
+def _nonfinite_guard_only_where_tested(request):
+  """The ops guard every kernel against non-finite inputs with a `lax.cond` whose other
+  branch calls the kernel again; interpreted, compiling it doubles the kernel tests'
+  time. Tests marked `nonfinite_guard` (tests/ops/test_nonfinite.py) run it as users do;
+  the rest, whose inputs are finite, take the kernel alone."""
+  if request.node.get_closest_marker("nonfinite_guard"):
+    yield
+    return
+  from attn_jax import ops  # pylint: disable=import-outside-toplevel
+  with ops.nonfinite_guard(False):
+    yield

@@ -15,6 +15,8 @@ import pytest
 from attn_jax import ops
 from tests.utils import fresh_keys, normal
 
+pytestmark = pytest.mark.nonfinite_guard  # on, as users run (tests/conftest.py)
+
 SEGMENTS = np.repeat(np.arange(4), 4)[None]  # [1, 16]: four runs of 4 tokens
 
 
