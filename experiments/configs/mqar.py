@@ -10,7 +10,8 @@ based, lightning, retnet, hgrn2, mamba2, linear, mla, diff, base_conv, hyena) or
 hybrid:
 "hybrid" (MiniMax-style lightning, softmax), "griffin" (hgrn2, hgrn2, swa),
 "based_hybrid" (based, swa), "zoology_based" (base_conv, based: Zoology's "based"),
-"zoology_attention" and "zoology_swa" (base_conv, then softmax or swa: Based's Figure 2). Every model is the tiny size (d_model 64, 2 layers), except "heads": softmax
+"zoology_attention", "zoology_swa" and "zoology_gla" (base_conv, then softmax, swa or
+gla: Based's Figure 2). Every model is the tiny size (d_model 64, 2 layers), except "heads": softmax
 attention with 8 heads of 16 (d_model 128) on 128 tokens with 8 pairs, 1,000 steps (about
 20 minutes on 2 CPU cores), the model `experiments/analyze_heads.py` is shown on in
 docs/analysis.md.
@@ -31,6 +32,7 @@ HYBRIDS = {
     # Based's Figure 2 pairs every mixer with a BaseConv layer the same way.
     "zoology_attention": ("base_conv", "softmax"),
     "zoology_swa": ("base_conv", "swa"),
+    "zoology_gla": ("base_conv", "gla"),
 }
 
 

@@ -86,6 +86,21 @@ GRIDS = {
         eval_slices=("64x4:1000,64x8:1000,64x16:1000,128x32:1000,256x64:1000,"
                      "512x128:1000,1024x256:1000"),
         max_len=1024, batch_size=256),
+    # What a CPU can run of it in about half an hour: one width, one learning rate, vocab
+    # 128 (the default MQAR task's, which a tiny model learns in minutes; the paper: 8,192),
+    # a mix of two short slices (15,000 examples, 8 epochs), evaluated up to length 256; the
+    # frontier's mixers at two state sizes each, GLA and BaseConv (docs/results/based.md).
+    "based_figure2_cpu": Grid(
+        cells=((128, 0),), d_models=(64,),
+        mixers=("zoology_attention",)
+        + tuple(f"zoology_based:based.feature_dim={f}" for f in (8, 16))
+        + tuple(f"zoology_swa:swa.window_size={w}" for w in (16, 64))
+        + tuple(f"mamba2:mamba2.state_size={n}" for n in (8, 16))
+        + ("zoology_gla", "base_conv"),
+        learning_rates=(3e-3,), epochs=8, vocab_size=128, num_train_examples=15_000,
+        num_eval_examples=1_500, random_non_queries=True,
+        train_slices="64x4:10000,128x8:5000",
+        eval_slices="64x4:500,128x8:500,256x16:500", max_len=256, batch_size=128),
     "smoke": Grid(cells=((32, 2), (48, 4)), d_models=(16,), mixers=("softmax", "base_conv"),
                   learning_rates=(3e-3,), epochs=1, vocab_size=64, num_train_examples=256,
                   num_eval_examples=64),
