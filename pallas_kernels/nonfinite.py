@@ -17,7 +17,7 @@ def zero_nonfinite(x):
   return jnp.where(finite, x, 0), ~jnp.all(finite, axis=-1)
 
 
-def seen_in_run(bad, resets):
+def _seen_in_run(bad, resets):
   """`[batch, seq, heads]` bool: some token s ≤ t of t's run (segment) is `bad`; bad
   `[batch, seq, heads]`, resets `[batch, seq]` (True where a run starts)."""
   count = jnp.cumsum(bad.astype(jnp.int32), axis=1)
@@ -32,7 +32,7 @@ def mark_linear(out, final, bad_q, bad_kv, resets):
   `[b, s, h, v]` at the bad queries and from a bad key or value to the end of its run;
   the final state `[b, h, k, v]` when the last run holds a bad key or value. bad_q and
   bad_kv are `[b, s, h]` over the value heads."""
-  seen = seen_in_run(bad_kv, resets)
+  seen = _seen_in_run(bad_kv, resets)
   out = jnp.where((bad_q | seen)[..., None], jnp.nan, out)
   final = jnp.where(seen[:, -1, :, None, None], jnp.nan, final)
   return out, final

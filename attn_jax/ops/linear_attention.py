@@ -226,6 +226,13 @@ def _check_state(name, state, shape, normalize):
 
 _STATIC_ARGS = ("scale", "chunk_size", "interpret")
 
+
+def _kernel(entry):
+  """A kernel's `linear_attention` as the op calls it: through one shared jit
+  (`dispatch.traced_once`), guarded against non-finite inputs (`nonfinite_guard`)."""
+  return guard_linear(dispatch.traced_once(entry, _STATIC_ARGS))
+
+
 # pylint: disable=g-import-not-at-top  (a kernel is imported when it first runs)
 
 
@@ -236,12 +243,12 @@ def _xla():
 
 def _pallas_mosaic_gpu():
   from pallas_kernels.linear_attention import pallas_mosaic_gpu
-  return guard_linear(dispatch.traced_once(pallas_mosaic_gpu.linear_attention, _STATIC_ARGS))
+  return _kernel(pallas_mosaic_gpu.linear_attention)
 
 
 def _pallas_triton():
   from pallas_kernels.linear_attention import pallas_triton
-  return guard_linear(dispatch.traced_once(pallas_triton.linear_attention, _STATIC_ARGS))
+  return _kernel(pallas_triton.linear_attention)
 
 
 def _triton():
@@ -262,12 +269,12 @@ def _triton():
       raise NotImplementedError(
           f"implementation='triton' compiles through jax_triton, which does not import "
           f"here ({e}): {install}.") from e
-  return guard_linear(dispatch.traced_once(triton.linear_attention, _STATIC_ARGS))
+  return _kernel(triton.linear_attention)
 
 
 def _pallas_tpu():
   from pallas_kernels.linear_attention import pallas_tpu
-  return guard_linear(dispatch.traced_once(pallas_tpu.linear_attention, _STATIC_ARGS))
+  return _kernel(pallas_tpu.linear_attention)
 
 
 # On Hopper the Mosaic GPU kernels serve fixed and scalar decays (measured faster than
