@@ -17,8 +17,9 @@ walks its chunks in order with the state on chip and writes
   wk_j = e^{b_C − b_j} [rel_j = rel_C];               d = e^{b_C} [the chunk has no reset].
 
 - Warp-specialised as the flash-attention kernels (`pallas_kernels.mosaic_gpu_parts`): a
-  memory warpgroup streams each chunk's Q, K, V and vectors (b, rel, wq, wk, d) into
-  shared-memory slots with TMA; one compute warpgroup per 64 value columns keeps its
+  memory warpgroup streams each chunk's Q, K, V and vectors b, rel into shared-memory
+  slots with TMA (the compute warpgroups derive wq, wk and d from them, b_C and rel_C
+  read as scalars); one compute warpgroup per 64 value columns keeps its
   `[K, 64]` slice of h in registers (f32). `BlockSizes.value_blocks` spreads a head's
   value columns over that many CTAs (each reads Q and K) when batch × heads is small.
 - A compute warpgroup's chunk: Q Kᵀ and Q h together (wgmma; h read from shared memory
@@ -49,8 +50,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_gpu_parts as parts
 from pallas_kernels.linear_attention import chunked_plan
-from pallas_kernels.linear_attention.pallas_mosaic_gpu_gradients import (chunk_vectors,
-                                                                       decay_gradient,
+from pallas_kernels.linear_attention.pallas_mosaic_gpu_gradients import (decay_gradient,
                                                                        gradients)
 from pallas_kernels.linear_attention.pallas_mosaic_gpu_states import state_call
 from pallas_kernels.linear_attention.mosaic_gpu_tiles import (along, column_tiles, matmuls,
@@ -94,14 +94,14 @@ class _Static:
   interpret: bool
 
 
-def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, wq_ref, wk_ref, d_ref, start_ref,
-            out_ref, end_ref, smem, barriers, *, st: _Static):
+def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, out_ref, end_ref, smem,
+            barriers, *, st: _Static):
   """One CTA: one (batch, value head, piece). q_ref, k_ref [B, T, Hk, K]; v_ref, out_ref
-  [B, T, H, V]; b_ref, wq_ref, wk_ref [B, H, T] f32; rel_ref [B, T] int32; d_ref
-  [B, H, N, K] f32 (d per chunk, repeated over the state's rows); start_ref, end_ref
-  [B, H, P, K, V] f32."""
+  [B, T, H, V]; b_ref [B, H, T] f32; rel_ref [B, T] int32; start_ref, end_ref
+  [B, H, P, K, V] f32. wq, wk and d come from b and rel here, as the docstring defines
+  them (b_C and rel_C read as scalars)."""
   q_smem, k_smem, v_smem, vectors, own = smem
-  b_smem, b_cols_smem, rel_smem, rel_cols_smem, wq_smem, wk_smem, d_smem = vectors
+  b_smem, b_cols_smem, rel_smem, rel_cols_smem = vectors
   h_smem2, vw_smem2, o_smem2 = own
   ready, free = barriers
   batch, piece = lax.axis_index("batch"), lax.axis_index("pieces")
@@ -112,17 +112,13 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, wq_ref, wk_ref, d_ref, start_re
   width = COLUMNS_PER_WARPGROUP
 
   def issue(t, slot):  # Step t of the stream is the piece's chunk t.
-    chunk = first + t
-    rows = pl.ds(chunk * CHUNK, CHUNK)
+    rows = pl.ds((first + t) * CHUNK, CHUNK)
     copies = [(q_ref.at[batch, rows, key_head], q_smem.at[slot]),
               (k_ref.at[batch, rows, key_head], k_smem.at[slot]),
               (b_ref.at[batch, head, rows], b_smem.at[slot]),
               (b_ref.at[batch, head, rows], b_cols_smem.at[slot]),
               (rel_ref.at[batch, rows], rel_smem.at[slot]),
-              (rel_ref.at[batch, rows], rel_cols_smem.at[slot]),
-              (wq_ref.at[batch, head, rows], wq_smem.at[slot]),
-              (wk_ref.at[batch, head, rows], wk_smem.at[slot]),
-              (d_ref.at[batch, head, chunk], d_smem.at[slot])]
+              (rel_ref.at[batch, rows], rel_cols_smem.at[slot])]
     copies += column_tiles(v_ref, v_smem, batch, rows, head, column_block, slot,
                            st.warpgroups, width)
     for src, dst in copies:
@@ -152,21 +148,22 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, wq_ref, wk_ref, d_ref, start_re
       b_j = plgpu.load(b_cols_smem.at[slot], layout=parts.COLUMNS)
       rel_i = plgpu.load(rel_smem.at[slot], layout=parts.ROWS)
       rel_j = plgpu.load(rel_cols_smem.at[slot], layout=parts.COLUMNS)
+      b_last, rel_last = b_smem[slot, CHUNK - 1], rel_smem[slot, CHUNK - 1]
       visible = causal & (along(rel_i, shape, 0) == along(rel_j, shape, 1))
       decay = jnp.exp(jnp.where(visible, along(b_i, shape, 0) - along(b_j, shape, 1),
                                 -jnp.inf))
-      wq = plgpu.load(wq_smem.at[slot], layout=parts.ROWS)
+      wq = jnp.where(rel_i == 0, jnp.exp(b_i), 0.0)
       o = qh * along(wq, qh.shape, 0)
       o, = matmuls([(o, (scores * decay).astype(dtype), v, "nn")], st.interpret)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's O has left
       o_smem[...] = (o * st.scale).astype(dtype)
-      wk = plgpu.load(wk_smem.at[slot], layout=parts.ROWS)
+      wk = jnp.where(rel_i == rel_last, jnp.exp(b_last - b_i), 0.0)
       v_rows = plgpu.load(v, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
       vw_smem[...] = (v_rows * along(wk, v_rows.shape, 0)).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, rows, head, cols])
-      d = plgpu.load(d_smem.at[slot], layout=parts.ROWS)
-      h, = matmuls([(h * along(d, h.shape, 0), k, vw_smem, "tn")], st.interpret)
+      d = jnp.where(rel_last == 0, jnp.exp(b_last), 0.0)
+      h, = matmuls([(h * d, k, vw_smem, "tn")], st.interpret)
       plgpu.barrier_arrive(free.at[slot])
       h_smem[...] = h.astype(dtype)
       plgpu.commit_smem()
@@ -192,7 +189,7 @@ def _output_call(q, k, v, b, rel, starts, plan, blocks: BlockSizes):
   st = _Static(scale=plan.scale, chunks=plan.chunks_per_piece, ratio=heads // key_heads,
                warpgroups=wgs, value_blocks=blocks.value_blocks, slots=slots,
                interpret=plan.interpret)
-  b, wq, wk, d = chunk_vectors(b, rel, key_dim)
+  b = jnp.moveaxis(b, 2, 1)  # [B, H, T]: tokens contiguous, for TMA
   dtype = q.dtype
   tiled = lambda *shape: plgpu.SMEM(shape, dtype, transforms=parts.TILED)
   vector = lambda length, vdtype=jnp.float32: plgpu.SMEM((slots, length), vdtype)
@@ -201,16 +198,15 @@ def _output_call(q, k, v, b, rel, starts, plan, blocks: BlockSizes):
       tiled(slots, CHUNK, key_dim),  # K
       tiled(slots, wgs, CHUNK, COLUMNS_PER_WARPGROUP),  # V, by compute warpgroup
       # b and rel twice: loaded as rows and as columns of the score tile, one layout per ref
-      (vector(CHUNK), vector(CHUNK), vector(CHUNK, jnp.int32), vector(CHUNK, jnp.int32),
-       vector(CHUNK), vector(CHUNK), vector(key_dim)),  # b b rel rel wq wk d
+      (vector(CHUNK), vector(CHUNK), vector(CHUNK, jnp.int32), vector(CHUNK, jnp.int32)),
       (tiled(wgs, key_dim, COLUMNS_PER_WARPGROUP),  # h, read by the tensor cores
        tiled(wgs, CHUNK, COLUMNS_PER_WARPGROUP),  # wk ⊙ V
        tiled(wgs, CHUNK, COLUMNS_PER_WARPGROUP)),  # O on its way out
   )
-  barriers = (plgpu.Barrier(num_arrivals=9 + wgs, num_barriers=slots),  # chunk ready
+  barriers = (plgpu.Barrier(num_arrivals=6 + wgs, num_barriers=slots),  # chunk ready
               plgpu.Barrier(num_arrivals=wgs, num_barriers=slots))  # slot free
   return parts.launch(
-      functools.partial(_kernel, st=st), (q, k, v, b, rel, wq, wk, d, starts),
+      functools.partial(_kernel, st=st), (q, k, v, b, rel, starts),
       (jax.ShapeDtypeStruct(v.shape, dtype), jax.ShapeDtypeStruct(starts.shape, jnp.float32)),
       smem, barriers, grid=(heads * blocks.value_blocks, pieces, batch),
       grid_names=("heads", "pieces", "batch"), interpret=st.interpret,
