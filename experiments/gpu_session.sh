@@ -11,11 +11,9 @@
 # gate), linear (the linear-attention sweep: auto, pallas_mosaic_gpu, jla), flash (the
 # softmax sweep: auto, pallas_mosaic_gpu, cuDNN, FlashAttention-3), training (issue 21
 # item 5: Lightning vs softmax LM, medium with 8 heads of 128, 32k tokens per step, at
-# seq 1k, 4k, 16k, 32k), forward_ab (issue 21: the current Mosaic GPU linear forward
-# against the reverted three-warpgroup one and jla, then a profile of each; not in the
-# default list), prepass_ab (issue 21: the forward with wq, wk, d derived in the kernel,
-# a patch, against the current one and jla, then the compiled tests with it; not in the
-# default list). Logs and JSON go under OUT; a compact table to stdout.
+# seq 1k, 4k, 16k, 32k), triton_vector (issues 17, 20: the bf16 vector gate at the
+# default chunk through both Triton kernels against XLA, then their vector tests; not in
+# the default list). Logs and JSON go under OUT; a compact table to stdout.
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT [tests|linear|flash|training ...]}
 shift
@@ -63,41 +61,16 @@ for step in ${steps[*]}; do
         done
       done
       ;;
-    forward_ab)
-      # Issue 21: current Mosaic GPU linear forward vs the reverted three-warpgroup one.
-      ab=/tmp/forward_ab; mkdir -p "$ab"
-      kernel=pallas_kernels/linear_attention/pallas_mosaic_gpu.py
-      cp "$kernel" "$ab/pm_current.py"
-      if git apply docs/perf/runs/2026-12-07b-linear-forward-three-warpgroups-rebased.patch \
-          || patch -p1 < docs/perf/runs/2026-12-07b-linear-forward-three-warpgroups-rebased.patch; then
-        cp "$kernel" "$ab/pm_three.py"
-        cp "$ab/pm_current.py" "$kernel"
-        PYTHONPATH=$ab:$PYTHONPATH timeout 400 python3 \
-          docs/perf/runs/scripts/2026-12-07b-forward_ab_profile.py "$out" 2>&1 | quiet \
-          | tee "$out/forward_ab.md"
-      else
-        echo "gpu_session.sh: the three-warpgroup patch does not apply" >&2
-      fi
+    triton_vector)
+      # Issue 17/20: the 16-bit vector gate at the default chunk (64, run at 32 since the
+      # cap), ops level against XLA f32, then the Triton-language and Pallas-Triton tests.
+      timeout 200 python3 docs/perf/runs/scripts/2026-12-07d-triton_vector_grid.py 2>&1 \
+        | grep "^|" | tee "$out/triton_vector.md"
+      JAX_PLATFORMS=cuda,cpu timeout 200 python3 -m pytest -q -p no:cacheprovider \
+        tests/pallas_kernels/linear_attention/test_triton.py \
+        tests/pallas_kernels/linear_attention/test_pallas_triton.py -k "vector or C64" 2>&1 \
+        | tail -3 | tee "$out/tests_vector.log"
       ;;
-    prepass_ab)
-      # Issue 21: the linear forward with wq, wk, d derived in the kernel (patch) against
-      # the current one (XLA pass + TMA copies) and jla; then the compiled tests with it.
-      ab=/tmp/prepass_ab; mkdir -p "$ab"
-      kernel=pallas_kernels/linear_attention/pallas_mosaic_gpu.py
-      patch_file=docs/perf/runs/2026-12-07c-linear-forward-derived-vectors.patch
-      cp "$kernel" "$ab/pm_before.py"
-      if git apply "$patch_file" || patch -p1 < "$patch_file"; then
-        PYTHONPATH=$ab:$PYTHONPATH timeout 200 python3 \
-          docs/perf/runs/scripts/2026-12-07c-forward_prepass_ab.py 2>&1 | quiet \
-          | tee "$out/prepass_ab.md"
-        JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu_only \
-          tests/pallas_kernels/linear_attention/test_pallas_mosaic_gpu.py 2>&1 | tail -5 \
-          | tee "$out/prepass_tests.log"
-        cp "$ab/pm_before.py" "$kernel"
-      else
-        echo "gpu_session.sh: the derived-vectors patch does not apply" >&2
-      fi
-      ;;
-    *) echo "gpu_session.sh: unknown step '$step' (tests, linear, flash, training, forward_ab, prepass_ab)" >&2 ;;
+    *) echo "gpu_session.sh: unknown step '$step' (tests, linear, flash, training, triton_vector)" >&2 ;;
   esac
 done

@@ -42,6 +42,13 @@ SUBCHUNK = 16  # rows per exact-decay block for the vector gate
 # e^60 ≈ 1e26 (finite in f32 and bf16, its products with the ≥ e^-60 query factors too).
 FACTORED_RANGE = 60.0
 MIN_DOT = 16  # tl.dot needs every dimension ≥ 16
+# Compiled (Triton 3.6, H100) with bf16 or f16 inputs, a vector gate's forward outputs are
+# wrong at chunk 64: relative error 1.2-1.5 at every row, with the final state and the
+# gradients right, and right at chunk 16 and 32, in f32 and in interpret mode: in the
+# Triton-language kernels at every key dim (16-128), in the Pallas-Triton ones at a
+# (padded) key dim of 32. Those calls run at chunk 32 (`call_with_plan`'s
+# vector_chunk_cap; docs/reliability.md).
+VECTOR_16BIT_CHUNK = 32
 TARGET_PROGRAMS = 256  # about two state-pass programs per SM of an H100 (132 SMs)
 MIN_PIECE_CHUNKS = 4  # shorter pieces cost more in the second launch than they save
 
@@ -202,11 +209,13 @@ def token_gate(log_decay, key, value):
 
 
 def call_with_plan(kernel, query, key, value, log_decay, initial_state, resets, scale,
-                   chunk_size, interpret, block_sizes):
+                   chunk_size, interpret, block_sizes, vector_chunk_cap=lambda key_dim: None):
   """kernel(q, k, v, g, h0, resets, plan), a VJP function over `forward` and `backward`
   (`pallas_triton`'s, `triton`'s): the public entry's work around it — per-token gate,
   head dims padded to what Triton tiles take (`padded_dim`), plan, dtypes. Arguments and
-  results as `pallas_triton.linear_attention`."""
+  results as `pallas_triton.linear_attention`. `vector_chunk_cap(padded key dim)`: the
+  largest chunk a compiled vector gate with 16-bit inputs runs at (None: any), where
+  larger chunks give wrong outputs (`WRONG_16BIT_VECTOR_CHUNKS`)."""
   batch, seq, _, key_dim = key.shape
   heads, value_dim = value.shape[2:]
   g = token_gate(log_decay, key, value)
@@ -219,6 +228,9 @@ def call_with_plan(kernel, query, key, value, log_decay, initial_state, resets, 
   value = pad(value, -1, value_to)
   g = pad(g, -1, key_to) if vector else g
   h0 = pad(pad(initial_state.astype(jnp.float32), -2, key_to), -1, value_to)
+  cap = vector_chunk_cap(key_to) if vector and not interpret else None
+  if cap and jnp.dtype(query.dtype).itemsize == 2:
+    chunk_size = min(chunk_size, cap)
   plan = make_plan(batch, seq, heads, key_to, value_to, query.dtype, vector, scale,
                    chunk_size, block_sizes, interpret)
   out, final = kernel(query, key, value, g, h0, resets.astype(bool), plan)

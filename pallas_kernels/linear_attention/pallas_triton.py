@@ -317,6 +317,8 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
     NotImplementedError: naming the argument the kernels do not serve (a chunk size or
       block that is not a power of two, or below 16 when compiled; an empty sequence).
   """
-  return chunked_plan.call_with_plan(_linear_attention, query, key, value, log_decay,
-                                     initial_state, resets, scale, chunk_size, interpret,
-                                     block_sizes)
+  return chunked_plan.call_with_plan(
+      _linear_attention, query, key, value, log_decay, initial_state, resets, scale,
+      chunk_size, interpret, block_sizes,
+      vector_chunk_cap=lambda key_dim: chunked_plan.VECTOR_16BIT_CHUNK if key_dim <= 32
+      else None)

@@ -374,6 +374,7 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
   """Causal linear attention by the Triton-language kernels, with its VJP: the arguments,
   results and refusals of `pallas_triton.linear_attention` (its docstring), except that
   `interpret` runs Triton's interpreter (CPU)."""
-  return chunked_plan.call_with_plan(_linear_attention, query, key, value, log_decay,
-                                     initial_state, resets, scale, chunk_size, interpret,
-                                     block_sizes)
+  return chunked_plan.call_with_plan(
+      _linear_attention, query, key, value, log_decay, initial_state, resets, scale,
+      chunk_size, interpret, block_sizes,
+      vector_chunk_cap=lambda key_dim: chunked_plan.VECTOR_16BIT_CHUNK)

@@ -73,6 +73,10 @@ CASES = [
     Case(gate="none"),
     Case(seq=33, value_heads=4, gate="scalar", max_decay=5.0, resets=True, dtype="bfloat16"),
     Case(gate="vector", resets=True, dtype="bfloat16", chunk_size=32),
+    # bf16 at chunk 64, key dim 16 (32 when compiled, where the chunk is then capped at
+    # 32: `chunked_plan.VECTOR_16BIT_CHUNK`); the second chunk partial.
+    Case(batch=1, seq=70, heads=1, value_heads=1, gate="vector", resets=True,
+         dtype="bfloat16", chunk_size=64),
     Case(seq=33, key_dim=32, value_dim=32, dtype="float16", blocks=BlockSizes(16, 16, 4, 2, 2)),
     # The gradient kernel split over two value blocks (dq, dk, decay parts summed),
     # grouped heads, packed sequences; scalar and vector gates.

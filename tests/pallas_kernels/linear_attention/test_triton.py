@@ -67,6 +67,9 @@ VECTOR_CASES = [
     Case(batch=1, seq=40, gate="vector", resets=True, dtype="bfloat16", chunk_size=32),
     Case(batch=1, seq=33, value_heads=4, gate="vector", max_decay=5.0, resets=True,
          dtype="bfloat16", chunk_size=32),
+    # bf16 at chunk 64 (compiled: capped at 32, `chunked_plan.VECTOR_16BIT_CHUNK`).
+    Case(batch=1, seq=70, heads=1, value_heads=1, key_dim=64, gate="vector", resets=True,
+         dtype="bfloat16", chunk_size=64),
     # Weak decay over four chunks, no reset: the chunk states (both passes, two pieces)
     # and the initial state carry most of every gradient.
     Case(batch=1, seq=64, heads=1, value_heads=1, key_dim=32, gate="vector",
@@ -91,6 +94,37 @@ def test_vector_gate_chunks_factored_and_exact():
   test of that name): mild decay (factored), strong decay in every channel, and strong
   decay in some channels only (exact row blocks)."""
   triton_tests.check_vector_gate_chunks_factored_and_exact(KERNEL)
+
+
+@pytest.mark.parametrize("module", ["triton", "pallas_triton"])
+def test_compiled_16bit_vector_gate_runs_at_chunk_32(module, monkeypatch):
+  """Compiled on an H100 (Triton 3.6), bf16 and f16 vector-gate outputs were wrong at
+  chunk 64 (relative error 1.2-1.5, final state and gradients right; chunk 32 right): in
+  the Triton-language kernels at every key dim, in the Pallas-Triton ones at key dim 32.
+  Such calls run at chunk 32; every other call keeps its chunk."""
+  from pallas_kernels.linear_attention import pallas_triton  # pylint: disable=g-import-not-at-top
+  mod = {"triton": lt, "pallas_triton": pallas_triton}[module]
+  plans = []
+  monkeypatch.setattr(mod, "_linear_attention", lambda q, k, v, g, h0, resets, plan: (
+      plans.append(plan) or (v, h0)))
+
+  def chunk(dtype, gate, key_dim):
+    q = jnp.zeros((1, 128, 1, key_dim), dtype)
+    v = jnp.zeros((1, 128, 1, 32), dtype)
+    g = jnp.zeros({"vector": (1, 128, 1, key_dim), "scalar": (1, 128, 1)}[gate])
+    mod.linear_attention(q, q, v, g, jnp.zeros((1, 1, key_dim, 32)),
+                         jnp.zeros((1, 128), bool), scale=1.0, chunk_size=64,
+                         interpret=False)
+    return plans[-1].chunk
+
+  wrong_key_dims = (16, 64, 128) if module == "triton" else (16, 32)
+  for key_dim in wrong_key_dims:
+    assert chunk(jnp.bfloat16, "vector", key_dim) == 32
+    assert chunk(jnp.float16, "vector", key_dim) == 32
+    assert chunk(jnp.float32, "vector", key_dim) == 64
+    assert chunk(jnp.bfloat16, "scalar", key_dim) == 64
+  if module == "pallas_triton":
+    assert chunk(jnp.bfloat16, "vector", 64) == 64  # right at chunk 64 on the H100
 
 
 def test_vector_gate_runs_no_pallas_kernel():
