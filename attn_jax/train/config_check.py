@@ -17,7 +17,7 @@ from attn_jax.ops import dispatch
 
 # Prefixes of config fields a resumed run may change.
 RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every",
-             "train.loss_positions", "eval.",
+             "train.loss_positions", "train.stop_accuracy", "eval.",
              "checkpoint.", "mesh.", "sharding_rules", "data.data_dir", "model.remat",
              "tensorboard", "kernels")
 
@@ -125,6 +125,10 @@ def check_config(config):
   if not isinstance(config.eval.num_steps, int) or config.eval.num_steps < 0:
     raise ValueError(f"config.eval.num_steps must be an int >= 0 (0: the whole split); "
                      f"got {config.eval.num_steps!r}.")
+  stop = config.train.get("stop_accuracy", 0.0)
+  if isinstance(stop, bool) or not isinstance(stop, (int, float)) or not 0 <= stop < 1:
+    raise ValueError(f"config.train.stop_accuracy must be a number in [0, 1) (0: train "
+                     f"all of train.num_steps); got {stop!r}.")
   dispatch.check_kernels(config.get("kernels") or {}, where="config.kernels")
   check_mixer_options(config.model.get("mixer_options"), where="config.model.mixer_options")
   _check_loss_positions(config)

@@ -8,6 +8,8 @@ evaluate, checkpoint, or stop.
 
 Stops:
   - after `config.train.num_steps` steps (a final checkpoint and evaluation);
+  - when an evaluation's accuracy exceeds `config.train.stop_accuracy` (> 0), as
+    Zoology stops its MQAR runs; it saves, and a rerun of a stopped run only evaluates;
   - on SIGTERM (preemption): it finishes the current step, saves, and returns; the same
     command resumes, and because batches are a function of the step and the step is
     deterministic, every later step's metrics equal those of an uninterrupted run;
@@ -128,7 +130,7 @@ def train_and_evaluate(config, workdir):
     A dict with the last train and eval metrics, `"step"` (the final step; smaller
     than `config.train.num_steps` when stopped by SIGTERM), `"eval_step"` (the step the
     eval metrics belong to: earlier than `"step"` when SIGTERM stopped the run between
-    evaluations) and `"preempted"`.
+    evaluations), `"preempted"` and `"stopped_early"` (by `config.train.stop_accuracy`).
 
   Raises:
     ConfigMismatchError: the workdir holds a checkpoint of a different config.
@@ -160,8 +162,10 @@ def train_and_evaluate(config, workdir):
     found = checkpoints.steps()
     restored = checkpoints.restore_latest(setup.abstract_state()) if found else None
     num_steps = config.train.num_steps
+    stopped_at = None  # the eval accuracy of a run that stopped early (train.stop_accuracy)
     if restored is not None:
-      step, state, data_state, _ = restored
+      step, state, data_state, saved = restored
+      stopped_at = saved.get("stopped_early_at_accuracy")
       train.pipeline.restore(data_state)
       start = f"resuming from the checkpoint of step {step}"
     else:
@@ -191,7 +195,7 @@ def train_and_evaluate(config, workdir):
     tokens_per_step = int(np.prod(train.shape))
     log_every, eval_every = config.train.log_every, config.train.eval_every
     save_every = config.checkpoint.every
-    result = {"step": step, "preempted": False}
+    result = {"step": step, "preempted": False, "stopped_early": False}
 
     def evaluate_now(at_step, record=True):
       out = _evaluate(eval_steps, state["params"], evals, config.eval.num_steps)
@@ -207,10 +211,15 @@ def train_and_evaluate(config, workdir):
     def save(at_step):
       checkpoints.save(at_step, state, train.pipeline.state(), meta)
 
-    if step >= num_steps:
+    stop_accuracy = config.train.get("stop_accuracy", 0.0)
+    if step >= num_steps or (stopped_at is not None and stop_accuracy
+                             and stopped_at > stop_accuracy):
       writer.log(f"already trained to step {step} (config.train.num_steps={num_steps}); "
-                 "evaluating only.")
+                 "evaluating only." if step >= num_steps else
+                 f"stopped early at step {step} (eval accuracy {stopped_at:.4f} > "
+                 f"config.train.stop_accuracy={stop_accuracy}); evaluating only.")
       evaluate_now(step, record=False)
+      result["stopped_early"] = step < num_steps
       return result
 
     pending = None
@@ -227,6 +236,14 @@ def train_and_evaluate(config, workdir):
         pending = None
       if last or step % eval_every == 0:
         evaluate_now(step)
+        if not last and stop_accuracy and result["eval/accuracy"] > stop_accuracy:
+          meta["stopped_early_at_accuracy"] = result["eval/accuracy"]
+          save(step)
+          checkpoints.wait()
+          writer.log(f"eval accuracy {result['eval/accuracy']:.4f} > config.train."
+                     f"stop_accuracy={stop_accuracy} at step {step}: stopped early.")
+          result["stopped_early"] = True
+          break
       if stop or last or step % save_every == 0:
         save(step)
       if stop:

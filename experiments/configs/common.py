@@ -8,7 +8,8 @@
     config.sharding_rules       overrides of `attn_jax.sharding.RULES`: ((name, axes), ...)
     config.optimizer            `attn_jax.train.optimizer` fields
     config.train                num_steps, global_batch_size, log_every, eval_every,
-                                loss_positions (0: logits everywhere; n: at n per row)
+                                loss_positions (0: logits everywhere; n: at n per row),
+                                stop_accuracy (0: never; a: once eval accuracy > a)
     config.eval                 global_batch_size, num_steps (0: the whole eval split)
     config.checkpoint           every (steps), keep (newest N), async_save
     config.tensorboard          write TensorBoard event files
@@ -78,7 +79,9 @@ def base_config():
       "num_steps": 10_000, "global_batch_size": 64, "log_every": 100, "eval_every": 1000,
       # > 0: logits only at that many loss positions per row (MQAR: its pairs), the same
       # loss without the vocabulary projection of the other tokens; 0: every position.
-      "loss_positions": 0})
+      "loss_positions": 0,
+      # > 0: stop once an evaluation's accuracy exceeds it (Zoology's early stop: 0.99).
+      "stop_accuracy": 0.0})
   config.eval = ml_collections.ConfigDict({"global_batch_size": 64, "num_steps": 50})
   config.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep": 3,
                                                  "async_save": True})

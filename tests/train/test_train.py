@@ -208,6 +208,32 @@ def test_restart_without_a_checkpoint_says_so_and_keeps_metrics_unique(
   assert all(r["resumed_from"] == 0 for r in abandoned)
 
 
+def test_stop_accuracy_stops_at_the_first_evaluation_above_it_and_stays_stopped(
+    tmp_path, data_dir, reference, capsys):
+  """Zoology's early stop: the run saves and stops at the first evaluation whose accuracy
+  exceeds train.stop_accuracy; a rerun only evaluates; without the bar it trains on."""
+  _, _, want = reference
+  accuracy = want[(4, "eval")]["eval/accuracy"]
+  assert accuracy > 0  # the bar below needs a reached accuracy above 0
+  config = tiny_config(data_dir, num_steps=STEPS, stop_accuracy=accuracy / 2)
+  result = train.train_and_evaluate(config, tmp_path)
+  assert result["stopped_early"] and result["step"] == result["eval_step"] == 4
+  assert result["eval/accuracy"] == accuracy
+  assert train.Checkpoints(tmp_path, read_only=True).steps() == [4]
+  assert "stopped early." in capsys.readouterr().out
+  again = train.train_and_evaluate(config, tmp_path)
+  assert again["stopped_early"] and again["step"] == 4
+  assert "stopped early at step 4" in capsys.readouterr().out
+  steps = [r["step"] for r in train.read_metrics(tmp_path) if "train/loss" in r]
+  assert steps == [1, 2, 3, 4]
+  # Without the bar the run resumes and trains to num_steps, as the uninterrupted one.
+  resumed = train.train_and_evaluate(tiny_config(data_dir, num_steps=STEPS), tmp_path)
+  assert not resumed["stopped_early"] and resumed["step"] == STEPS
+  _assert_same_metrics(_by_step(train.read_metrics(tmp_path)), want, range(5, STEPS + 1))
+  with pytest.raises(ValueError, match="config.train.stop_accuracy must be"):
+    train.train_and_evaluate(tiny_config(data_dir, stop_accuracy=1.0), tmp_path / "bad")
+
+
 def test_changed_checkpoint_bytes_are_caught_and_load_falls_back(tmp_path, reference,
                                                                 caplog):
   """Arrays that restore but differ from what was saved (here: one weight changed in
