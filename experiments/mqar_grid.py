@@ -1,6 +1,7 @@
 r"""Trains an MQAR grid (Zoology's Figure 2, Based's Figure 2) and tabulates and plots it.
 
     python -m experiments.mqar_grid --grid=zoology_figure2_cpu --output_dir=/tmp/zoo
+    python -m experiments.mqar_grid --grid=zoology_figure2 --processes=8 --output_dir=/tmp/z
     python -m experiments.mqar_grid --grid=based_figure2 --output_dir=/tmp/based
     python -m experiments.mqar_grid --grid=zoology_figure2 --cells=256x16 --d_models=64 \
         --mixers=softmax,base_conv,hyena --output_dir=/tmp/zoo
@@ -10,7 +11,10 @@ Grids are named in `experiments/configs/mqar_grids.py` (with Zoology's settings 
 we differ); `--cells`, `--d_models`, `--mixers`, `--learning_rates` and `--max_steps`
 narrow one. Each run trains in `<output_dir>/runs/<run id>` (an interrupted run resumes)
 and appends a row to `<output_dir>/results.jsonl`; runs already there are skipped, so
-rerunning the command continues the grid. Then it writes `summary.md` (per mixer, cell
+rerunning the command continues the grid. A run stops early once its eval accuracy passes
+the grid's `stop_accuracy` (Zoology's 0.99, checked every epoch). `--processes=N` trains N
+runs at once, each in its own process (logs in `<output_dir>/logs/`; on a GPU they share
+it, without preallocating its memory). Then it writes `summary.md` (per mixer, cell
 and width: the best eval accuracy over learning rates, as Zoology reports it, and the
 decode state size) and, with matplotlib, `accuracy.png` (Zoology's Figure 2 layout:
 accuracy against model width, a panel per cell) and `state.png` (accuracy against decode
@@ -22,7 +26,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
 import sys
+import time
 
 from absl import app, flags, logging
 
@@ -36,17 +42,26 @@ _MIXERS = flags.DEFINE_list("mixers", None, "Subset of mixers (mqar.py variants)
 _LEARNING_RATES = flags.DEFINE_list("learning_rates", None, "Learning rates instead.")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Cap on each run's steps.")
 _PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Only tabulate and plot results.jsonl.")
+_PROCESSES = flags.DEFINE_integer(
+    "processes", 1, "Runs trained at once, each in its own process (1: in this process).")
+_ONLY_RUN = flags.DEFINE_string("only_run", None,
+                                "Train only this run id of the grid (what --processes "
+                                "gives each child); no summary or plots.")
 
 
-def _subset(flag, values, parse, what):
+def _narrow(grid, parts, field, flag, parse):
+  """`parts` with `field` narrowed to the flag's values (a part left with none dropped);
+  a value that no part of the whole `grid` has is a usage error."""
   if flag is None:
-    return values
-  chosen = tuple(parse(v) for v in flag)
-  if what in ("cell", "d_model", "mixer"):
-    unknown = [v for v in chosen if v not in values]
-    if unknown:
-      raise app.UsageError(f"--{what}s {unknown} not in the grid: {list(values)}.")
-  return chosen
+    return parts
+  chosen = [parse(v) for v in flag]
+  known = [v for part in grid for v in getattr(part, field)]
+  unknown = [v for v in chosen if v not in known]
+  if unknown:
+    raise app.UsageError(f"--{field} {unknown} not in the grid: {sorted(set(known))}.")
+  narrowed = (dataclasses.replace(p, **{field: tuple(v for v in getattr(p, field)
+                                                     if v in chosen)}) for p in parts)
+  return tuple(p for p in narrowed if getattr(p, field))
 
 
 def _cell(text):
@@ -84,31 +99,92 @@ def state_size(config, seq_len):
   return model.decode_state_size(seq_len)
 
 
-def train_grid(grid, output_dir, results_path):
+def grid_runs(parts):
+  """`{run id: (grid, mixer, seq_len, pairs, d_model, lr)}` over the union of `parts`."""
+  runs = {}
+  for grid in parts:
+    for (t, kv) in grid.cells:
+      for d in grid.d_models:
+        for m in grid.mixers:
+          for lr in grid.learning_rates:
+            runs.setdefault(run_id(m, t, kv, d, lr), (grid, m, t, kv, d, lr))
+  return runs
+
+
+def train_run(rid, run, output_dir, results_path):
+  """Trains one run and appends its row to results.jsonl (one write: several processes
+  may append to the same file)."""
   from attn_jax import train  # pylint: disable=g-import-not-at-top
   from experiments.configs import mqar_grids  # pylint: disable=g-import-not-at-top
+  grid, mixer, seq_len, pairs, d_model, lr = run
+  config = mqar_grids.run_config(grid, mixer, seq_len, pairs, d_model, lr,
+                                 data_dir=os.path.join(output_dir, "data"),
+                                 max_steps=_MAX_STEPS.value)
+  row = {"run_id": rid, "mixer": mixer, "seq_len": seq_len, "num_kv_pairs": pairs,
+         "d_model": d_model, "learning_rate": lr, "steps": config.train.num_steps,
+         "vocab_size": grid.vocab_size,
+         "state_size": state_size(config, max(seq_len, grid.max_len))}
+  try:
+    result = train.train_and_evaluate(config, os.path.join(output_dir, "runs", rid))
+    row.update(accuracy=float(result["eval/accuracy"]), loss=float(result["eval/loss"]),
+               steps_trained=int(result["step"]),
+               **{k: float(v) for k, v in result.items() if k.startswith("eval/accuracy/")})
+  except train.NonFiniteLossError as e:  # a diverged learning rate is a result too
+    row.update(accuracy=0.0, loss=float("nan"), error=str(e).splitlines()[0])
+  with open(results_path, "a") as f:
+    f.write(json.dumps(row) + "\n")
+  return row
+
+
+def train_grid(runs, output_dir, results_path):
+  """Trains, one after another in this process, every run not yet in results.jsonl."""
   done = {row["run_id"] for row in read_results(results_path)}
-  runs = [(m, t, kv, d, lr) for (t, kv) in grid.cells for d in grid.d_models
-          for m in grid.mixers for lr in grid.learning_rates]
-  for i, (mixer, seq_len, pairs, d_model, lr) in enumerate(runs):
-    rid = run_id(mixer, seq_len, pairs, d_model, lr)
-    if rid in done:
-      continue
-    config = mqar_grids.run_config(grid, mixer, seq_len, pairs, d_model, lr,
-                                   data_dir=os.path.join(output_dir, "data"),
-                                   max_steps=_MAX_STEPS.value)
-    print(f"[{i + 1}/{len(runs)}] {rid}: {config.train.num_steps} steps", flush=True)
-    row = {"run_id": rid, "mixer": mixer, "seq_len": seq_len, "num_kv_pairs": pairs,
-           "d_model": d_model, "learning_rate": lr, "steps": config.train.num_steps,
-           "state_size": state_size(config, max(seq_len, grid.max_len))}
-    try:
-      result = train.train_and_evaluate(config, os.path.join(output_dir, "runs", rid))
-      row.update(accuracy=float(result["eval/accuracy"]), loss=float(result["eval/loss"]),
-                 **{k: float(v) for k, v in result.items() if k.startswith("eval/accuracy/")})
-    except train.NonFiniteLossError as e:  # a diverged learning rate is a result too
-      row.update(accuracy=0.0, loss=float("nan"), error=str(e).splitlines()[0])
-    with open(results_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+  for i, (rid, run) in enumerate(runs.items()):
+    if rid not in done:
+      print(f"[{i + 1}/{len(runs)}] {rid}", flush=True)
+      train_run(rid, run, output_dir, results_path)
+
+
+def train_grid_in_processes(runs, output_dir, results_path, processes):
+  """Trains the runs not yet in results.jsonl, `processes` at a time, each in a child
+  process of this binary (`--only_run`) logging to `<output_dir>/logs/<run id>.log`.
+  Children do not preallocate GPU memory, so several share one GPU."""
+  done = {row["run_id"] for row in read_results(results_path)}
+  queue = [(i, rid) for i, rid in enumerate(runs) if rid not in done]
+  os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)
+  argv = [f"--grid={_GRID.value}", f"--output_dir={output_dir}", "--processes=1"]
+  for flag in (_CELLS, _D_MODELS, _MIXERS, _LEARNING_RATES):
+    if flag.value is not None:
+      argv.append(f"--{flag.name}={','.join(flag.value)}")
+  if _MAX_STEPS.value is not None:
+    argv.append(f"--max_steps={_MAX_STEPS.value}")
+  env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+  running, failed = {}, []
+  while queue or running:
+    while queue and len(running) < processes:
+      i, rid = queue.pop(0)
+      log_path = os.path.join(output_dir, "logs", f"{rid}.log")
+      with open(log_path, "w") as log:
+        child = subprocess.Popen([sys.executable, "-m", "experiments.mqar_grid", *argv,
+                                  f"--only_run={rid}"], stdout=log,
+                                 stderr=subprocess.STDOUT, env=env)
+      running[rid] = (child, log_path)
+      print(f"[{i + 1}/{len(runs)}] {rid}: started (log: {log_path})", flush=True)
+    time.sleep(0.5)
+    for rid, (child, log_path) in list(running.items()):
+      if child.poll() is None:
+        continue
+      del running[rid]
+      if child.returncode:
+        failed.append(rid)
+        print(f"{rid}: failed with status {child.returncode}; see {log_path}", flush=True)
+      else:
+        row = next((r for r in read_results(results_path) if r["run_id"] == rid), {})
+        print(f"{rid}: done, eval accuracy {row.get('accuracy', float('nan')):.4f}",
+              flush=True)
+  if failed:
+    raise app.UsageError(f"{len(failed)} run(s) failed: {failed}; rerun the command to "
+                         "retry them (finished runs are kept).")
 
 
 def best_rows(rows):
@@ -185,17 +261,31 @@ def main(argv):
   from experiments.configs import mqar_grids  # pylint: disable=g-import-not-at-top
   if _GRID.value not in mqar_grids.GRIDS:
     raise app.UsageError(f"--grid={_GRID.value!r} is not one of {sorted(mqar_grids.GRIDS)}.")
-  grid = mqar_grids.GRIDS[_GRID.value]
-  grid = dataclasses.replace(
-      grid, cells=_subset(_CELLS.value, grid.cells, _cell, "cell"),
-      d_models=_subset(_D_MODELS.value, grid.d_models, int, "d_model"),
-      mixers=_subset(_MIXERS.value, grid.mixers, str, "mixer"),
-      learning_rates=_subset(_LEARNING_RATES.value, grid.learning_rates, float, "lr"))
+  parts = grid = mqar_grids.parts(_GRID.value)
+  for field, flag, parse in (("cells", _CELLS.value, _cell), ("d_models", _D_MODELS.value, int),
+                             ("mixers", _MIXERS.value, str)):
+    parts = _narrow(grid, parts, field, flag, parse)
+  if _LEARNING_RATES.value is not None:
+    lrs = tuple(float(v) for v in _LEARNING_RATES.value)
+    parts = tuple(dataclasses.replace(p, learning_rates=lrs) for p in parts)
   output_dir = os.path.abspath(os.path.expanduser(_OUTPUT_DIR.value))
   os.makedirs(output_dir, exist_ok=True)
   results_path = os.path.join(output_dir, "results.jsonl")
+  runs = grid_runs(parts)
+  if _ONLY_RUN.value is not None:
+    if _ONLY_RUN.value not in runs:
+      raise app.UsageError(f"--only_run={_ONLY_RUN.value!r} is not a run of the grid.")
+    train_run(_ONLY_RUN.value, runs[_ONLY_RUN.value], output_dir, results_path)
+    return
   if not _PLOT_ONLY.value:
-    train_grid(grid, output_dir, results_path)
+    if not runs:
+      raise app.UsageError("--cells, --d_models and --mixers together select no run.")
+    if _PROCESSES.value < 1:
+      raise app.UsageError(f"--processes must be >= 1; got {_PROCESSES.value}.")
+    if _PROCESSES.value == 1:
+      train_grid(runs, output_dir, results_path)
+    else:
+      train_grid_in_processes(runs, output_dir, results_path, _PROCESSES.value)
   rows = read_results(results_path)
   if not rows:
     print(f"no results in {results_path}", file=sys.stderr)

@@ -14,22 +14,47 @@ _ONE_DEVICE = ("import os; os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS',
                ".replace('--xla_force_host_platform_device_count=8', ''); ")
 
 
-def test_grid_trains_tabulates_and_resumes(tmp_path):
+def _grid_code(*args):
+  return (_ONE_DEVICE + "import sys; from experiments import mqar_grid, cli; "
+          f"sys.argv = ['mqar_grid'] + {list(args)!r}; "
+          "cli.run(mqar_grid.main, 'experiments.mqar_grid')")
+
+
+def test_grid_trains_in_processes_tabulates_and_resumes(tmp_path):
   args = ["--grid=smoke", "--mixers=base_conv", f"--output_dir={tmp_path}"]
-  code = (_ONE_DEVICE + "import sys; from experiments import mqar_grid, cli; "
-          f"sys.argv = ['mqar_grid'] + {args!r}; cli.run(mqar_grid.main, 'experiments.mqar_grid')")
-  out = run_python("-c", code)
-  rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+  out = run_python("-c", _grid_code(*args, "--processes=2"))
+  assert "started (log: " in out and (tmp_path / "logs").is_dir()
+  rows = sorted((json.loads(line) for line in
+                 (tmp_path / "results.jsonl").read_text().splitlines()),
+                key=lambda r: r["seq_len"])
   assert [(r["seq_len"], r["num_kv_pairs"]) for r in rows] == [(32, 2), (48, 4)]
   # Two BaseConv layers (short, then long convolution of seq_len): 2·d + seq_len·d.
   assert [r["state_size"] for r in rows] == [2 * 16 + 32 * 16, 2 * 16 + 48 * 16]
   assert all(0 <= r["accuracy"] <= 1 and r["steps"] == 1 for r in rows)
   summary = (tmp_path / "summary.md").read_text()
   assert "| base_conv | 16 | 544–800 |" in summary and "(48, 4)" in summary
-  assert "[1/2]" in out
-  # A rerun finds both runs done and trains nothing.
-  out = run_python("-c", code)
+  assert all(r["steps_trained"] == 1 and r["vocab_size"] == 64 for r in rows)
+  # A rerun (in this process) finds both runs done and trains nothing.
+  out = run_python("-c", _grid_code(*args))
   assert "[1/2]" not in out and len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_union_grid_is_narrowed_per_part():
+  from experiments import mqar_grid  # pylint: disable=g-import-not-at-top
+  grid = mqar_grids.parts("zoology_figure2_cpu")
+  runs = mqar_grid.grid_runs(grid)
+  # Attention at 2 widths x 3 cells, Zoology's 4 others at width 64 x 3 cells, 9 more at
+  # (128, 8): every mixer of the zoo has a row.
+  assert len(runs) == 6 + 12 + 9
+  assert {run[1] for run in runs.values()} == set(mqar_grids.ZOO)
+  only_gla = mqar_grid._narrow(grid, grid, "mixers", ["gla"], str)
+  assert [p.cells for p in only_gla] == [((128, 8),)]
+  no_gla_at_256 = mqar_grid._narrow(
+      grid, mqar_grid._narrow(grid, grid, "cells", ["256x16"], mqar_grid._cell),
+      "mixers", ["gla"], str)
+  assert no_gla_at_256 == ()
+  with pytest.raises(mqar_grid.app.UsageError, match="not in the grid"):
+    mqar_grid._narrow(grid, grid, "mixers", ["nosuch"], str)
 
 
 def test_run_config_is_zoologys_setup():
@@ -37,6 +62,8 @@ def test_run_config_is_zoologys_setup():
   config = mqar_grids.run_config(grid, "softmax", 256, 16, 128, 1e-3, data_dir="/d")
   assert config.train.global_batch_size == 256
   assert config.train.num_steps == 64 * 100_000 // 256
+  # Zoology's early stop: evaluated every epoch, stopped past 0.99.
+  assert (config.train.eval_every, config.train.stop_accuracy) == (100_000 // 256, 0.99)
   assert (config.data.vocab_size, config.data.random_non_queries) == (8192, False)
   model = config.model
   assert (model.num_layers, model.num_heads, model.mlp_dim, model.norm) == (2, 1, 0, "layer")
