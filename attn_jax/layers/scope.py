@@ -1,4 +1,5 @@
-"""What a model's blocks tell the layers inside them: the layer index, and a head mask.
+"""What a model's blocks tell the layers inside them: the layer index, a head mask, and
+whether dropout is on.
 
     with head_mask(mask):                 # [layers, heads], 0/1 or soft, may be traced
       logits = model(tokens)              # each head's output is scaled by its entry
@@ -18,6 +19,11 @@ cached trace would keep it):
     def masked_logits(graphdef, state, mask, tokens):
       with head_mask(mask):
         return nnx.merge(graphdef, state)(tokens)
+
+Dropout (a model's `embed_dropout`, attention's `dropout` option) is on only inside
+`dropout_rng(key)`, which the training step enters with a key per step; everywhere else
+(evaluation, decoding, analysis) the same model applies none. Each layer draws its masks
+from `dropout_key(stream)`: the key folded with the layer index and the stream.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import jax.numpy as jnp
 
 _LAYER = contextvars.ContextVar("attn_jax_layer", default=-1)
 _HEAD_MASK = contextvars.ContextVar("attn_jax_head_mask", default=None)
+_DROPOUT_RNG = contextvars.ContextVar("attn_jax_dropout_rng", default=None)
 
 
 @contextlib.contextmanager
@@ -82,3 +89,33 @@ def mask_heads(x):
                      "function that runs the model: pass the mask to that function as an "
                      "argument and enter head_mask inside it (see attn_jax.layers.scope).")
   return x * mask[layer].astype(x.dtype)[:, None]
+
+
+@contextlib.contextmanager
+def dropout_rng(key):
+  """Turns dropout on in the calls made inside, its masks drawn from `key` (a PRNG key;
+  enter it inside the traced function, the key an argument of it, as `head_mask`)."""
+  token = _DROPOUT_RNG.set(key)
+  try:
+    yield
+  finally:
+    _DROPOUT_RNG.reset(token)
+
+
+def dropout_key(stream: int = 0):
+  """The key of the current layer's dropout mask number `stream` (the embedding's layer is
+  -1), or None outside `dropout_rng`: no dropout."""
+  key = _DROPOUT_RNG.get()
+  if key is None:
+    return None
+  return jax.random.fold_in(jax.random.fold_in(key, _LAYER.get() + 1), stream)
+
+
+def dropout(x, rate: float, stream: int = 0):
+  """`x` with each element zeroed with probability `rate` and the rest divided by
+  1 - rate, inside `dropout_rng`; `x` itself outside it or at rate 0."""
+  key = dropout_key(stream) if rate else None
+  if key is None:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))

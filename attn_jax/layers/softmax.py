@@ -18,7 +18,10 @@ Both take a KV-cache policy (`kv_policy`: StreamingLLM's sinks + window, DuoAtte
 per-head caches) in `init_cache`; a query then sees what both its window and the policy
 keep.
 
-Not reproduced: attention dropout, biases in the softmax (ALiBi, T5), other RoPE
+Attention dropout (`dropout`, as Zoology's attention: 0.1) drops weights in training
+only (`scope.dropout_rng`), on the XLA path (the kernels have none).
+
+Not reproduced: biases in the softmax (ALiBi, T5), other RoPE
 scalings (NTK, YaRN, Llama 3). Cross attention applies no RoPE (queries and context have
 unrelated positions).
 """
@@ -29,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax import ops
+from attn_jax.layers import scope
 from attn_jax.layers.common import (Norm, Projection, apply_rope, check_divides,
                                     check_positive_int, check_rope, partitioned)
 from attn_jax.layers.mixer import Mixer, attend_views, kv_cache_init, kv_cache_update
@@ -53,6 +57,8 @@ class SoftmaxAttention(Mixer):
     logits_soft_cap: c > 0 caps logits as `c · tanh(logits / c)`.
     sinks: learn one sink logit per head.
     use_bias: biases on the q/k/v/out projections.
+    dropout: attention dropout rate in [0, 1), applied in training only
+      (`scope.dropout_rng`); > 0 runs the XLA path (no kernel has dropout).
     dtype: compute dtype (None: the input's); param_dtype: parameter dtype.
     implementation: passed to `ops.dot_product_attention`.
 
@@ -67,8 +73,13 @@ class SoftmaxAttention(Mixer):
   def __init__(self, d_model, num_heads, *, rngs, num_kv_heads=None, head_dim=None,
                causal=True, window_size=None, rope=True, rope_base=10000.0,
                rope_scaling=1.0, qk_norm=False, logits_soft_cap=None, sinks=False,
-               use_bias=False, dtype=None, param_dtype=jnp.float32, implementation=None):
+               use_bias=False, dropout=0.0, dtype=None, param_dtype=jnp.float32,
+               implementation=None):
     super().__init__(d_model, num_heads, causal=causal, dtype=dtype)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
+        0 <= dropout < 1):
+      raise ValueError(f"dropout must be a number in [0, 1); got {dropout!r}.")
+    self.dropout = float(dropout)
     self.num_kv_heads = check_positive_int(
         "num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads)
     check_divides("num_kv_heads", self.num_kv_heads, "num_heads", num_heads)
@@ -108,11 +119,13 @@ class SoftmaxAttention(Mixer):
     sinks = None if self.sinks is None else self.sinks[...]
     if sinks is not None and heads is not None:
       sinks = jnp.take(sinks, heads)
+    rng = scope.dropout_key() if self.dropout else None  # None: not training
+    dropout = {} if rng is None else dict(dropout_rate=self.dropout, dropout_rng=rng)
     return ops.dot_product_attention(
         q, k.astype(q.dtype), v.astype(q.dtype), is_causal=is_causal,
         local_window_size=window, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
         logits_soft_cap=self.logits_soft_cap, sinks=sinks,
-        implementation=self.implementation)
+        implementation=self.implementation, **dropout)
 
   def __call__(self, x, *, context=None, segment_ids=None, context_segment_ids=None):
     """`x [batch, seq, d_model]` (and `context [batch, ctx_seq, d_model]`) → like x."""

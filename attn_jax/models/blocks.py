@@ -19,7 +19,7 @@ from flax import nnx
 from attn_jax import layers, parallel, sharding
 from attn_jax.layers.common import (Norm, Projection, check_positive_int, partitioned,
                                     segment_positions)
-from attn_jax.layers.scope import layer_scope
+from attn_jax.layers.scope import dropout, layer_scope
 from attn_jax.ops import dispatch
 
 # Activation checkpointing: what the backward pass may keep instead of recomputing.
@@ -249,8 +249,12 @@ class Trunk(nnx.Module):
 
   def __init__(self, *, vocab_size, d_model, num_layers, num_heads, mlp_dim, mixers, causal,
                rngs, mixer_options, dtype, param_dtype, remat, norm_eps, norm="rms",
-               positions="none", max_len=0):
+               positions="none", max_len=0, embed_dropout=0.0):
     self.vocab_size = check_positive_int("vocab_size", vocab_size)
+    if isinstance(embed_dropout, bool) or not isinstance(embed_dropout, (int, float)) or (
+        not 0 <= embed_dropout < 1):
+      raise ValueError(f"embed_dropout must be a number in [0, 1); got {embed_dropout!r}.")
+    self.embed_dropout = float(embed_dropout)
     num_layers = check_positive_int("num_layers", num_layers)
     self.dtype = compute_dtype(dtype)
     self.remat = check_remat(remat)
@@ -273,14 +277,15 @@ class Trunk(nnx.Module):
 
   def embed_tokens(self, tokens, positions):
     """Token embeddings `[batch, seq, d_model]`, plus learned position embeddings at
-    `positions` (`[batch, seq]` ints) when the model has them."""
+    `positions` (`[batch, seq]` ints) when the model has them; then `embed_dropout` in
+    training (Zoology's embedding dropout)."""
     x = self.embed(tokens, self.dtype or jnp.float32)
-    if self.max_len is None:
-      return x
-    if tokens.shape[1] > self.max_len:
-      raise ValueError(f"{tokens.shape[1]} tokens exceed the learned positions' max_len "
-                       f"({self.max_len}).")
-    return x + self.position_embed(positions, x.dtype)
+    if self.max_len is not None:
+      if tokens.shape[1] > self.max_len:
+        raise ValueError(f"{tokens.shape[1]} tokens exceed the learned positions' max_len "
+                         f"({self.max_len}).")
+      x = x + self.position_embed(positions, x.dtype)
+    return dropout(x, self.embed_dropout)  # training only (`scope.dropout_rng`)
 
   def features(self, tokens, segment_ids=None):
     """`tokens [batch, seq]` int → normed features `[batch, seq, d_model]`.

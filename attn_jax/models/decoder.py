@@ -43,17 +43,20 @@ class DecoderLM(Trunk):
     positions: "none" (position only through the mixers, e.g. RoPE) or "learned"
       (absolute position embeddings added to the tokens', GPT-2 and Zoology's attention
       models); `max_len` positions then.
+    embed_dropout: dropout on the embeddings in training (`scope.dropout_rng`; Zoology's
+      models: 0.1).
   """
 
   def __init__(self, *, vocab_size, d_model, num_layers, num_heads, mlp_dim, mixers, rngs,
                mixer_options=None, tie_embeddings=True, dtype=None, param_dtype="float32",
-               remat="none", norm_eps=1e-6, norm="rms", positions="none", max_len=0):
+               remat="none", norm_eps=1e-6, norm="rms", positions="none", max_len=0,
+               embed_dropout=0.0):
     param_dtype = jnp.dtype(param_dtype)
     super().__init__(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers,
                      num_heads=num_heads, mlp_dim=mlp_dim, mixers=mixers, causal=True,
                      rngs=rngs, mixer_options=mixer_options, dtype=dtype,
                      param_dtype=param_dtype, remat=remat, norm_eps=norm_eps, norm=norm,
-                     positions=positions, max_len=max_len)
+                     positions=positions, max_len=max_len, embed_dropout=embed_dropout)
     self.head = None if tie_embeddings else Projection(
         (d_model,), (vocab_size,), ("embed", "vocab"), rngs=rngs, param_dtype=param_dtype)
 

@@ -23,7 +23,8 @@ class EncoderClassifier(Trunk):
 
   Args:
     vocab_size, d_model, num_layers, num_heads, mlp_dim, mixers, mixer_options, dtype,
-      param_dtype, remat, norm_eps, norm, positions, max_len: as in `DecoderLM`.
+      param_dtype, remat, norm_eps, norm, positions, max_len, embed_dropout: as in
+      `DecoderLM`.
     num_classes: classes of the head.
     pooling: "mean" (over unmasked tokens) or "first" (a CLS token at position 0).
     rngs: `nnx.Rngs` for the parameters.
@@ -32,7 +33,7 @@ class EncoderClassifier(Trunk):
   def __init__(self, *, vocab_size, d_model, num_layers, num_heads, mlp_dim, mixers,
                num_classes, rngs, pooling="mean", mixer_options=None, dtype=None,
                param_dtype="float32", remat="none", norm_eps=1e-6, norm="rms",
-               positions="none", max_len=0):
+               positions="none", max_len=0, embed_dropout=0.0):
     num_classes = check_positive_int("num_classes", num_classes)
     if pooling not in POOLINGS:
       raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}.")
@@ -41,7 +42,7 @@ class EncoderClassifier(Trunk):
                      num_heads=num_heads, mlp_dim=mlp_dim, mixers=mixers, causal=False,
                      rngs=rngs, mixer_options=mixer_options, dtype=dtype,
                      param_dtype=param_dtype, remat=remat, norm_eps=norm_eps, norm=norm,
-                     positions=positions, max_len=max_len)
+                     positions=positions, max_len=max_len, embed_dropout=embed_dropout)
     self.num_classes = num_classes
     self.pooling = pooling
     self.head = Projection((d_model,), (num_classes,), ("embed", None), rngs=rngs,

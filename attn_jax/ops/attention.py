@@ -21,7 +21,7 @@ from pallas_kernels.flash_attention.mask import AttentionMask
 def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
                           local_window_size=None, q_segment_ids=None, kv_segment_ids=None,
                           logits_soft_cap=None, sinks=None, return_residuals=False,
-                          implementation=None):
+                          dropout_rate=0.0, dropout_rng=None, implementation=None):
   """Scaled dot-product (softmax) attention, `softmax(q kᵀ · scale) v`.
 
   Args:
@@ -42,6 +42,10 @@ def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
     sinks: `[q_heads]` learned sink logits: an extra softmax column with no value.
     return_residuals: also return the log-sum-exp of the (capped, scaled) logits,
       `[batch, q_heads, q_seq]` float32, sink included.
+    dropout_rate: attention dropout in [0, 1): each weight is dropped with this
+      probability and the kept ones divided by 1 - rate (training only; Zoology's
+      attention uses 0.1). Only the XLA path applies it; the kernels refuse it.
+    dropout_rng: the PRNG key that draws the dropout mask; needed when dropout_rate > 0.
     implementation: None picks the fastest that serves the call; or one of "xla",
       "cudnn", "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu".
 
@@ -80,6 +84,14 @@ def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
 
   kwargs = dict(mask=mask, scale=scale, logits_soft_cap=logits_soft_cap,
                 return_residuals=bool(return_residuals))
+  if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, (int, float)) or not (
+      0 <= dropout_rate < 1):
+    raise ValueError(f"dropout_rate must be a number in [0, 1); got {dropout_rate!r}.")
+  if dropout_rate:
+    if dropout_rng is None:
+      raise ValueError(f"dropout_rate={dropout_rate} needs dropout_rng, the PRNG key that "
+                       "draws the dropout mask (jax.random.key(...)).")
+    kwargs.update(dropout_rate=float(dropout_rate), dropout_rng=dropout_rng)
   return dispatch.dispatch("dot_product_attention", BACKENDS, implementation,
                            query, key, value, q_segment_ids, kv_segment_ids, sinks, **kwargs)
 
@@ -87,14 +99,25 @@ def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
 def _backend(entry, jit: bool, kernel: bool = True):
   """The op's call of `entry`, a backend's `flash_attention` (`pallas_kernels.
   flash_attention`): a Pallas kernel's through one shared jit (`dispatch.traced_once`);
-  a fused kernel's (not XLA's) guarded against non-finite inputs (`nonfinite_guard`)."""
+  a fused kernel's (not XLA's) guarded against non-finite inputs (`nonfinite_guard`) and
+  refusing attention dropout."""
   if jit:
     entry = dispatch.traced_once(entry, _STATIC_ARGS)
 
   def run(query, key, value, q_segment_ids, kv_segment_ids, sinks, **static):
     return entry(query, key, value, q_segment_ids=q_segment_ids,
                  kv_segment_ids=kv_segment_ids, sinks=sinks, **static)
-  return guard_attention(run) if kernel else run
+  if not kernel:
+    return run
+  guarded = guard_attention(run)
+
+  def run_kernel(*arrays, dropout_rate=0.0, dropout_rng=None, **static):
+    del dropout_rng
+    if dropout_rate:
+      raise NotImplementedError(f"dropout_rate={dropout_rate}: the fused kernels have no "
+                                "attention dropout; implementation='xla' (or None) has it.")
+    return guarded(*arrays, **static)
+  return run_kernel
 
 
 _STATIC_ARGS = ("mask", "scale", "logits_soft_cap", "return_residuals", "interpret")

@@ -68,8 +68,13 @@ def _suspended():
 
 
 def _attention(run, axis, implementation, query, key, value, q_segment_ids,
-               kv_segment_ids, sinks, *, mask, scale, logits_soft_cap, return_residuals):
-  del run  # each block calls the public op, which dispatches (the hook passes) itself
+               kv_segment_ids, sinks, *, mask, scale, logits_soft_cap, return_residuals,
+               dropout_rate=0.0, dropout_rng=None):
+  del run, dropout_rng  # each block calls the public op, which dispatches itself
+  if dropout_rate:
+    raise NotImplementedError(
+        f"dropout_rate={dropout_rate}: ring attention over the '{axis}' mesh axis has no "
+        "attention dropout. Train without a sequence axis, or without dropout.")
   if mask.q_len != mask.kv_len:
     raise NotImplementedError(
         f"sequence-parallel attention needs self-attention (q_seq == kv_seq); got "

@@ -89,7 +89,7 @@ def _mixers(config):
 ADDED_FIELDS = {"data.random_non_queries": True, "data.train_slices": "",
                 "data.eval_slices": "", "model.norm": "rms",
                 "model.positions": "none", "model.max_len": 0,
-                "model.mixer_options.diff.lambda_per_head": True}
+                "model.mixer_options.diff.lambda_per_head": True, "model.embed_dropout": 0.0}
 
 
 def check_resumable(saved, current, workdir, step):

@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from attn_jax import sharding
+from attn_jax.layers import scope
 from attn_jax.ops import dispatch
 from attn_jax.train.cross_entropy import cross_entropy_and_argmax
 
@@ -45,6 +46,9 @@ def batch_shardings(mesh, batch_shapes, rules):
     return {k: sharding.batch_sharding(mesh, shape) for k, shape in batch_shapes.items()}
 
 
+_DROPOUT_STREAM = 1  # the seed's key folded with it: dropout's, apart from the init's
+
+
 def make_train_step(setup, batch_shapes):
   """`train_step(state, batch) -> (state, metrics)`, jit'd; `state` is donated.
 
@@ -54,8 +58,14 @@ def make_train_step(setup, batch_shapes):
   replicated = sharding.replicated(setup.mesh)
 
   def train_step(state, batch):
+    # Dropout (where the model has any) is on here only, its masks a function of the
+    # seed and the step, so a resumed run draws the same ones.
+    dropout_key = jax.random.fold_in(jax.random.fold_in(
+        jax.random.key(setup.spec.seed), _DROPOUT_STREAM), state["step"])
+
     def loss_fn(params):
-      sums = model_metrics(setup.graphdef, params, batch, setup.loss_positions)
+      with scope.dropout_rng(dropout_key):
+        sums = model_metrics(setup.graphdef, params, batch, setup.loss_positions)
       return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
 
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

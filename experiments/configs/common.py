@@ -59,6 +59,7 @@ def model_config(size="tiny", mixers=("softmax",), *, dtype="float32", remat="no
       "norm": "rms",             # rms | layer (Zoology's models)
       "positions": "none",       # none | learned (absolute, max_len of them)
       "max_len": 0,
+      "embed_dropout": 0.0,      # training only; attention's: mixer option `dropout`
   })
 
 

@@ -17,9 +17,13 @@ from pallas_kernels.nonfinite import zero_nonfinite
 
 def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=None,
                     sinks=None, mask: AttentionMask, scale: float,
-                    logits_soft_cap: float | None, return_residuals: bool):
+                    logits_soft_cap: float | None, return_residuals: bool,
+                    dropout_rate: float = 0.0, dropout_rng=None):
   """Softmax attention with the kernels' arguments (`pallas_triton.flash_attention`), on
   any platform; as called by `ops.dot_product_attention`, arguments already validated.
+  With `dropout_rate` > 0, each attention weight is dropped with that probability
+  (`dropout_rng` draws the mask) and the kept ones divided by 1 - rate; the log-sum-exp
+  is the undropped one.
 
   Returns:
     out `[batch, q_seq, q_heads, v_dim]` in the query's dtype, and with `return_residuals`
@@ -55,6 +59,9 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
     denom = denom + jnp.exp(sink - row_max)
   seen = denom > 0
   safe_denom = jnp.where(seen, denom, 1.0)
+  if dropout_rate:  # on the unnormalised weights: the same as after dividing by denom
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
   out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(value.dtype), value,
                    preferred_element_type=jnp.float32)
   out = out / jnp.moveaxis(safe_denom, -1, 1)[..., None]

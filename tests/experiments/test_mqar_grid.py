@@ -43,9 +43,9 @@ def test_union_grid_is_narrowed_per_part():
   from experiments import mqar_grid  # pylint: disable=g-import-not-at-top
   grid = mqar_grids.parts("zoology_figure2_cpu")
   runs = mqar_grid.grid_runs(grid)
-  # Attention at 2 widths x 3 cells, Zoology's 4 others at width 64 x 3 cells, 9 more at
-  # (128, 8): every mixer of the zoo has a row.
-  assert len(runs) == 6 + 12 + 9
+  # Attention at 2 widths x 2 cells, 9 more mixers at (128, 8), Zoology's 5 at width 64 x
+  # 3 cells (2 of them attention's already): every mixer of the zoo has a row.
+  assert len(runs) == 4 + 9 + 13
   assert {run[1] for run in runs.values()} == set(mqar_grids.ZOO)
   only_gla = mqar_grid._narrow(grid, grid, "mixers", ["gla"], str)
   assert [p.cells for p in only_gla] == [((128, 8),)]

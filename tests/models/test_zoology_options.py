@@ -1,4 +1,5 @@
-"""Zoology's model setup: no MLP (identity state mixer), LayerNorm, learned positions."""
+"""Zoology's model setup: no MLP (identity state mixer), LayerNorm, learned positions,
+embedding and attention dropout."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from attn_jax.layers import scope
 from tests.models.test_decoder import SEQ, _decode_all, forward, make, tokens
 from tests.utils import rel_err
 
@@ -43,6 +45,42 @@ def test_learned_positions_restart_in_each_segment():
   assert rel_err(packed[:, half:], second) < 1e-5
 
 
+@jax.jit
+def _dropped(graphdef, state, toks, key):
+  with scope.dropout_rng(key):
+    return nnx.merge(graphdef, state)(toks)
+
+
+def test_dropout_only_in_training_seeded_by_its_key():
+  """Zoology's embedding (0.1) and attention (0.1) dropout: outside `dropout_rng` the model
+  is the one without dropout (evaluation, decoding); inside, each key draws its masks,
+  the same key the same ones, each layer its own."""
+  options = {"softmax": {"dropout": 0.3, "rope": False}}
+  model = make(["softmax"], embed_dropout=0.3, mixer_options=options, **ZOOLOGY)
+  plain = make(["softmax"], mixer_options={"softmax": {"rope": False}}, **ZOOLOGY)
+  toks = tokens()
+  eval_logits = forward(*nnx.split(model), toks)
+  np.testing.assert_array_equal(eval_logits, forward(*nnx.split(plain), toks))
+  np.testing.assert_allclose(_decode_all(*nnx.split(model), toks), eval_logits, atol=2e-4,
+                             rtol=2e-4)
+  key = jax.random.key(3)
+  train_logits = _dropped(*nnx.split(model), toks, key)
+  np.testing.assert_array_equal(train_logits, _dropped(*nnx.split(model), toks, key))
+  assert rel_err(train_logits, eval_logits) > 0.05
+  assert rel_err(train_logits, _dropped(*nnx.split(model), toks, jax.random.key(4))) > 0.05
+  # Attention dropout alone changes the output too, and layers draw different masks.
+  attention_only = make(["softmax"], mixer_options=options, **ZOOLOGY)
+  assert rel_err(_dropped(*nnx.split(attention_only), toks, key),
+                 forward(*nnx.split(attention_only), toks)) > 0.05
+  with scope.dropout_rng(key):
+    with scope.layer_scope(0):
+      first = scope.dropout_key()
+    with scope.layer_scope(1):
+      second = scope.dropout_key()
+  assert not np.array_equal(jax.random.key_data(first), jax.random.key_data(second))
+  assert scope.dropout_key() is None
+
+
 def test_bad_zoology_options_are_value_errors():
   with pytest.raises(ValueError, match="positions"):
     make(["softmax"], positions="rotary")
@@ -52,6 +90,10 @@ def test_bad_zoology_options_are_value_errors():
     make(["softmax"], mlp_dim=-1)
   with pytest.raises(ValueError, match="kind"):
     make(["softmax"], norm="batch")
+  with pytest.raises(ValueError, match="embed_dropout"):
+    make(["softmax"], embed_dropout=1.0)
+  with pytest.raises(ValueError, match="dropout must be"):
+    make(["softmax"], mixer_options={"softmax": {"dropout": -0.1}})
   model = make(["softmax"], **ZOOLOGY)
   with pytest.raises(ValueError, match="max_len"):
     forward(*nnx.split(model), tokens(seq=SEQ + 1))
@@ -62,7 +104,7 @@ def test_a_run_saved_before_the_zoology_fields_still_resumes():
   from experiments.configs import common
   current = common.base_config()
   saved = config_check.to_json(current)
-  for field in ("norm", "positions", "max_len"):
+  for field in ("norm", "positions", "max_len", "embed_dropout"):
     del saved["model"][field]
   assert config_check.differences(saved, current) == []
   current.model.positions = "learned"

@@ -192,6 +192,9 @@ def test_jit_and_vmap():
     (lambda q, k, v: ops.dot_product_attention(q, k, v, sinks=jnp.zeros(3)), "sinks"),
     (lambda q, k, v: ops.dot_product_attention(q, k, v, logits_soft_cap=0.0), "logits_soft_cap"),
     (lambda q, k, v: ops.dot_product_attention(q, k, v, implementation="fast"), "unknown"),
+    (lambda q, k, v: ops.dot_product_attention(q, k, v, dropout_rate=1.0), "dropout_rate"),
+    (lambda q, k, v: ops.dot_product_attention(q, k, v, dropout_rate=True), "dropout_rate"),
+    (lambda q, k, v: ops.dot_product_attention(q, k, v, dropout_rate=0.1), "dropout_rng"),
 ])
 def test_bad_arguments_raise_value_error(call, match):
   q, k, v, _ = _inputs(1, 8, 8, 2, 2, 8, {})
@@ -219,3 +222,27 @@ def test_cudnn_says_which_mask_it_cannot_serve(monkeypatch, q_len, kwargs, match
   q, k, v, _ = _inputs(1, 8, 8, 2, 2, 8, {}, jnp.bfloat16)
   with pytest.raises(NotImplementedError, match=match):
     ops.dot_product_attention(q[:, :q_len], k, v, implementation="cudnn", **kwargs)
+
+
+def test_attention_dropout_is_unbiased_seeded_and_xla_only(monkeypatch):
+  """Dropout keeps each weight with probability 1 - rate, scaled by 1 / (1 - rate): the
+  same key gives the same output, the mean over keys is the output without dropout, and
+  a kernel asked for it refuses, naming the XLA path."""
+  q, k, v, _ = _inputs(2, 8, 8, 4, 2, 8, {})
+  call = lambda key, rate=0.25: ops.dot_product_attention(
+      q, k, v, is_causal=True, dropout_rate=rate, dropout_rng=key)
+  plain = ops.dot_product_attention(q, k, v, is_causal=True)
+  np.testing.assert_array_equal(call(None, 0.0), plain)
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(call(key), call(key))
+  assert rel_err(call(key), call(jax.random.key(1))) > 0.05
+  mean = jax.vmap(call)(jax.random.split(key, 4000)).mean(0)
+  assert rel_err(mean, plain) < 0.03
+  # Row 0 sees one key: its weight 1 is kept (out = v_0 / 0.75) or dropped (0).
+  row0 = np.asarray(call(key)[:, 0])
+  v0 = np.repeat(np.asarray(v[:, 0]), 2, axis=1) / 0.75
+  assert np.all(np.isclose(row0, v0, rtol=1e-5) | (row0 == 0))
+  monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
+  with pytest.raises(NotImplementedError, match="implementation='xla'"):
+    ops.dot_product_attention(q, k, v, dropout_rate=0.1, dropout_rng=key,
+                              implementation="pallas_triton")
