@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -111,21 +112,25 @@ def grid_runs(parts):
   return runs
 
 
-def train_run(rid, run, output_dir, results_path):
+def train_run(rid, run, output_dir, results_path, max_steps=None):
   """Trains one run and appends its row to results.jsonl (one write: several processes
-  may append to the same file)."""
+  may append to the same file); a run stopped by SIGTERM writes no row (None)."""
   from attn_jax import train  # pylint: disable=g-import-not-at-top
   from experiments.configs import mqar_grids  # pylint: disable=g-import-not-at-top
   grid, mixer, seq_len, pairs, d_model, lr = run
   config = mqar_grids.run_config(grid, mixer, seq_len, pairs, d_model, lr,
                                  data_dir=os.path.join(output_dir, "data"),
-                                 max_steps=_MAX_STEPS.value)
+                                 max_steps=max_steps)
   row = {"run_id": rid, "mixer": mixer, "seq_len": seq_len, "num_kv_pairs": pairs,
          "d_model": d_model, "learning_rate": lr, "steps": config.train.num_steps,
          "vocab_size": grid.vocab_size,
          "state_size": state_size(config, max(seq_len, grid.max_len))}
   try:
     result = train.train_and_evaluate(config, os.path.join(output_dir, "runs", rid))
+    if result["preempted"]:  # SIGTERM: saved; not a result, rerun the grid to finish it
+      print(f"{rid}: stopped by SIGTERM at step {result['step']} (checkpoint saved); "
+            "rerun the command to finish it.", flush=True)
+      return None
     row.update(accuracy=float(result["eval/accuracy"]), loss=float(result["eval/loss"]),
                steps_trained=int(result["step"]),
                **{k: float(v) for k, v in result.items() if k.startswith("eval/accuracy/")})
@@ -142,13 +147,14 @@ def train_grid(runs, output_dir, results_path):
   for i, (rid, run) in enumerate(runs.items()):
     if rid not in done:
       print(f"[{i + 1}/{len(runs)}] {rid}", flush=True)
-      train_run(rid, run, output_dir, results_path)
+      train_run(rid, run, output_dir, results_path, _MAX_STEPS.value)
 
 
 def train_grid_in_processes(runs, output_dir, results_path, processes):
   """Trains the runs not yet in results.jsonl, `processes` at a time, each in a child
   process of this binary (`--only_run`) logging to `<output_dir>/logs/<run id>.log`.
-  Children do not preallocate GPU memory, so several share one GPU."""
+  Children do not preallocate GPU memory, so several share one GPU. SIGTERM is passed on
+  to the children, which save their runs (a rerun resumes them)."""
   done = {row["run_id"] for row in read_results(results_path)}
   queue = [(i, rid) for i, rid in enumerate(runs) if rid not in done]
   os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)
@@ -160,11 +166,34 @@ def train_grid_in_processes(runs, output_dir, results_path, processes):
     argv.append(f"--max_steps={_MAX_STEPS.value}")
   env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
   running, failed = {}, []
+
+  def stop(signum, frame):  # SIGTERM: the children save their runs, then this exits
+    del frame
+    for child, _ in running.values():
+      child.terminate()
+    for child, _ in running.values():
+      child.wait()
+    sys.exit(128 + signum)
+
+  previous = signal.signal(signal.SIGTERM, stop)
+  try:
+    _supervise(runs, queue, running, failed, argv, env, output_dir, results_path,
+               processes)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  if failed:
+    raise app.UsageError(f"{len(failed)} run(s) failed: {failed}; rerun the command to "
+                         "retry them (finished runs are kept).")
+
+
+def _supervise(runs, queue, running, failed, argv, env, output_dir, results_path,
+               processes):
+  """Keeps `processes` children training until the queue is empty and all have ended."""
   while queue or running:
     while queue and len(running) < processes:
       i, rid = queue.pop(0)
       log_path = os.path.join(output_dir, "logs", f"{rid}.log")
-      with open(log_path, "w") as log:
+      with open(log_path, "a") as log:  # a resumed run's log goes on
         child = subprocess.Popen([sys.executable, "-m", "experiments.mqar_grid", *argv,
                                   f"--only_run={rid}"], stdout=log,
                                  stderr=subprocess.STDOUT, env=env)
@@ -179,12 +208,10 @@ def train_grid_in_processes(runs, output_dir, results_path, processes):
         failed.append(rid)
         print(f"{rid}: failed with status {child.returncode}; see {log_path}", flush=True)
       else:
-        row = next((r for r in read_results(results_path) if r["run_id"] == rid), {})
-        print(f"{rid}: done, eval accuracy {row.get('accuracy', float('nan')):.4f}",
+        row = next((r for r in read_results(results_path) if r["run_id"] == rid), None)
+        print(f"{rid}: done, eval accuracy {row['accuracy']:.4f}" if row else
+              f"{rid}: ended without a result (stopped); rerun the command to finish it",
               flush=True)
-  if failed:
-    raise app.UsageError(f"{len(failed)} run(s) failed: {failed}; rerun the command to "
-                         "retry them (finished runs are kept).")
 
 
 def best_rows(rows):
@@ -275,7 +302,8 @@ def main(argv):
   if _ONLY_RUN.value is not None:
     if _ONLY_RUN.value not in runs:
       raise app.UsageError(f"--only_run={_ONLY_RUN.value!r} is not a run of the grid.")
-    train_run(_ONLY_RUN.value, runs[_ONLY_RUN.value], output_dir, results_path)
+    train_run(_ONLY_RUN.value, runs[_ONLY_RUN.value], output_dir, results_path,
+              _MAX_STEPS.value)
     return
   if not _PLOT_ONLY.value:
     if not runs:

@@ -39,6 +39,18 @@ def test_grid_trains_in_processes_tabulates_and_resumes(tmp_path):
   assert "[1/2]" not in out and len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_run_stopped_by_sigterm_writes_no_row(tmp_path, monkeypatch):
+  """A preempted run is saved, not finished: no row, so the next grid run resumes it."""
+  from attn_jax import train  # pylint: disable=g-import-not-at-top
+  from experiments import mqar_grid  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(train, "train_and_evaluate",
+                      lambda config, workdir: {"preempted": True, "step": 3})
+  run = (mqar_grids.parts("smoke")[0], "softmax", 32, 2, 16, 3e-3)
+  results = tmp_path / "results.jsonl"
+  assert mqar_grid.train_run("r", run, str(tmp_path), str(results)) is None
+  assert not results.exists()
+
+
 def test_union_grid_is_narrowed_per_part():
   from experiments import mqar_grid  # pylint: disable=g-import-not-at-top
   grid = mqar_grids.parts("zoology_figure2_cpu")
