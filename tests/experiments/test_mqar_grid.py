@@ -39,34 +39,45 @@ def test_grid_trains_in_processes_tabulates_and_resumes(tmp_path):
   assert "[1/2]" not in out and len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
 
 
-def test_a_run_stopped_by_sigterm_writes_no_row(tmp_path, monkeypatch):
-  """A preempted run is saved, not finished: no row, so the next grid run resumes it."""
-  from attn_jax import train  # pylint: disable=g-import-not-at-top
-  from experiments import mqar_grid  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(train, "train_and_evaluate",
-                      lambda config, workdir: {"preempted": True, "step": 3})
-  run = (mqar_grids.parts("smoke")[0], "softmax", 32, 2, 16, 3e-3)
-  results = tmp_path / "results.jsonl"
-  assert mqar_grid.train_run("r", run, str(tmp_path), str(results)) is None
-  assert not results.exists()
+def test_a_run_stopped_by_sigterm_writes_no_row(tmp_path):
+  """A preempted run is saved, not finished: no row, so the next grid run resumes it.
+  (In a subprocess, as every test here that imports the binary: its absl flags would
+  clash with other binaries' in this process.)"""
+  code = f"""
+from attn_jax import train
+from experiments import mqar_grid
+from experiments.configs import mqar_grids
+train.train_and_evaluate = lambda config, workdir: {{"preempted": True, "step": 3}}
+run = (mqar_grids.parts("smoke")[0], "softmax", 32, 2, 16, 3e-3)
+assert mqar_grid.train_run("r", run, {str(tmp_path)!r}, {str(tmp_path / 'r.jsonl')!r}) is None
+print("no row")
+"""
+  assert "no row" in run_python("-c", code)
+  assert not (tmp_path / "r.jsonl").exists()
 
 
 def test_union_grid_is_narrowed_per_part():
-  from experiments import mqar_grid  # pylint: disable=g-import-not-at-top
-  grid = mqar_grids.parts("zoology_figure2_cpu")
-  runs = mqar_grid.grid_runs(grid)
-  # Attention at 2 widths x 2 cells, 9 more mixers at (128, 8), Zoology's 5 at width 64 x
-  # 3 cells (2 of them attention's already): every mixer of the zoo has a row.
-  assert len(runs) == 4 + 9 + 13
-  assert {run[1] for run in runs.values()} == set(mqar_grids.ZOO)
-  only_gla = mqar_grid._narrow(grid, grid, "mixers", ["gla"], str)
-  assert [p.cells for p in only_gla] == [((128, 8),)]
-  no_gla_at_256 = mqar_grid._narrow(
-      grid, mqar_grid._narrow(grid, grid, "cells", ["256x16"], mqar_grid._cell),
-      "mixers", ["gla"], str)
-  assert no_gla_at_256 == ()
-  with pytest.raises(mqar_grid.app.UsageError, match="not in the grid"):
-    mqar_grid._narrow(grid, grid, "mixers", ["nosuch"], str)
+  code = """
+from absl import app
+from experiments import mqar_grid
+from experiments.configs import mqar_grids
+grid = mqar_grids.parts("zoology_figure2_cpu")
+runs = mqar_grid.grid_runs(grid)
+# Attention at 2 widths x 2 cells, 9 more mixers at (128, 8), Zoology's 5 at width 64 x
+# 3 cells (2 of them attention's already): every mixer of the zoo has a row.
+assert len(runs) == 4 + 9 + 13, len(runs)
+assert {run[1] for run in runs.values()} == set(mqar_grids.ZOO)
+only_gla = mqar_grid._narrow(grid, grid, "mixers", ["gla"], str)
+assert [p.cells for p in only_gla] == [((128, 8),)]
+at_256 = mqar_grid._narrow(grid, grid, "cells", ["256x16"], mqar_grid._cell)
+assert mqar_grid._narrow(grid, at_256, "mixers", ["gla"], str) == ()
+try:
+  mqar_grid._narrow(grid, grid, "mixers", ["nosuch"], str)
+except app.UsageError as e:
+  assert "not in the grid" in str(e)
+  print("narrowed")
+"""
+  assert "narrowed" in run_python("-c", code)
 
 
 def test_run_config_is_zoologys_setup():
