@@ -150,11 +150,46 @@ def train_grid(runs, output_dir, results_path):
       train_run(rid, run, output_dir, results_path, _MAX_STEPS.value)
 
 
+class _Children:
+  """The child processes of `train_grid_in_processes`: one per run, each this binary with
+  `--only_run`, logging to `<output_dir>/logs/<run id>.log` (appended: a resumed run's log
+  goes on). Children do not preallocate GPU memory, so several share one GPU."""
+
+  def __init__(self, argv, output_dir):
+    self.argv, self.output_dir = argv, output_dir
+    self.env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    self.running = {}  # run id → (Popen, log path)
+
+  def start(self, rid):
+    """Starts run `rid`'s child; returns its log's path."""
+    log_path = os.path.join(self.output_dir, "logs", f"{rid}.log")
+    with open(log_path, "a") as log:
+      self.running[rid] = (subprocess.Popen(
+          [sys.executable, "-m", "experiments.mqar_grid", *self.argv, f"--only_run={rid}"],
+          stdout=log, stderr=subprocess.STDOUT, env=self.env), log_path)
+    return log_path
+
+  def ended(self):
+    """(run id, exit status, log path) of each child that ended since the last call."""
+    ended = []
+    for rid, (child, log_path) in list(self.running.items()):
+      if child.poll() is not None:
+        del self.running[rid]
+        ended.append((rid, child.returncode, log_path))
+    return ended
+
+  def terminate(self):
+    """SIGTERM to every running child (each saves its run), then waits for them all."""
+    for child, _ in self.running.values():
+      child.terminate()
+    for child, _ in self.running.values():
+      child.wait()
+
+
 def train_grid_in_processes(runs, output_dir, results_path, processes):
   """Trains the runs not yet in results.jsonl, `processes` at a time, each in a child
-  process of this binary (`--only_run`) logging to `<output_dir>/logs/<run id>.log`.
-  Children do not preallocate GPU memory, so several share one GPU. SIGTERM is passed on
-  to the children, which save their runs (a rerun resumes them)."""
+  process (`_Children`). SIGTERM is passed on to the children, which save their runs (a
+  rerun resumes them)."""
   done = {row["run_id"] for row in read_results(results_path)}
   queue = [(i, rid) for i, rid in enumerate(runs) if rid not in done]
   os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)
@@ -164,54 +199,35 @@ def train_grid_in_processes(runs, output_dir, results_path, processes):
       argv.append(f"--{flag.name}={','.join(flag.value)}")
   if _MAX_STEPS.value is not None:
     argv.append(f"--max_steps={_MAX_STEPS.value}")
-  env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-  running, failed = {}, []
+  children, failed = _Children(argv, output_dir), []
 
   def stop(signum, frame):  # SIGTERM: the children save their runs, then this exits
     del frame
-    for child, _ in running.values():
-      child.terminate()
-    for child, _ in running.values():
-      child.wait()
+    children.terminate()
     sys.exit(128 + signum)
 
   previous = signal.signal(signal.SIGTERM, stop)
   try:
-    _supervise(runs, queue, running, failed, argv, env, output_dir, results_path,
-               processes)
+    while queue or children.running:
+      while queue and len(children.running) < processes:
+        i, rid = queue.pop(0)
+        log_path = children.start(rid)
+        print(f"[{i + 1}/{len(runs)}] {rid}: started (log: {log_path})", flush=True)
+      time.sleep(0.5)
+      for rid, status, log_path in children.ended():
+        if status:
+          failed.append(rid)
+          print(f"{rid}: failed with status {status}; see {log_path}", flush=True)
+          continue
+        row = next((r for r in read_results(results_path) if r["run_id"] == rid), None)
+        print(f"{rid}: done, eval accuracy {row['accuracy']:.4f}" if row else
+              f"{rid}: ended without a result (stopped); rerun the command to finish it",
+              flush=True)
   finally:
     signal.signal(signal.SIGTERM, previous)
   if failed:
     raise app.UsageError(f"{len(failed)} run(s) failed: {failed}; rerun the command to "
                          "retry them (finished runs are kept).")
-
-
-def _supervise(runs, queue, running, failed, argv, env, output_dir, results_path,
-               processes):
-  """Keeps `processes` children training until the queue is empty and all have ended."""
-  while queue or running:
-    while queue and len(running) < processes:
-      i, rid = queue.pop(0)
-      log_path = os.path.join(output_dir, "logs", f"{rid}.log")
-      with open(log_path, "a") as log:  # a resumed run's log goes on
-        child = subprocess.Popen([sys.executable, "-m", "experiments.mqar_grid", *argv,
-                                  f"--only_run={rid}"], stdout=log,
-                                 stderr=subprocess.STDOUT, env=env)
-      running[rid] = (child, log_path)
-      print(f"[{i + 1}/{len(runs)}] {rid}: started (log: {log_path})", flush=True)
-    time.sleep(0.5)
-    for rid, (child, log_path) in list(running.items()):
-      if child.poll() is None:
-        continue
-      del running[rid]
-      if child.returncode:
-        failed.append(rid)
-        print(f"{rid}: failed with status {child.returncode}; see {log_path}", flush=True)
-      else:
-        row = next((r for r in read_results(results_path) if r["run_id"] == rid), None)
-        print(f"{rid}: done, eval accuracy {row['accuracy']:.4f}" if row else
-              f"{rid}: ended without a result (stopped); rerun the command to finish it",
-              flush=True)
 
 
 def best_rows(rows):

@@ -34,6 +34,8 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dropout import dropout as inverted_dropout
+
 _LAYER = contextvars.ContextVar("attn_jax_layer", default=-1)
 _HEAD_MASK = contextvars.ContextVar("attn_jax_head_mask", default=None)
 _DROPOUT_RNG = contextvars.ContextVar("attn_jax_dropout_rng", default=None)
@@ -117,5 +119,4 @@ def dropout(x, rate: float, stream: int = 0):
   key = dropout_key(stream) if rate else None
   if key is None:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+  return inverted_dropout(x, rate, key)

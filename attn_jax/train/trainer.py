@@ -234,23 +234,21 @@ def train_and_evaluate(config, workdir):
       if stop or last or step % save_every == 0 or step % eval_every == 0:
         _report(writer, *pending, log_every, num_steps, tokens_per_step, result)
         pending = None
+      early = False
       if last or step % eval_every == 0:
         evaluate_now(step)
-        if not last and stop_accuracy and result["eval/accuracy"] > stop_accuracy:
+        early = not last and stop_accuracy and result["eval/accuracy"] > stop_accuracy
+        if early:  # saved with the checkpoint: a rerun evaluates only
           meta["stopped_early_at_accuracy"] = result["eval/accuracy"]
-          save(step)
-          checkpoints.wait()
-          writer.log(f"eval accuracy {result['eval/accuracy']:.4f} > config.train."
-                     f"stop_accuracy={stop_accuracy} at step {step}: stopped early.")
-          result["stopped_early"] = True
-          break
-      if stop or last or step % save_every == 0:
+      if stop or early or last or step % save_every == 0:
         save(step)
-      if stop:
+      if stop or early:
         checkpoints.wait()
-        writer.log(f"SIGTERM: saved the checkpoint of step {step} in {workdir} and "
+        writer.log(f"eval accuracy {result['eval/accuracy']:.4f} > config.train."
+                   f"stop_accuracy={stop_accuracy} at step {step}: stopped early." if early
+                   else f"SIGTERM: saved the checkpoint of step {step} in {workdir} and "
                    "stopped; run the same command to resume.")
-        result["preempted"] = True
+        result["stopped_early" if early else "preempted"] = True
         break
     result["step"] = step
     checkpoints.wait()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dropout import dropout
 from pallas_kernels.flash_attention.mask import AttentionMask
 from pallas_kernels.nonfinite import zero_nonfinite
 
@@ -60,8 +61,7 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
   seen = denom > 0
   safe_denom = jnp.where(seen, denom, 1.0)
   if dropout_rate:  # on the unnormalised weights: the same as after dividing by denom
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = dropout(probs, dropout_rate, dropout_rng)
   out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(value.dtype), value,
                    preferred_element_type=jnp.float32)
   out = out / jnp.moveaxis(safe_denom, -1, 1)[..., None]

@@ -1,11 +1,15 @@
 """The MQAR grid binary end to end on its smoke grid (two cells, one step each)."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from experiments.configs import mqar_grids
-from tests.experiments import run_python
+from tests.experiments import _ROOT, run_python
 
 
 # One CPU device: BaseConv's short-then-long layers hang XLA's CPU runtime on 8 virtual
@@ -37,6 +41,23 @@ def test_grid_trains_in_processes_tabulates_and_resumes(tmp_path):
   # A rerun (in this process) finds both runs done and trains nothing.
   out = run_python("-c", _grid_code(*args))
   assert "[1/2]" not in out and len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_sigterm_to_the_supervisor_stops_its_children(tmp_path):
+  """SIGTERM (a preemption) reaches every child (each saves its run) before the
+  supervisor exits with 128 + 15; no child outlives it."""
+  args = ["--grid=smoke", "--mixers=base_conv", f"--output_dir={tmp_path}", "--processes=2"]
+  supervisor = subprocess.Popen([sys.executable, "-c", _grid_code(*args)], cwd=_ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + 300
+  while len(list(tmp_path.glob("logs/*.log"))) < 2:  # both children started
+    assert supervisor.poll() is None and time.monotonic() < deadline, supervisor.stdout.read()
+    time.sleep(0.2)
+  supervisor.send_signal(signal.SIGTERM)
+  out, _ = supervisor.communicate(timeout=300)
+  assert supervisor.returncode == 128 + signal.SIGTERM, out
+  processes = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
+  assert f"--output_dir={tmp_path}" not in processes
 
 
 def test_a_run_stopped_by_sigterm_writes_no_row(tmp_path):
