@@ -14,14 +14,19 @@ kernel's forward) and `lax.cond` on that flag:
   visible key then has weight 1/n, so no weight underflows) and the bad-row flags as
   values; linear attention from the runs (segments) alone.
 
-Differentiated, the guard steps aside: it is a `custom_vjp` whose forward rule is the
-kernel's own, because autodiff through a `lax.cond` carries both branches' residuals
-(measured on an H100: forward + backward 5-85 % slower; docs/reliability.md). Under
-`jax.grad` a non-finite input therefore reaches what the kernel lets it reach. Both
-branches are compiled; under `vmap` the flag is batched and `lax.cond` becomes a select
-that runs both. `nonfinite_guard(False)` turns the check off within a context
-(a benchmark of the kernels alone, inputs known to be finite). Like `dispatch.kernels`,
-it is read when JAX traces.
+Differentiated, by default the guard steps aside: it is a `custom_vjp` whose forward
+rule is the kernel's own, because autodiff through a `lax.cond` carries both branches'
+residuals (measured on an H100: forward + backward 5-85 % slower; docs/reliability.md).
+Under `jax.grad` a non-finite input therefore reaches what the kernel lets it reach.
+`nonfinite_guard(True, gradients=True)` guards gradients too, at the cost of reading key
+and value in the forward and query and the cotangents in the backward: the forward rule
+keeps the kernel's VJP residuals and returns guarded outputs; the backward runs the
+kernel's VJP when everything is finite, else the kernel's VJP on zeroed copies, exact
+for a loss that leaves out the outputs that see a bad row, and NaN gradients for one
+that does not (its value is NaN). Both branches are compiled; under `vmap` the flag is
+batched and `lax.cond` becomes a select that runs both. `nonfinite_guard(False)` turns
+the check off within a context (a benchmark of the kernels alone, inputs known to be
+finite). Like `dispatch.kernels`, it is read when JAX traces.
 """
 
 from __future__ import annotations
@@ -35,20 +40,26 @@ from jax import lax
 
 from pallas_kernels.nonfinite import mark_linear, zero_nonfinite
 
-_ENABLED = contextvars.ContextVar("attn_jax_nonfinite_guard", default=True)
+# (guard outputs, guard gradients too)
+_MODE = contextvars.ContextVar("attn_jax_nonfinite_guard", default=(True, False))
 
 
 @contextlib.contextmanager
-def nonfinite_guard(enabled: bool):
+def nonfinite_guard(enabled: bool, *, gradients: bool = False):
   """Within the context, kernels called by the ops are (True, the default) or are not
-  (False) guarded against non-finite inputs reaching outputs that do not see them."""
-  if not isinstance(enabled, bool):
-    raise ValueError(f"nonfinite_guard takes True or False; got {enabled!r}.")
-  token = _ENABLED.set(enabled)
+  (False) guarded against non-finite inputs reaching outputs that do not see them;
+  `gradients=True` guards their gradients too (see the module docstring for the cost)."""
+  for name, value in (("enabled", enabled), ("gradients", gradients)):
+    if not isinstance(value, bool):
+      raise ValueError(f"nonfinite_guard's {name} takes True or False; got {value!r}.")
+  if gradients and not enabled:
+    raise ValueError("nonfinite_guard(False, gradients=True): guarding gradients needs "
+                     "the guard on (enabled=True).")
+  token = _MODE.set((enabled, gradients))
   try:
     yield
   finally:
-    _ENABLED.reset(token)
+    _MODE.reset(token)
 
 
 def guard_attention(run):
@@ -65,22 +76,60 @@ def guard_linear(run):
 
 def _guard(run, exact):
   """`run` when disabled or when its operands 1 and 2 (key, value) are finite, else
-  `exact(run, operands, static)`; differentiated, `run` as is (its own VJP)."""
+  `exact(run, operands, static)`; differentiated, `run`'s own VJP, or with gradients
+  guarded `_guarded_vjp`'s."""
 
   def guarded(*operands, **static):
-    if not _ENABLED.get():
+    enabled, gradients = _MODE.get()
+    if not enabled:
       return run(*operands, **static)
     unguarded = lambda *ops: run(*ops, **static)
+    exact_call = lambda ops: exact(run, ops, static)
 
     @jax.custom_vjp
     def call(*ops):
-      return lax.cond(_all_finite(*ops[1:3]), lambda o: unguarded(*o),
-                      lambda o: exact(run, o, static), ops)
+      return lax.cond(_all_finite(*ops[1:3]), lambda o: unguarded(*o), exact_call, ops)
 
-    call.defvjp(lambda *ops: jax.vjp(unguarded, *ops), lambda vjp, g: vjp(g))
+    if gradients:
+      call.defvjp(*_guarded_vjp(unguarded, exact_call))
+    else:
+      call.defvjp(lambda *ops: jax.vjp(unguarded, *ops), lambda vjp, g: vjp(g))
     return call(*operands)
 
   return guarded
+
+
+def _guarded_vjp(unguarded, exact):
+  """The (forward, backward) rules of a call whose gradients are guarded too.
+
+  Forward: the kernel's VJP residuals and the guarded outputs (the kernel's own when key
+  and value are finite). Backward: the kernel's VJP when query, key, value and the
+  cotangents are finite (one more read of the query and of the cotangents); otherwise the
+  kernel's VJP on copies with the non-finite rows zeroed, which is exact when every output
+  that sees a bad row has a zero cotangent (a loss that leaves them out), and NaN for
+  every gradient when one does not or a cotangent is not finite (the loss is NaN then).
+  """
+
+  def fwd(*ops):
+    out, vjp = jax.vjp(unguarded, *ops)
+    finite = _all_finite(*ops[1:3])
+    return lax.cond(finite, lambda: out, lambda: exact(ops)), (vjp, ops, finite)
+
+  def bwd(residuals, cotangents):
+    vjp, ops, finite = residuals
+    ok = finite & _all_finite(ops[0], *jax.tree.leaves(cotangents))
+    return lax.cond(ok, lambda: vjp(cotangents), lambda: _exact_gradients(ops, cotangents))
+
+  def _exact_gradients(ops, cotangents):
+    zeroed = tuple(zero_nonfinite(x)[0] if i < 3 else x for i, x in enumerate(ops))
+    grads = jax.vjp(unguarded, *zeroed)[1](cotangents)
+    seen = [jnp.any((ct != 0) & ~jnp.isfinite(out)) | ~jnp.all(jnp.isfinite(ct))
+            for ct, out in zip(jax.tree.leaves(cotangents), jax.tree.leaves(exact(ops)))]
+    nan = lambda g: jnp.full_like(g, jnp.nan) if jnp.issubdtype(g.dtype, jnp.inexact) else g
+    return lax.cond(jnp.any(jnp.stack(seen)), lambda: jax.tree.map(nan, grads),
+                    lambda: grads)
+
+  return fwd, bwd
 
 
 def _all_finite(*arrays):

@@ -153,14 +153,38 @@ def _check_against_xla(run, implementation, clean, planted, rtol):
     unguarded = run(*planted, implementation=implementation)
   assert (~np.isfinite(np.asarray(unguarded, np.float32)).all(axis=-1) & ~sees).any()
 
-  # Differentiated, the guard hands over to the kernel's own VJP: the same gradients.
+  # Differentiated, the guard hands over to the kernel's own VJP: the same gradients;
+  # with gradients guarded too, the same on finite inputs.
   loss = lambda q, k, v: jnp.sum(run(q, k, v, implementation=implementation)
                                  .astype(jnp.float32) ** 2)
-  grads = jax.grad(loss, (0, 1, 2))(*clean)
   with ops.nonfinite_guard(False):
     unguarded_grads = jax.grad(loss, (0, 1, 2))(*clean)
-  for g, u in zip(grads, unguarded_grads):
-    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(u, np.float32))
+  for gradients in (False, True):
+    with ops.nonfinite_guard(True, gradients=gradients):
+      grads = jax.grad(loss, (0, 1, 2))(*clean)
+    for g, u in zip(grads, unguarded_grads):
+      np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(u, np.float32))
+
+  # Gradients guarded, a loss of the outputs that do not see a bad row gets XLA's
+  # gradients (the unguarded kernel's are not finite); a loss of all outputs, NaN ones.
+  # (The guard is the same code around every kernel: checked on the faster Triton
+  # interpreters only, to keep the suite's time.)
+  if implementation == "pallas_mosaic_gpu":
+    return
+  def unseen_loss(q, k, v, implementation):
+    out = run(q, k, v, implementation=implementation).astype(jnp.float32)
+    return jnp.sum(jnp.where(jnp.asarray(~sees)[..., None], out, 0.0) ** 2)
+  want = jax.grad(unseen_loss, (0, 1, 2))(*planted, "xla")
+  with ops.nonfinite_guard(True):
+    leaked = jax.grad(unseen_loss, (0, 1, 2))(*planted, implementation)
+  assert not all(bool(jnp.isfinite(g).all()) for g in leaked)
+  with ops.nonfinite_guard(True, gradients=True):
+    got = jax.grad(unseen_loss, (0, 1, 2))(*planted, implementation)
+    nan = jax.grad(loss, (0, 1, 2))(*planted)
+  for g, w in zip(got, want):  # bf16 gradients: relative to the largest
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    assert np.abs(g - w).max() <= rtol * np.abs(w).max()
+  assert all(bool(jnp.isnan(g).all()) for g in nan)
 
 
 @pytest.mark.parametrize("implementation, dtype, dim, seq", SOFTMAX_KERNELS)
@@ -199,9 +223,29 @@ def test_kernels_keep_a_bad_query_to_its_own_row(monkeypatch, op):
   q, k, v = _qkv(seq=32, dim=16)
   q = q.at[0, 9, 1, 3].set(jnp.nan)
   if op == "softmax":
-    run = lambda impl: ops.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    run = lambda impl, q=q: ops.dot_product_attention(q, k, v, is_causal=True,
+                                                      implementation=impl)
   else:
-    run = lambda impl: ops.linear_attention(q, k, v, chunk_size=16, implementation=impl)
+    run = lambda impl, q=q: ops.linear_attention(q, k, v, chunk_size=16,
+                                                 implementation=impl)
   bad = lambda out: ~np.isfinite(np.asarray(out)).all(axis=-1)
   np.testing.assert_array_equal(bad(run("pallas_triton")), bad(run("xla")))
   assert bad(run("xla")).sum() == 1
+
+  # Gradients guarded, a loss of the other rows gets the gradients of the query with
+  # its bad row zeroed (a kernel's backward spreads it through its tile otherwise).
+  others = jnp.asarray(~bad(run("xla")))[..., None]
+  loss = lambda q, impl: jnp.sum(jnp.where(others, run(impl, q), 0.0) ** 2)
+  with ops.nonfinite_guard(True, gradients=True):
+    got = jax.grad(loss)(q, "pallas_triton")
+  want = jax.grad(loss)(jnp.nan_to_num(q, nan=0.0), "xla")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_nonfinite_guard_rejects_what_it_cannot_do():
+  with pytest.raises(ValueError, match="gradients takes True or False"):
+    with ops.nonfinite_guard(True, gradients="yes"):
+      pass
+  with pytest.raises(ValueError, match="needs the guard on"):
+    with ops.nonfinite_guard(False, gradients=True):
+      pass
