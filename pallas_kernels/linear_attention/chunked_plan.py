@@ -87,6 +87,8 @@ class BlockSizes:
     gradient_block_v: value columns per program in the gradient kernel; None takes them
       all. Fewer columns hold less of the two `[K, V]` states per program; dq, dk and the
       decay-gradient parts, linear in the value columns, are then summed over the blocks.
+      (The Triton-language scalar-gate kernel instead loops over blocks of this many
+      columns in one program, summing in registers.)
     gradient_num_warps: the gradient kernel's num_warps; None for `num_warps`.
   """
   block_k: int

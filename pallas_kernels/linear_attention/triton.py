@@ -46,6 +46,7 @@ backward in the inputs' dtype when it is 16-bit.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -57,9 +58,9 @@ import triton.language as tl
 from pallas_kernels.linear_attention import chunked_plan, triton_vector
 from pallas_kernels.linear_attention.chunked_plan import BlockSizes, storage_dtype
 from pallas_kernels.linear_attention.triton_tiles import (
-    FACTORED_RANGE, dot_precision, gate_row, gate_rows, gradient_inputs, gradient_outputs,
+    FACTORED_RANGE, dot_precision, gate_row, gate_rows, gradient_outputs,
     gradient_program, heads_of, kernel_name, key_decay, launch, launch_gradients, offsets,
-    pairs, state_offsets, state_step, sum_value_blocks, through_offsets, value_block_rows)
+    pairs, state_offsets, state_step, sum_value_blocks, through_offsets)
 from pallas_kernels.linear_attention.triton_vector import (exact_chunk_output,
                                                            factored_chunk_output)
 
@@ -235,69 +236,89 @@ def _gradient_kernel(q_ptr, k_ptr, v_ptr, do_ptr, b_ptr, rel_ptr, h_ptr, dh_ptr,
                      scale, dq_ptr, dk_ptr, dv_ptr, db_ptr, dkeys_ptr, through_ptr,
                      HEADS: tl.constexpr, KEY_HEADS: tl.constexpr, N: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                     PRECISION: tl.constexpr):
-  """dq, dk, dv and the decay-gradient parts of one chunk and value block, scalar gate.
+                     LOOP_V: tl.constexpr, PRECISION: tl.constexpr):
+  """dq, dk, dv and the decay-gradient parts of one chunk, scalar gate, over all value
+  columns (BV = V) in blocks of LOOP_V: each block's `[K, LOOP_V]` tiles of h_n and dh_n
+  are loaded, used and dropped, so a program never holds a whole `[K, V]` state.
 
   q, k `[B, T, HK, K]`; v, do `[B, T, H, V]`; b `[B, T, H]` f32; rel `[B, T]` i32; h, dh
-  `[B, H, N, K, V]`. Writes dq, dk `[S, B, T, H, K]` and db, dkeys `[S, B, T, H]` (S
-  value blocks), dv `[B, T, H, V]`, through `[S, B, H, N, K]`.
+  `[B, H, N, K, V]`. Writes dq, dk `[1, B, T, H, K]`, db, dkeys `[1, B, T, H]`, dv
+  `[B, T, H, V]`, through `[1, B, H, N, K]`.
   """
-  chunk, split, n, h, hk, vv, row0 = gradient_program(seq, HEADS, KEY_HEADS, BV, C)
+  chunk, _, n, h, hk, _, row0 = gradient_program(seq, HEADS, KEY_HEADS, BV, C)
   dtype = q_ptr.dtype.element_ty
   i = tl.arange(0, C)
   kk = tl.arange(0, K)
   rows = row0 + i
-  q, k, v, do, b, rel = gradient_inputs(q_ptr, k_ptr, v_ptr, do_ptr, b_ptr, rel_ptr, rows,
-                                        hk, h, vv, HEADS, KEY_HEADS, K, V, False)
-  b_last = gate_row(b_ptr, row0 + C - 1, h, kk, HEADS, K, False)  # b [C, 1], b_C [1]
+  q = tl.load(q_ptr + offsets(rows, hk, kk, KEY_HEADS, K))
+  k = tl.load(k_ptr + offsets(rows, hk, kk, KEY_HEADS, K)).to(dtype)
+  b = gate_rows(b_ptr, rows, h, kk, HEADS, K, False)  # [C, 1]
+  rel = tl.load(rel_ptr + rows)
+  b_last = gate_row(b_ptr, row0 + C - 1, h, kk, HEADS, K, False)  # [1]
   rel_last = tl.load(rel_ptr + row0 + C - 1)
-  state = state_offsets(n, h, chunk, kk, vv, HEADS, N, K, V)
-  hs = tl.load(h_ptr + state)  # h_n [K, BV]
-  dh = tl.load(dh_ptr + state)  # dh_n [K, BV]
-
-  # Inter-chunk: o_i ∋ scale (q_i e^{b_i})ᵀ h_n and h_{n+1} ∋ (k_j e^{b_C − b_j}) v_jᵀ.
   q_decay = tl.where(rel[:, None] == 0, tl.exp(b), 0.0)
-  dq = scale * q_decay * tl.dot(do, tl.trans(hs.to(dtype)), input_precision=PRECISION)
   k_decay = key_decay(b, b_last, rel, rel_last)
-  dk_state = k_decay * tl.dot(v, tl.trans(dh.to(dtype)), input_precision=PRECISION)
-  dv = tl.dot((k.to(tl.float32) * k_decay).to(dtype), dh.to(dtype),
-              input_precision=PRECISION)
-
-  # Intra-chunk: o_i ∋ scale Σ_{j≤i} e^{b_i − b_j} (q_i · k_j) v_j; the pair (i, i)
-  # goes to dq and dk below (`own`), not through the decay gradient's parts.
+  k_state = (k.to(tl.float32) * k_decay).to(dtype)
   decay = _pair_decay(b, rel, C)
-  scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay
-  d_scores = scale * tl.dot(do, tl.trans(v), input_precision=PRECISION)
-  d_scores = tl.where(pairs(rel, C) & (i[:, None] > i[None, :]), d_scores * decay,
+  # scale e^{b_i − b_j} (q_i · k_j), transposed: dv_j ∋ Σ_i of it times dO_i.
+  scores_t = tl.trans((scale * tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                       * decay).to(dtype))
+
+  # Inter-chunk: o_i ∋ scale (q_i e^{b_i})ᵀ h_n and h_{n+1} ∋ (k_j e^{b_C − b_j}) v_jᵀ;
+  # intra-chunk: o_i ∋ scale Σ_{j≤i} e^{b_i − b_j} (q_i · k_j) v_j.
+  dq = tl.zeros((C, K), tl.float32)  # Σ over value blocks of dO h_nᵀ
+  dk_state = tl.zeros((C, K), tl.float32)  # of v dh_nᵀ
+  d_scores = tl.zeros((C, C), tl.float32)  # of dO vᵀ
+  own = tl.zeros((C,), tl.float32)  # of dO_i · v_i
+  through = tl.zeros((K,), tl.float32)  # of Σ_v dh ⊙ h_n
+  for block in range(0, V // LOOP_V):
+    vv = block * LOOP_V + tl.arange(0, LOOP_V)
+    v = tl.load(v_ptr + offsets(rows, h, vv, HEADS, V)).to(dtype)
+    do = tl.load(do_ptr + offsets(rows, h, vv, HEADS, V)).to(dtype)
+    state = state_offsets(n, h, chunk, kk, vv, HEADS, N, K, V)
+    hs = tl.load(h_ptr + state).to(dtype)  # h_n [K, LOOP_V]
+    dh = tl.load(dh_ptr + state).to(dtype)  # dh_n [K, LOOP_V]
+    dq += tl.dot(do, tl.trans(hs), input_precision=PRECISION)
+    dk_state += tl.dot(v, tl.trans(dh), input_precision=PRECISION)
+    d_scores += tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dv = tl.dot(k_state, dh, input_precision=PRECISION)
+    dv += tl.dot(scores_t, do, input_precision=PRECISION)
+    tl.store(dv_ptr + offsets(rows, h, vv, HEADS, V), dv.to(dv_ptr.dtype.element_ty))
+    own += tl.sum(do.to(tl.float32) * v.to(tl.float32), axis=1)
+    through += tl.sum(dh.to(tl.float32) * hs.to(tl.float32), axis=1)
+
+  # The pair (i, i) goes to dq and dk below (`own`), not through the decay gradient's
+  # parts.
+  dq = scale * q_decay * dq
+  dk_state = k_decay * dk_state
+  d_scores = tl.where(pairs(rel, C) & (i[:, None] > i[None, :]), scale * d_scores * decay,
                       0.0).to(dtype)
   dq += tl.dot(d_scores, k, input_precision=PRECISION)
   dk = tl.dot(tl.trans(d_scores), q, input_precision=PRECISION)
-  dv += tl.dot(tl.trans((scale * scores).to(dtype)), do, input_precision=PRECISION)
-
   q, k = q.to(tl.float32), k.to(tl.float32)
-  own = scale * tl.sum(do.to(tl.float32) * v.to(tl.float32), axis=1)
-  part = value_block_rows(split, batch, n, seq, chunk * C) + i  # rows of [S, B, T]
-  per_head = offsets(part, h, kk, HEADS, K)
+  own = scale * own
+  per_head = offsets(rows, h, kk, HEADS, K)  # value block 0 of [1, B, T]: rows themselves
   tl.store(dq_ptr + per_head, (dq + own[:, None] * k).to(dq_ptr.dtype.element_ty))
   tl.store(dk_ptr + per_head,
            (dk + dk_state + own[:, None] * q).to(dk_ptr.dtype.element_ty))
-  tl.store(dv_ptr + offsets(rows, h, vv, HEADS, V), dv.to(dv_ptr.dtype.element_ty))
-  tl.store(db_ptr + part * HEADS + h, tl.sum(q * dq - k * dk, axis=1))
-  tl.store(dkeys_ptr + part * HEADS + h, tl.sum(k * dk_state, axis=1))
-  tl.store(through_ptr + through_offsets(split * batch + n, h, chunk, kk, HEADS, N, K),
-           tl.sum(dh.to(tl.float32) * hs.to(tl.float32), axis=1))
+  tl.store(db_ptr + rows * HEADS + h, tl.sum(q * dq - k * dk, axis=1))
+  tl.store(dkeys_ptr + rows * HEADS + h, tl.sum(k * dk_state, axis=1))
+  tl.store(through_ptr + through_offsets(n, h, chunk, kk, HEADS, N, K), through)
 
 
 def _gradient_call(q, k, v, do, b, rel, states, d_states, plan):
   """`chunked_plan.Launches.gradients`: dq, dk per value head `[B, T, H, K]`, dv, d_b,
-  d_keys (like b) and through `[B, H, N, K]`; `_gradient_kernel` for a scalar gate,
+  d_keys (like b) and through `[B, H, N, K]`; `_gradient_kernel` for a scalar gate (one
+  program per chunk and head, looping over value blocks of `plan.gradient_block_v`),
   `triton_vector.gradient_call`'s three launches for a vector one."""
   if b.ndim == 4:
     return triton_vector.gradient_call(q, k, v, do, b, rel, states, d_states, plan)
-  per_head, dv, parts, through = gradient_outputs(q, v, b, plan)
+  whole = dataclasses.replace(plan, gradient_block_v=v.shape[-1])  # one value block
+  per_head, dv, parts, through = gradient_outputs(q, v, b, whole)
   return sum_value_blocks(*launch_gradients(
-      plan, _gradient_kernel, "gradients", q, k, v, do, b, rel, states, d_states,
-      out_shape=[per_head, per_head, dv, parts, parts, through]))
+      whole, _gradient_kernel, "gradients", q, k, v, do, b, rel, states, d_states,
+      out_shape=[per_head, per_head, dv, parts, parts, through],
+      LOOP_V=plan.gradient_block_v))
 
 
 @triton.jit

@@ -33,7 +33,7 @@ RNG = np.random.default_rng(20261208)
 
 CASES = [
     # Grouped value heads, packed sequences, initial state, T not a multiple of the chunk;
-    # the gradient kernel over two value blocks (dq, dk, decay parts summed).
+    # the gradient kernel over two value blocks (a loop in one program).
     Case(seq=77, value_heads=4, value_dim=32, max_decay=2.0, resets=True,
          blocks=BlockSizes(16, 16, gradient_block_v=16)),
     # Fixed decay (its gradient sums over tokens), three pieces, two value blocks.
