@@ -13,7 +13,9 @@
 # item 5: Lightning vs softmax LM, medium with 8 heads of 128, 32k tokens per step, at
 # seq 1k, 4k, 16k, 32k), triton_vector (issues 17, 20: the bf16 vector gate at the
 # default chunk through both Triton kernels against XLA, then their vector tests; not in
-# the default list). Logs and JSON go under OUT; a compact table to stdout.
+# the default list), zoology (issue 18: attention at width 64 on Zoology's Figure 2 cells
+# at the paper's budget; not in the default list). Logs and JSON go under OUT; a compact
+# table to stdout.
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT [tests|linear|flash|training ...]}
 shift
@@ -71,6 +73,18 @@ for step in ${steps[*]}; do
         tests/pallas_kernels/linear_attention/test_pallas_triton.py -k "vector or C64" 2>&1 \
         | tail -3 | tee "$out/tests_vector.log"
       ;;
-    *) echo "gpu_session.sh: unknown step '$step' (tests, linear, flash, training, triton_vector)" >&2 ;;
+    zoology)
+      # Issue 18: Zoology's Figure 2 at the paper's budget for attention at width 64 (the
+      # CPU grid's plateau), 4 learning rates x 2 cells, 4 runs at a time on the one GPU.
+      # Needs TFDS, which the image lacks: its wheels in .whl_tfds/ (docs/results/zoology.md).
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site_tfds .whl_tfds/*.whl || { echo "no .whl_tfds" >&2; continue; }
+      PYTHONPATH=$PYTHONPATH:/tmp/site_tfds timeout -s TERM 480 python3 -m experiments.mqar_grid \
+        --grid=zoology_figure2 --cells=64x4,128x8 --d_models=64 --mixers=softmax \
+        --processes=4 --output_dir=/tmp/zoo 2>&1 | tail -20 | tee "$out/zoology.log"
+      mkdir -p "$out/zoology" && cp -r /tmp/zoo/results.jsonl /tmp/zoo/summary.md /tmp/zoo/*.png \
+        /tmp/zoo/logs "$out/zoology/" 2>/dev/null
+      ;;
+    *) echo "gpu_session.sh: unknown step '$step' (tests, linear, flash, training, triton_vector, zoology)" >&2 ;;
   esac
 done
