@@ -13,8 +13,10 @@
 # item 5: Lightning vs softmax LM, medium with 8 heads of 128, 32k tokens per step, at
 # seq 1k, 4k, 16k, 32k), triton_vector (issues 17, 20: the bf16 vector gate at the
 # default chunk through both Triton kernels against XLA, then their vector tests; not in
-# the default list), zoology (issue 18: attention at width 64 on Zoology's Figure 2 cells
-# at the paper's budget; not in the default list). Logs and JSON go under OUT; a compact
+# the default list), triton_flash (issue 20: the Triton-language flash attention's tests
+# and timings beside pallas_triton and cuDNN; not in the default list), zoology (issue
+# 18: attention at width 64 on Zoology's Figure 2 cells at the paper's budget; not in
+# the default list). Logs and JSON go under OUT; a compact
 # table to stdout.
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT [tests|linear|flash|training ...]}
@@ -73,6 +75,19 @@ for step in ${steps[*]}; do
         tests/pallas_kernels/linear_attention/test_pallas_triton.py -k "vector or C64" 2>&1 \
         | tail -3 | tee "$out/tests_vector.log"
       ;;
+    triton_flash)
+      # Issue 20: the Triton-language flash attention compiled: its tests, then timed
+      # beside pallas_triton (what it replaces) and cuDNN, bf16 and f32.
+      JAX_PLATFORMS=cuda,cpu timeout 200 python3 -m pytest -q -p no:cacheprovider \
+        tests/pallas_kernels/flash_attention/test_triton.py 2>&1 | tail -3 \
+        | tee "$out/tests_triton_flash.log"
+      for dtype in bfloat16 float32; do
+        timeout 150 python3 -m experiments.bench_attention --dtype=$dtype \
+          --implementations=cudnn,pallas_triton,triton --masks=causal --seq_lens=1024,4096 \
+          --trials=5 --output_dir="$out/triton_flash_$dtype" 2>&1 | quiet | grep "^|" \
+          | tee "$out/triton_flash_$dtype.md"
+      done
+      ;;
     zoology)
       # Issue 18: Zoology's Figure 2 at the paper's budget for attention at width 64 (the
       # CPU grid's plateau), 4 learning rates x 2 cells, 4 runs at a time on the one GPU.
@@ -85,6 +100,6 @@ for step in ${steps[*]}; do
       mkdir -p "$out/zoology" && cp -r /tmp/zoo/results.jsonl /tmp/zoo/summary.md /tmp/zoo/*.png \
         /tmp/zoo/logs "$out/zoology/" 2>/dev/null
       ;;
-    *) echo "gpu_session.sh: unknown step '$step' (tests, linear, flash, training, triton_vector, zoology)" >&2 ;;
+    *) echo "gpu_session.sh: unknown step '$step' (tests, linear, flash, training, triton_vector, triton_flash, zoology)" >&2 ;;
   esac
 done

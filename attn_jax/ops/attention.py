@@ -3,9 +3,9 @@
 The op checks its arguments, builds one `AttentionMask` (defined in
 `pallas_kernels/flash_attention/mask.py`) and passes it, with the arrays, to a backend of
 `pallas_kernels/flash_attention/`: "xla" (everywhere), "cudnn" (through
-`jax.nn.dot_product_attention`, NVIDIA GPUs), and the Pallas flash-attention kernels
-"pallas_mosaic_gpu", "pallas_triton", "pallas_tpu": the table `BACKENDS` at the end, which
-`dispatch` reads.
+`jax.nn.dot_product_attention`, NVIDIA GPUs), the Pallas flash-attention kernels
+"pallas_mosaic_gpu", "pallas_triton", "pallas_tpu", and the Triton-language ones
+"triton": the table `BACKENDS` at the end, which `dispatch` reads.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def dot_product_attention(query, key, value, *, scale=None, is_causal=False,
       attention uses 0.1). Only the XLA path applies it; the kernels refuse it.
     dropout_rng: the PRNG key that draws the dropout mask; needed when dropout_rate > 0.
     implementation: None picks the fastest that serves the call; or one of "xla",
-      "cudnn", "pallas_mosaic_gpu", "pallas_triton", "pallas_tpu".
+      "cudnn", "pallas_mosaic_gpu", "pallas_triton", "triton", "pallas_tpu".
 
   Returns:
     `[batch, q_seq, q_heads, v_dim]` in the query's dtype (and the log-sum-exp with
@@ -145,6 +145,11 @@ def _pallas_triton():
   return _backend(pallas_triton.flash_attention, jit=True)
 
 
+def _triton():
+  triton = dispatch.import_triton_kernels("pallas_kernels.flash_attention.triton")
+  return _backend(triton.flash_attention, jit=True)
+
+
 def _pallas_tpu():
   from pallas_kernels.flash_attention import pallas_tpu
   return _backend(pallas_tpu.flash_attention, jit=True)
@@ -153,11 +158,14 @@ def _pallas_tpu():
 # On an H100 (docs/perf/flash_attention.md) cuDNN and the Mosaic GPU kernel are level
 # (0.92-1.20x cuDNN forward + backward; cuDNN ahead on long rows); the kernels
 # serve what cuDNN cannot (segment ids, soft-cap, sinks, log-sum-exp, right windows),
-# Mosaic GPU on Hopper, Triton elsewhere.
+# Mosaic GPU on Hopper, Triton elsewhere. "triton" (Triton-language kernels through
+# jax-triton, the replacement of the deprecated Pallas Triton lowering) comes after
+# pallas_triton until a GPU times it: it serves what pallas_triton refuses (issue 20).
 BACKENDS = (
     dispatch.Backend("xla", "any", _xla),
     dispatch.Backend("cudnn", "gpu", _cudnn, interpretable=False),
     dispatch.Backend("pallas_mosaic_gpu", "gpu", _pallas_mosaic_gpu),
     dispatch.Backend("pallas_triton", "gpu", _pallas_triton),
+    dispatch.Backend("triton", "gpu", _triton),
     dispatch.Backend("pallas_tpu", "tpu", _pallas_tpu),
 )

@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -83,6 +84,31 @@ def automatic_order(backends: Sequence[Backend]) -> tuple[str, ...]:
   """The names `implementation=None` tries here: this platform's, then those of "any"."""
   here = [b.name for b in backends if b.automatic and b.platform == platform()]
   return tuple(here + [b.name for b in backends if b.automatic and b.platform == "any"])
+
+
+def import_triton_kernels(module: str):
+  """Imports `module`, Triton-language kernels through jax_triton (optional dependencies):
+  a missing triton, or (compiled, not interpreted) a jax_triton that does not import,
+  refuses the call, so that `implementation=None` goes on to the next backend.
+
+  Raises:
+    NotImplementedError: naming the missing package and how to install it.
+  """
+  install = "pip install -e '.[gpu]' (triton==3.6.0, jax-triton==0.3.1)"
+  try:
+    kernels_module = importlib.import_module(module)
+  except ImportError as e:
+    raise NotImplementedError(
+        f"implementation='triton' needs the package {e.name or 'triton'!r} ({e}): "
+        f"{install}.") from e
+  if not interpret_mode():
+    try:
+      import jax_triton  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
+    except ImportError as e:
+      raise NotImplementedError(
+          f"implementation='triton' compiles through jax_triton, which does not import "
+          f"here ({e}): {install}.") from e
+  return kernels_module
 
 
 def require_platform(backend: Backend) -> bool:

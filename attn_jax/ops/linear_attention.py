@@ -252,23 +252,7 @@ def _pallas_triton():
 
 
 def _triton():
-  """Triton-language kernels through jax_triton, an optional dependency: a missing
-  triton, or (compiled, not interpreted) a jax_triton that does not import, refuses the
-  call, so that `implementation=None` goes on to the next backend."""
-  install = "pip install -e '.[gpu]' (triton==3.6.0, jax-triton==0.3.1)"
-  try:
-    from pallas_kernels.linear_attention import triton
-  except ImportError as e:
-    raise NotImplementedError(
-        f"implementation='triton' needs the package {e.name or 'triton'!r} ({e}): "
-        f"{install}.") from e
-  if not dispatch.interpret_mode():
-    try:
-      import jax_triton  # noqa: F401  pylint: disable=unused-import
-    except ImportError as e:
-      raise NotImplementedError(
-          f"implementation='triton' compiles through jax_triton, which does not import "
-          f"here ({e}): {install}.") from e
+  triton = dispatch.import_triton_kernels("pallas_kernels.linear_attention.triton")
   return _kernel(triton.linear_attention)
 
 

@@ -55,13 +55,16 @@ def test_cudnn_is_not_available_for_linear_attention():
     ops.linear_attention(q, k, v, implementation="cudnn")
 
 
-def test_attention_kernel_through_the_op_in_interpret_mode(monkeypatch):
+@pytest.mark.parametrize("implementation", ["pallas_triton", "triton"])
+def test_attention_kernel_through_the_op_in_interpret_mode(monkeypatch, implementation):
+  if implementation == "triton":
+    pytest.importorskip("triton")
   monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
   q, k, v = _qkv(heads=2, seq=24, dim=16)
   seg = jnp.array([[0] * 10 + [1] * 14])
   kwargs = dict(is_causal=True, q_segment_ids=seg, kv_segment_ids=seg, logits_soft_cap=5.0)
   want = ops.dot_product_attention(q, k, v, implementation="xla", **kwargs)
-  got = ops.dot_product_attention(q, k, v, implementation="pallas_triton", **kwargs)
+  got = ops.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
   assert rel_err(got, want) < 1e-5
 
 
@@ -104,7 +107,7 @@ def test_identical_kernel_calls_share_one_trace(monkeypatch, op):
 
 
 @pytest.mark.parametrize("platform, attention, linear", [
-    ("gpu", ("cudnn", "pallas_mosaic_gpu", "pallas_triton", "xla"),
+    ("gpu", ("cudnn", "pallas_mosaic_gpu", "pallas_triton", "triton", "xla"),
      ("pallas_mosaic_gpu", "pallas_triton", "triton", "xla")),
     ("tpu", ("pallas_tpu", "xla"), ("pallas_tpu", "xla")),
     ("cpu", ("xla",), ("xla",)),

@@ -1,0 +1,72 @@
+"""The Triton-language flash attention (`pallas_kernels.flash_attention.triton`) against the
+XLA reference, on the Pallas-Triton tests' cases: output, log-sum-exp and the gradients of
+q, k, v and sinks (random cotangents on the output and the log-sum-exp).
+
+Off GPU the kernels run in Triton's interpreter (`pallas_kernels.triton_call`); on a GPU
+the same tests run them compiled by jax_triton:
+`JAX_PLATFORMS=cuda pytest tests/pallas_kernels/flash_attention/test_triton.py`.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.flash_attention.mask import AttentionMask
+from pallas_kernels.triton_call import interpret_by_default
+from tests.pallas_kernels.flash_attention.test_pallas_triton import (CASES,
+                                                                     LOW_PRECISION_CASES,
+                                                                     SMALL)
+from tests.pallas_kernels.flash_attention.util import check, kernel_and_reference
+
+pytest.importorskip("triton", reason="triton is not installed (`pip install -e '.[test]'` "
+                    "on Linux)")
+from pallas_kernels.flash_attention import triton as ft  # noqa: E402
+
+# Compiled on a GPU, interpreted elsewhere.
+INTERPRET = interpret_by_default() or jax.default_backend() == "cpu"
+# Every feature of the Pallas-Triton cases once (the interpreter is slow; a left window is
+# also in the bf16 and default-block cases below).
+FLOAT32_CASES = ["causal-B2-T37", "full-Tq70-Tk37", "causal-decode-Tq5-Tk70-gqa2-D8-Dv32",
+                 "window7-12-Tq45-Tk70-mqa", "segments-causal-B2-T37",
+                 "softcap-sinks-causal-Tq37-Tk50", "causal-Tq40-Tk20-empty-rows-sinks"]
+
+
+@pytest.mark.parametrize("name", FLOAT32_CASES)
+def test_float32_matches_reference(name):
+  *shape, options = CASES[name]
+  got, want = kernel_and_reference(ft.flash_attention, shape, options, jnp.float32,
+                                   interpret=INTERPRET, block_sizes=SMALL)
+  assert got[0].dtype == jnp.float32
+  check(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("name", LOW_PRECISION_CASES)
+def test_low_precision_close_to_float32_reference(name):
+  *shape, options, dtype = LOW_PRECISION_CASES[name]
+  got, want = kernel_and_reference(ft.flash_attention, shape, options, dtype,
+                                   interpret=INTERPRET, block_sizes=SMALL)
+  assert got[0].dtype == dtype and all(g.dtype == dtype for g in got[2][:3])
+  check(got, want, 2e-2)
+
+
+def test_default_blocks_span_several_key_blocks():
+  # The tuned blocks (128 queries, 64 keys) over 150 keys: full, partial and skipped
+  # blocks of the default path, causal with a left window.
+  got, want = kernel_and_reference(ft.flash_attention, (1, 150, 150, 2, 1, 32, 32),
+                                   dict(is_causal=True, window=(70, None)), jnp.float32,
+                                   interpret=INTERPRET)
+  check(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("what, kwargs, match", [
+    ("dtype", dict(dtype=jnp.int8), "dtype"),
+    ("head_dim", dict(dim=512), "head_dim"),
+    ("empty kv", dict(kv_len=0), "kv_seq"),
+])
+def test_unsupported_inputs_raise_not_implemented(what, kwargs, match):
+  dim, kv_len = kwargs.get("dim", 16), kwargs.get("kv_len", 8)
+  q = jnp.zeros((1, 8, 2, dim), kwargs.get("dtype", jnp.float32))
+  k = jnp.zeros((1, kv_len, 2, dim), q.dtype)
+  with pytest.raises(NotImplementedError, match=match):
+    ft.flash_attention(q, k, k, mask=AttentionMask(8, kv_len), scale=1.0,
+                       logits_soft_cap=None, return_residuals=False, interpret=True)
