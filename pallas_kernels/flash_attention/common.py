@@ -1,10 +1,13 @@
 """Pieces the flash-attention kernels share: the checks of a call, the three loops over
-masked and unmasked blocks, padding, and the custom VJP around a forward and a backward
-kernel (with the backward's Delta and the sink gradient)."""
+masked and unmasked blocks, padding, the custom VJP around a forward and a backward
+kernel (with the backward's Delta and the sink gradient), and the entry point of the two
+Triton-backed kernels (`pallas_triton`, `triton`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -125,3 +128,61 @@ def sink_gradient(sinks, lse, delta):
     return None
   p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse)
   return (-jnp.sum(p_sink * delta, axis=(0, 2))).astype(sinks.dtype)
+
+
+# What the Triton-backed kernels (`pallas_triton`, `triton`) serve.
+TRITON_DTYPES = ("float32", "bfloat16", "float16")
+TRITON_MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+  """The static arguments of a Triton-backed kernel's forward and backward."""
+  mask: AttentionMask
+  scale: float
+  softcap: float | None
+  blocks: Any  # pallas_triton.BlockSizes
+  interpret: bool
+
+
+def shrink_block(b: int, n: int) -> int:
+  """Block size b shrunk to a short sequence n (still a power of two ≥ 16)."""
+  return min(b, max(16, 1 << max(0, n - 1).bit_length()))
+
+
+def pow2_head_dim(d: int) -> int:
+  """A head dim padded to a power of two ≥ 16 (the smallest Triton dot)."""
+  return max(16, 1 << max(0, d - 1).bit_length())
+
+
+def triton_flash_attention(kernel: str, attention, default_blocks, query, key, value, *,
+                           q_segment_ids, kv_segment_ids, sinks, mask, scale,
+                           logits_soft_cap, return_residuals, block_sizes, interpret):
+  """A Triton-backed kernel's `flash_attention` (`pallas_triton.flash_attention`'s
+  arguments and results): checks, then `attention(q, k, v, q_seg, kv_seg, sinks,
+  TritonConfig)` (a `flash_vjp`) with `block_sizes or default_blocks(head_dim, dtype)`.
+
+  Raises:
+    NotImplementedError: a dtype or head dim the kernels do not serve, or an empty
+      sequence, naming `kernel`.
+    ValueError: malformed arguments (`kernel_arguments`).
+  """
+  dtype = jnp.dtype(query.dtype)
+  if dtype.name not in TRITON_DTYPES or key.dtype != dtype or value.dtype != dtype:
+    raise NotImplementedError(
+        f"{kernel} supports query/key/value dtype in {TRITON_DTYPES} (all equal); got "
+        f"{query.dtype}, {key.dtype}, {value.dtype}.")
+  for name, d in (("query/key head_dim", query.shape[-1]),
+                  ("value head_dim", value.shape[-1])):
+    if d > TRITON_MAX_HEAD_DIM:
+      raise NotImplementedError(f"{kernel} supports {name} <= {TRITON_MAX_HEAD_DIM}; "
+                                f"got {d}.")
+  q_segment_ids, kv_segment_ids = kernel_arguments(
+      kernel, query, key, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+      sinks=sinks, mask=mask)
+  config = TritonConfig(
+      mask=mask, scale=float(scale),
+      softcap=None if logits_soft_cap is None else float(logits_soft_cap),
+      blocks=block_sizes or default_blocks(query.shape[3], dtype), interpret=bool(interpret))
+  out, lse = attention(query, key, value, q_segment_ids, kv_segment_ids, sinks, config)
+  return (out, lse) if return_residuals else out

@@ -38,14 +38,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.common import (flash_vjp, kernel_arguments, masked_loops,
-                                                  pad, round_up)
+from pallas_kernels.flash_attention.common import (TritonConfig, flash_vjp, masked_loops,
+                                                  pad, pow2_head_dim, round_up,
+                                                  shrink_block, triton_flash_attention)
 from pallas_kernels.flash_attention.mask import AttentionMask
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
-_DTYPES = ("float32", "bfloat16", "float16")
-_MAX_HEAD_DIM = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,33 +229,14 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, de
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  """The kernels' static arguments."""
-  mask: AttentionMask
-  scale: float
-  softcap: float | None
-  blocks: BlockSizes
-  interpret: bool
-
-
-def _block(b, n):
-  """Block size b shrunk to a short sequence n (still a power of two >= 16)."""
-  return min(b, max(16, pl.next_power_of_2(n)))
-
-
-def _head_dim(d):
-  return max(16, pl.next_power_of_2(d))
-
-
-def _forward(q, k, v, q_seg, kv_seg, sinks, st: _Config):
+def _forward(q, k, v, q_seg, kv_seg, sinks, st: TritonConfig):
   """Returns out [B, Tq, Hq, Dv] (query dtype) and lse [B, Hq, Tq] float32."""
   batch, q_len, q_heads, head_dim = q.shape
   kv_len, kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
   groups = q_heads // kv_heads
-  bq, bk = _block(st.blocks.block_q, q_len), _block(st.blocks.block_k, kv_len)
+  bq, bk = shrink_block(st.blocks.block_q, q_len), shrink_block(st.blocks.block_k, kv_len)
   tq, tk = round_up(q_len, bq), round_up(kv_len, bk)
-  dp, dvp = _head_dim(head_dim), _head_dim(v_dim)
+  dp, dvp = pow2_head_dim(head_dim), pow2_head_dim(v_dim)
   q = pad(pad(q, 1, tq), 3, dp)
   k = pad(pad(k, 1, tk), 3, dp)
   v = pad(pad(v, 1, tk), 3, dvp)
@@ -287,17 +267,17 @@ def _forward(q, k, v, q_seg, kv_seg, sinks, st: _Config):
   return out[:, :q_len, :, :v_dim], lse[:, :, :q_len]
 
 
-def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, st: _Config):
+def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, st: TritonConfig):
   """dq, dk, dv from the log-sum-exp lse and Delta [B, Hq, Tq] (f32, natural base)."""
   batch, q_len, q_heads, head_dim = q.shape
   kv_len, kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
   groups = q_heads // kv_heads
   b = st.blocks
-  bq_dkv, bk_dkv = _block(b.block_q_dkv, q_len), _block(b.block_kv_dkv, kv_len)
-  bq_dq, bk_dq = _block(b.block_q_dq, q_len), _block(b.block_kv_dq, kv_len)
+  bq_dkv, bk_dkv = shrink_block(b.block_q_dkv, q_len), shrink_block(b.block_kv_dkv, kv_len)
+  bq_dq, bk_dq = shrink_block(b.block_q_dq, q_len), shrink_block(b.block_kv_dq, kv_len)
   tq = round_up(q_len, max(bq_dkv, bq_dq))
   tk = round_up(kv_len, max(bk_dkv, bk_dq))
-  dp, dvp = _head_dim(head_dim), _head_dim(v_dim)
+  dp, dvp = pow2_head_dim(head_dim), pow2_head_dim(v_dim)
   q, do = pad(pad(q, 1, tq), 3, dp), pad(pad(do, 1, tq), 3, dvp)
   k, v = pad(pad(k, 1, tk), 3, dp), pad(pad(v, 1, tk), 3, dvp)
   q_seg, kv_seg = pad(q_seg, 1, tq), pad(kv_seg, 1, tk)
@@ -376,25 +356,11 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
       empty sequence).
     ValueError: malformed arguments, or a mask of other lengths (`common.check_mask`).
   """
-  dtype = jnp.dtype(query.dtype)
-  if dtype.name not in _DTYPES or key.dtype != dtype or value.dtype != dtype:
-    raise NotImplementedError(
-        f"pallas_triton supports query/key/value dtype in {_DTYPES} (all equal); got "
-        f"{query.dtype}, {key.dtype}, {value.dtype}.")
-  for name, d in (("query/key head_dim", query.shape[-1]), ("value head_dim",
-                                                            value.shape[-1])):
-    if d > _MAX_HEAD_DIM:
-      raise NotImplementedError(f"pallas_triton supports {name} <= {_MAX_HEAD_DIM}; "
-                                f"got {d}.")
-  q_segment_ids, kv_segment_ids = kernel_arguments(
-      "pallas_triton", query, key, q_segment_ids=q_segment_ids,
-      kv_segment_ids=kv_segment_ids, sinks=sinks, mask=mask)
-  blocks = block_sizes or BlockSizes.get_default(query.shape[3], dtype)
-  st = _Config(mask=mask, scale=float(scale),
-               softcap=None if logits_soft_cap is None else float(logits_soft_cap),
-               blocks=blocks, interpret=bool(interpret))
-  out, lse = _attention(query, key, value, q_segment_ids, kv_segment_ids, sinks, st)
-  return (out, lse) if return_residuals else out
+  return triton_flash_attention(
+      "pallas_triton", _attention, BlockSizes.get_default, query, key, value,
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sinks=sinks, mask=mask,
+      scale=scale, logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
+      block_sizes=block_sizes, interpret=interpret)
 
 
 def flash_attention_reference(query, key, value, *, q_segment_ids=None,

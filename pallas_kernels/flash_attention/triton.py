@@ -18,7 +18,6 @@ constexpr flag, with a one-element placeholder array for an absent input.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -27,15 +26,15 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from pallas_kernels.flash_attention.common import flash_vjp, kernel_arguments, pad, round_up
+from pallas_kernels.flash_attention.common import (TritonConfig, flash_vjp, pad,
+                                                  pow2_head_dim, round_up, shrink_block,
+                                                  triton_flash_attention)
 from pallas_kernels.flash_attention.mask import AttentionMask
 from pallas_kernels.flash_attention.pallas_triton import BlockSizes
 from pallas_kernels.triton_call import triton_call
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
-_DTYPES = ("float32", "bfloat16", "float16")
-_MAX_HEAD_DIM = 256
 
 
 @triton.jit
@@ -122,14 +121,37 @@ def _q_blocks(k0, BK: tl.constexpr, BQ: tl.constexpr, Q_LEN: tl.constexpr,
 
 
 @triton.jit
-def _logits(q, k, scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-  """Base-2 logits log2(e) · softcap(scale · q kᵀ) `[bq, bk]` f32, and the tanh (the soft
-  cap's; 0 without one). tanh(x) = 1 − 2 / (e^{2x} + 1): exact at ±inf, no libdevice."""
+def _scores(q, k, q_pos, k_pos, q_seg, k_seg, scale, softcap, Q_LEN: tl.constexpr,
+            KV_LEN: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SEGMENTS: tl.constexpr,
+            SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+  """Base-2 logits log2(e) · softcap(scale · q kᵀ) `[bq, bk]` f32, -inf where hidden (if
+  MASKED), and the soft cap's tanh (0 without one). tanh(x) = 1 − 2 / (e^{2x} + 1):
+  exact at ±inf, no libdevice."""
   s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
   if SOFTCAP:
     t = 1.0 - 2.0 / (tl.exp(2.0 * s * (scale / softcap)) + 1.0)
-    return t * (softcap * 1.4426950408889634), t
-  return s * (scale * 1.4426950408889634), s * 0.0
+    s = t * (softcap * 1.4426950408889634)
+  else:
+    t = s * 0.0
+    s = s * (scale * 1.4426950408889634)
+  if MASKED:
+    ok = _visible(q_pos, k_pos, q_seg, k_seg, Q_LEN, KV_LEN, LEFT, RIGHT, HAS_LEFT,
+                  HAS_RIGHT, SEGMENTS)
+    s = tl.where(ok, s, -float("inf"))
+  return s, t
+
+
+@triton.jit
+def _score_gradients(s, t, lse, delta, do, v, SOFTCAP: tl.constexpr,
+                     PRECISION: tl.constexpr):
+  """(P, dS): P = 2^{s − lse} and dS = P (dO vᵀ − Delta), through the soft cap."""
+  p = tl.exp2(s - lse[:, None])
+  dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+  ds = p * (dp - delta[:, None])
+  if SOFTCAP:
+    ds = ds * (1.0 - t * t)
+  return p, ds
 
 
 @triton.jit
@@ -143,12 +165,9 @@ def _fwd_block(acc, m_i, l_i, q, q_pos, q_seg, j, k_ptr, v_ptr, kseg_ptr, n, hk,
   k_pos = j * BK + tl.arange(0, BK)
   rows = n * TK + k_pos
   k = tl.load(k_ptr + _rows(rows, hk, tl.arange(0, D), KV_HEADS, D))
-  s, _ = _logits(q, k, scale, softcap, SOFTCAP, PRECISION)
-  if MASKED:
-    k_seg = tl.load(kseg_ptr + rows) if SEGMENTS else k_pos
-    ok = _visible(q_pos, k_pos, q_seg, k_seg, Q_LEN, KV_LEN, LEFT, RIGHT, HAS_LEFT,
-                  HAS_RIGHT, SEGMENTS)
-    s = tl.where(ok, s, -float("inf"))
+  k_seg = tl.load(kseg_ptr + rows) if SEGMENTS else k_pos  # SEGMENTS: every block masked
+  s, _ = _scores(q, k, q_pos, k_pos, q_seg, k_seg, scale, softcap, Q_LEN, KV_LEN, LEFT,
+                 RIGHT, HAS_LEFT, HAS_RIGHT, SEGMENTS, SOFTCAP, PRECISION, MASKED)
   m_new = tl.maximum(m_i, tl.max(s, axis=1))
   # A row that has seen no key yet has m_new = -inf: subtract 0 instead (no NaN).
   m_ref = tl.where(m_new == -float("inf"), 0.0, m_new) if MASKED else m_new
@@ -219,17 +238,10 @@ def _dq_block(dq, q, do, lse, delta, q_pos, q_seg, j, k_ptr, v_ptr, kseg_ptr, n,
   rows = n * TK + k_pos
   k = tl.load(k_ptr + _rows(rows, hk, tl.arange(0, D), KV_HEADS, D))
   v = tl.load(v_ptr + _rows(rows, hk, tl.arange(0, DV), KV_HEADS, DV))
-  s, t = _logits(q, k, scale, softcap, SOFTCAP, PRECISION)
-  if MASKED:
-    k_seg = tl.load(kseg_ptr + rows) if SEGMENTS else k_pos
-    ok = _visible(q_pos, k_pos, q_seg, k_seg, Q_LEN, KV_LEN, LEFT, RIGHT, HAS_LEFT,
-                  HAS_RIGHT, SEGMENTS)
-    s = tl.where(ok, s, -float("inf"))
-  p = tl.exp2(s - lse[:, None])
-  dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-  ds = p * (dp - delta[:, None])
-  if SOFTCAP:
-    ds = ds * (1.0 - t * t)
+  k_seg = tl.load(kseg_ptr + rows) if SEGMENTS else k_pos
+  s, t = _scores(q, k, q_pos, k_pos, q_seg, k_seg, scale, softcap, Q_LEN, KV_LEN, LEFT,
+                 RIGHT, HAS_LEFT, HAS_RIGHT, SEGMENTS, SOFTCAP, PRECISION, MASKED)
+  _, ds = _score_gradients(s, t, lse, delta, do, v, SOFTCAP, PRECISION)
   return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
@@ -286,18 +298,11 @@ def _dkdv_block(dk, dv, k, v, k_pos, k_seg, i, hq, q_ptr, qseg_ptr, do_ptr, lse_
   do = tl.load(do_ptr + _rows(rows, hq, tl.arange(0, DV), HEADS, DV))
   lse = tl.load(lse_ptr + (n * HEADS + hq) * TQ + q_pos)
   delta = tl.load(delta_ptr + (n * HEADS + hq) * TQ + q_pos)
-  s, t = _logits(q, k, scale, softcap, SOFTCAP, PRECISION)
-  if MASKED:
-    q_seg = tl.load(qseg_ptr + rows) if SEGMENTS else q_pos
-    ok = _visible(q_pos, k_pos, q_seg, k_seg, Q_LEN, KV_LEN, LEFT, RIGHT, HAS_LEFT,
-                  HAS_RIGHT, SEGMENTS)
-    s = tl.where(ok, s, -float("inf"))
-  p = tl.exp2(s - lse[:, None])
+  q_seg = tl.load(qseg_ptr + rows) if SEGMENTS else q_pos
+  s, t = _scores(q, k, q_pos, k_pos, q_seg, k_seg, scale, softcap, Q_LEN, KV_LEN, LEFT,
+                 RIGHT, HAS_LEFT, HAS_RIGHT, SEGMENTS, SOFTCAP, PRECISION, MASKED)
+  p, ds = _score_gradients(s, t, lse, delta, do, v, SOFTCAP, PRECISION)
   dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-  dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-  ds = p * (dp - delta[:, None])
-  if SOFTCAP:
-    ds = ds * (1.0 - t * t)
   dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
   return dk, dv
 
@@ -347,26 +352,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, qseg_ptr, kseg_ptr, do_ptr, lse_ptr, delta
            dv.to(dv_ptr.dtype.element_ty))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  """The kernels' static arguments."""
-  mask: AttentionMask
-  scale: float
-  softcap: float | None
-  blocks: BlockSizes
-  interpret: bool
-
-
-def _block(b, n):
-  """Block size b shrunk to a short sequence n (still a power of two ≥ 16)."""
-  return min(b, max(16, triton.next_power_of_2(n)))
-
-
-def _head_dim(d):
-  return max(16, triton.next_power_of_2(d))
-
-
-def _mask_params(st: _Config, has_segments: bool, dtype) -> dict:
+def _mask_params(st: TritonConfig, has_segments: bool, dtype) -> dict:
   """The constexprs every kernel takes: the real lengths, the window, the flags."""
   mask = st.mask
   return dict(Q_LEN=mask.q_len, KV_LEN=mask.kv_len, LEFT=mask.left or 0,
@@ -376,7 +362,7 @@ def _mask_params(st: _Config, has_segments: bool, dtype) -> dict:
               PRECISION="ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32")
 
 
-def _scalars(st: _Config):
+def _scalars(st: TritonConfig):
   return np.float32(st.scale), np.float32(st.softcap or 1.0)
 
 
@@ -385,13 +371,13 @@ def _placeholder(x, dtype):
   return jnp.zeros((1,), dtype) if x is None else x
 
 
-def _forward(q, k, v, q_seg, kv_seg, sinks, st: _Config):
+def _forward(q, k, v, q_seg, kv_seg, sinks, st: TritonConfig):
   """Returns out `[B, Tq, Hq, Dv]` (query dtype) and lse `[B, Hq, Tq]` f32."""
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
-  bq, bk = _block(st.blocks.block_q, q_len), _block(st.blocks.block_k, kv_len)
+  bq, bk = shrink_block(st.blocks.block_q, q_len), shrink_block(st.blocks.block_k, kv_len)
   tq, tk = round_up(q_len, bq), round_up(kv_len, bk)
-  dp, dvp = _head_dim(head_dim), _head_dim(v_dim)
+  dp, dvp = pow2_head_dim(head_dim), pow2_head_dim(v_dim)
   out, lse = triton_call(
       _fwd_kernel, pad(pad(q, 1, tq), 3, dp), pad(pad(k, 1, tk), 3, dp),
       pad(pad(v, 1, tk), 3, dvp), _placeholder(pad(q_seg, 1, tq), jnp.int32),
@@ -407,16 +393,16 @@ def _forward(q, k, v, q_seg, kv_seg, sinks, st: _Config):
   return out[:, :q_len, :, :v_dim], lse[:, :, :q_len] * _LN2
 
 
-def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, st: _Config):
+def _backward(q, k, v, q_seg, kv_seg, lse, delta, do, st: TritonConfig):
   """dq, dk, dv from the log-sum-exp lse and Delta `[B, Hq, Tq]` (f32, natural base)."""
   batch, q_len, heads, head_dim = q.shape
   kv_len, kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
   b = st.blocks
-  bq_dkv, bk_dkv = _block(b.block_q_dkv, q_len), _block(b.block_kv_dkv, kv_len)
-  bq_dq, bk_dq = _block(b.block_q_dq, q_len), _block(b.block_kv_dq, kv_len)
+  bq_dkv, bk_dkv = shrink_block(b.block_q_dkv, q_len), shrink_block(b.block_kv_dkv, kv_len)
+  bq_dq, bk_dq = shrink_block(b.block_q_dq, q_len), shrink_block(b.block_kv_dq, kv_len)
   tq = round_up(q_len, max(bq_dkv, bq_dq))
   tk = round_up(kv_len, max(bk_dkv, bk_dq))
-  dp, dvp = _head_dim(head_dim), _head_dim(v_dim)
+  dp, dvp = pow2_head_dim(head_dim), pow2_head_dim(v_dim)
   q, do = pad(pad(q, 1, tq), 3, dp), pad(pad(do, 1, tq), 3, dvp)
   k, v = pad(pad(k, 1, tk), 3, dp), pad(pad(v, 1, tk), 3, dvp)
   segments = q_seg is not None
@@ -451,21 +437,8 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
   """Softmax attention by the Triton-language kernels, differentiable (q, k, v, sinks):
   the arguments, results and refusals of `pallas_triton.flash_attention` (its
   docstring), except that `interpret` runs Triton's interpreter (CPU)."""
-  dtype = jnp.dtype(query.dtype)
-  if dtype.name not in _DTYPES or key.dtype != dtype or value.dtype != dtype:
-    raise NotImplementedError(
-        f"triton supports query/key/value dtype in {_DTYPES} (all equal); got "
-        f"{query.dtype}, {key.dtype}, {value.dtype}.")
-  for name, d in (("query/key head_dim", query.shape[-1]),
-                  ("value head_dim", value.shape[-1])):
-    if d > _MAX_HEAD_DIM:
-      raise NotImplementedError(f"triton supports {name} <= {_MAX_HEAD_DIM}; got {d}.")
-  q_segment_ids, kv_segment_ids = kernel_arguments(
-      "triton", query, key, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-      sinks=sinks, mask=mask)
-  blocks = block_sizes or BlockSizes.get_default(query.shape[3], dtype)
-  st = _Config(mask=mask, scale=float(scale),
-               softcap=None if logits_soft_cap is None else float(logits_soft_cap),
-               blocks=blocks, interpret=bool(interpret))
-  out, lse = _attention(query, key, value, q_segment_ids, kv_segment_ids, sinks, st)
-  return (out, lse) if return_residuals else out
+  return triton_flash_attention(
+      "triton", _attention, BlockSizes.get_default, query, key, value,
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sinks=sinks, mask=mask,
+      scale=scale, logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
+      block_sizes=block_sizes, interpret=interpret)

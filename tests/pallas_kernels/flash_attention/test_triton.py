@@ -1,6 +1,7 @@
 """The Triton-language flash attention (`pallas_kernels.flash_attention.triton`) against the
 XLA reference, on the Pallas-Triton tests' cases: output, log-sum-exp and the gradients of
-q, k, v and sinks (random cotangents on the output and the log-sum-exp).
+q, k, v and sinks (random cotangents on the output and the log-sum-exp). Its argument
+checks are `pallas_triton`'s (`common.triton_flash_attention`), tested there.
 
 Off GPU the kernels run in Triton's interpreter (`pallas_kernels.triton_call`); on a GPU
 the same tests run them compiled by jax_triton:
@@ -11,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.flash_attention.mask import AttentionMask
 from pallas_kernels.triton_call import interpret_by_default
 from tests.pallas_kernels.flash_attention.test_pallas_triton import (CASES,
                                                                      LOW_PRECISION_CASES,
@@ -56,17 +56,3 @@ def test_default_blocks_span_several_key_blocks():
                                    dict(is_causal=True, window=(70, None)), jnp.float32,
                                    interpret=INTERPRET)
   check(got, want, 1e-5)
-
-
-@pytest.mark.parametrize("what, kwargs, match", [
-    ("dtype", dict(dtype=jnp.int8), "dtype"),
-    ("head_dim", dict(dim=512), "head_dim"),
-    ("empty kv", dict(kv_len=0), "kv_seq"),
-])
-def test_unsupported_inputs_raise_not_implemented(what, kwargs, match):
-  dim, kv_len = kwargs.get("dim", 16), kwargs.get("kv_len", 8)
-  q = jnp.zeros((1, 8, 2, dim), kwargs.get("dtype", jnp.float32))
-  k = jnp.zeros((1, kv_len, 2, dim), q.dtype)
-  with pytest.raises(NotImplementedError, match=match):
-    ft.flash_attention(q, k, k, mask=AttentionMask(8, kv_len), scale=1.0,
-                       logits_soft_cap=None, return_residuals=False, interpret=True)
