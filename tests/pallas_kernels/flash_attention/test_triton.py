@@ -24,10 +24,11 @@ from pallas_kernels.flash_attention import triton as ft  # noqa: E402
 
 # Compiled on a GPU, interpreted elsewhere.
 INTERPRET = interpret_by_default() or jax.default_backend() == "cpu"
-# Every feature of the Pallas-Triton cases once (the interpreter is slow; a left window is
-# also in the bf16 and default-block cases below).
-FLOAT32_CASES = ["causal-B2-T37", "full-Tq70-Tk37", "causal-decode-Tq5-Tk70-gqa2-D8-Dv32",
-                 "window7-12-Tq45-Tk70-mqa", "segments-causal-B2-T37",
+# Every feature of the Pallas-Triton cases once, the interpreter being slow: causal,
+# decode and GQA with odd head dims, a two-sided window with MQA, soft cap and sinks, rows
+# that see nothing; segment ids and a left window in bf16, a full mask in f16, and the
+# default blocks below.
+FLOAT32_CASES = ["causal-decode-Tq5-Tk70-gqa2-D8-Dv32", "window7-12-Tq45-Tk70-mqa",
                  "softcap-sinks-causal-Tq37-Tk50", "causal-Tq40-Tk20-empty-rows-sinks"]
 
 
