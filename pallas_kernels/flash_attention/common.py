@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -136,12 +135,62 @@ TRITON_MAX_HEAD_DIM = 256
 
 
 @dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of a Triton-backed kernel's three kernels (`pallas_triton`, `triton`), and
+  Triton's warps / pipeline stages.
+
+  block_q, block_k: query and key rows per tile in the forward kernel.
+  block_q_dkv, block_kv_dkv: the dK/dV kernel (one program per `block_kv_dkv` keys).
+  block_q_dq, block_kv_dq: the dQ kernel (one program per `block_q_dq` queries).
+  All are powers of two >= 16; they shrink to the (padded) sequence when it is shorter.
+  """
+  block_q: int = 64
+  block_k: int = 64
+  block_q_dkv: int = 32
+  block_kv_dkv: int = 64
+  block_q_dq: int = 64
+  block_kv_dq: int = 32
+  num_warps: int = 4
+  num_stages: int = 2
+  num_warps_bwd: int = 4
+  num_stages_bwd: int = 2
+
+  def __post_init__(self):
+    for f in ("block_q", "block_k", "block_q_dkv", "block_kv_dkv", "block_q_dq",
+              "block_kv_dq"):
+      b = getattr(self, f)
+      if not (isinstance(b, int) and b >= 16 and b & (b - 1) == 0):
+        raise ValueError(f"BlockSizes.{f} must be a power of two >= 16; got {b!r}.")
+
+  @classmethod
+  def get_default(cls, head_dim: int, dtype) -> BlockSizes:
+    """The tuning-table entry for (head_dim rounded up to 64/128/256, dtype)."""
+    dim = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    name = jnp.dtype(dtype).name
+    return TRITON_TUNING[(dim, "float32" if name == "float32" else "16bit")]
+
+
+# (head_dim, dtype) -> block sizes; bfloat16 and float16 share the "16bit" rows. Winners of a
+# sweep of the `pallas_triton` kernels on one H100 (JAX 0.11.2; B=4, T=4096, H=16, causal;
+# each kernel timed alone); the Triton-language ones take them untimed. The float32 rows
+# for head_dim 64 and 256 were only checked to compile and run, not swept.
+TRITON_TUNING = {
+    (64, "16bit"): BlockSizes(128, 64, 64, 64, 64, 64, 4, 3, 4, 3),
+    (128, "16bit"): BlockSizes(128, 64, 64, 64, 64, 64, 8, 3, 4, 2),
+    (256, "16bit"): BlockSizes(128, 64, 64, 64, 64, 64, 8, 2, 4, 2),
+    (64, "float32"): BlockSizes(128, 64, 64, 64, 64, 32, 8, 3, 4, 1),
+    (128, "float32"): BlockSizes(128, 64, 64, 128, 64, 32, 8, 3, 4, 1),
+    (256, "float32"): BlockSizes(64, 32, 32, 32, 32, 32, 4, 1, 4, 1),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class TritonConfig:
   """The static arguments of a Triton-backed kernel's forward and backward."""
   mask: AttentionMask
   scale: float
   softcap: float | None
-  blocks: Any  # pallas_triton.BlockSizes
+  blocks: BlockSizes
   interpret: bool
 
 
@@ -155,12 +204,13 @@ def pow2_head_dim(d: int) -> int:
   return max(16, 1 << max(0, d - 1).bit_length())
 
 
-def triton_flash_attention(kernel: str, attention, default_blocks, query, key, value, *,
+def triton_flash_attention(kernel: str, attention, query, key, value, *,
                            q_segment_ids, kv_segment_ids, sinks, mask, scale,
                            logits_soft_cap, return_residuals, block_sizes, interpret):
   """A Triton-backed kernel's `flash_attention` (`pallas_triton.flash_attention`'s
   arguments and results): checks, then `attention(q, k, v, q_seg, kv_seg, sinks,
-  TritonConfig)` (a `flash_vjp`) with `block_sizes or default_blocks(head_dim, dtype)`.
+  TritonConfig)` (a `flash_vjp`) with `block_sizes or BlockSizes.get_default(head_dim,
+  dtype)`.
 
   Raises:
     NotImplementedError: a dtype or head dim the kernels do not serve, or an empty
@@ -183,6 +233,6 @@ def triton_flash_attention(kernel: str, attention, default_blocks, query, key, v
   config = TritonConfig(
       mask=mask, scale=float(scale),
       softcap=None if logits_soft_cap is None else float(logits_soft_cap),
-      blocks=block_sizes or default_blocks(query.shape[3], dtype), interpret=bool(interpret))
+      blocks=block_sizes or BlockSizes.get_default(query.shape[3], dtype), interpret=bool(interpret))
   out, lse = attention(query, key, value, q_segment_ids, kv_segment_ids, sinks, config)
   return (out, lse) if return_residuals else out

@@ -28,7 +28,6 @@ Design choices:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -38,7 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.common import (TritonConfig, flash_vjp, masked_loops,
+from pallas_kernels.flash_attention.common import (BlockSizes, TritonConfig, flash_vjp,
+                                                  masked_loops,
                                                   pad, pow2_head_dim, round_up,
                                                   shrink_block, triton_flash_attention)
 from pallas_kernels.flash_attention.mask import AttentionMask
@@ -47,52 +47,6 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tile sizes of the three kernels, and Triton's warps / pipeline stages.
-
-  block_q, block_k: query and key rows per tile in the forward kernel.
-  block_q_dkv, block_kv_dkv: the dK/dV kernel (one program per `block_kv_dkv` keys).
-  block_q_dq, block_kv_dq: the dQ kernel (one program per `block_q_dq` queries).
-  All are powers of two >= 16; they shrink to the (padded) sequence when it is shorter.
-  """
-  block_q: int = 64
-  block_k: int = 64
-  block_q_dkv: int = 32
-  block_kv_dkv: int = 64
-  block_q_dq: int = 64
-  block_kv_dq: int = 32
-  num_warps: int = 4
-  num_stages: int = 2
-  num_warps_bwd: int = 4
-  num_stages_bwd: int = 2
-
-  def __post_init__(self):
-    for f in ("block_q", "block_k", "block_q_dkv", "block_kv_dkv", "block_q_dq",
-              "block_kv_dq"):
-      b = getattr(self, f)
-      if not (isinstance(b, int) and b >= 16 and b & (b - 1) == 0):
-        raise ValueError(f"BlockSizes.{f} must be a power of two >= 16; got {b!r}.")
-
-  @classmethod
-  def get_default(cls, head_dim: int, dtype) -> BlockSizes:
-    """The tuning-table entry for (head_dim rounded up to 64/128/256, dtype)."""
-    dim = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
-    name = jnp.dtype(dtype).name
-    return _TUNING[(dim, "float32" if name == "float32" else "16bit")]
-
-
-# (head_dim, dtype) -> block sizes; bfloat16 and float16 share the "16bit" rows. Winners of a
-# sweep on one H100 (JAX 0.11.2; B=4, T=4096, H=16, causal; each kernel timed alone). The
-# float32 rows for head_dim 64 and 256 were only checked to compile and run, not swept.
-_TUNING = {
-    (64, "16bit"): BlockSizes(128, 64, 64, 64, 64, 64, 4, 3, 4, 3),
-    (128, "16bit"): BlockSizes(128, 64, 64, 64, 64, 64, 8, 3, 4, 2),
-    (256, "16bit"): BlockSizes(128, 64, 64, 64, 64, 64, 8, 2, 4, 2),
-    (64, "float32"): BlockSizes(128, 64, 64, 64, 64, 32, 8, 3, 4, 1),
-    (128, "float32"): BlockSizes(128, 64, 64, 128, 64, 32, 8, 3, 4, 1),
-    (256, "float32"): BlockSizes(64, 32, 32, 32, 32, 32, 4, 1, 4, 1),
-}
 
 
 def _visible(mask: AttentionMask, q_pos, k_pos, q_seg, k_seg):
@@ -357,7 +311,7 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
     ValueError: malformed arguments, or a mask of other lengths (`common.check_mask`).
   """
   return triton_flash_attention(
-      "pallas_triton", _attention, BlockSizes.get_default, query, key, value,
+      "pallas_triton", _attention, query, key, value,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sinks=sinks, mask=mask,
       scale=scale, logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
       block_sizes=block_sizes, interpret=interpret)

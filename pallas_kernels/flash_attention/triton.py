@@ -26,15 +26,15 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from pallas_kernels.flash_attention.common import (TritonConfig, flash_vjp, pad,
+from pallas_kernels.flash_attention.common import (BlockSizes, TritonConfig, flash_vjp, pad,
                                                   pow2_head_dim, round_up, shrink_block,
                                                   triton_flash_attention)
 from pallas_kernels.flash_attention.mask import AttentionMask
-from pallas_kernels.flash_attention.pallas_triton import BlockSizes
 from pallas_kernels.triton_call import triton_call
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
+LOG2E = tl.constexpr(_LOG2E)  # the same, inside the kernels
 
 
 @triton.jit
@@ -131,10 +131,10 @@ def _scores(q, k, q_pos, k_pos, q_seg, k_seg, scale, softcap, Q_LEN: tl.constexp
   s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
   if SOFTCAP:
     t = 1.0 - 2.0 / (tl.exp(2.0 * s * (scale / softcap)) + 1.0)
-    s = t * (softcap * 1.4426950408889634)
+    s = t * (softcap * LOG2E)
   else:
     t = s * 0.0
-    s = s * (scale * 1.4426950408889634)
+    s = s * (scale * LOG2E)
   if MASKED:
     ok = _visible(q_pos, k_pos, q_seg, k_seg, Q_LEN, KV_LEN, LEFT, RIGHT, HAS_LEFT,
                   HAS_RIGHT, SEGMENTS)
@@ -196,7 +196,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, qseg_ptr, kseg_ptr, sink_ptr, scale, softca
   q = tl.load(q_ptr + _rows(rows, h, tl.arange(0, D), HEADS, D))  # on chip throughout
   q_seg = tl.load(qseg_ptr + rows) if SEGMENTS else q_pos
   if SINKS:  # start from the sink column: m_i = sink, l_i = 1
-    m_i = tl.zeros((BQ,), tl.float32) + tl.load(sink_ptr + h).to(tl.float32) * 1.4426950408889634
+    m_i = tl.zeros((BQ,), tl.float32) + tl.load(sink_ptr + h).to(tl.float32) * LOG2E
     l_i = tl.zeros((BQ,), tl.float32) + 1.0
   else:
     m_i = tl.zeros((BQ,), tl.float32) - float("inf")
@@ -438,7 +438,7 @@ def flash_attention(query, key, value, *, q_segment_ids=None, kv_segment_ids=Non
   the arguments, results and refusals of `pallas_triton.flash_attention` (its
   docstring), except that `interpret` runs Triton's interpreter (CPU)."""
   return triton_flash_attention(
-      "triton", _attention, BlockSizes.get_default, query, key, value,
+      "triton", _attention, query, key, value,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sinks=sinks, mask=mask,
       scale=scale, logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
       block_sizes=block_sizes, interpret=interpret)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from pallas_kernels.flash_attention import common
 from pallas_kernels.flash_attention import pallas_triton as pt
 from pallas_kernels.flash_attention import xla
 from pallas_kernels.flash_attention.mask import AttentionMask
@@ -97,7 +98,7 @@ def test_default_block_sizes_come_from_the_table():
     blocks = pt.BlockSizes.get_default(dim, dtype)
     key = (64 if dim <= 64 else 128 if dim <= 128 else 256,
            "float32" if dtype == jnp.float32 else "16bit")
-    assert blocks == pt._TUNING[key]
+    assert blocks == common.TRITON_TUNING[key]
   with pytest.raises(ValueError, match="block_k"):
     pt.BlockSizes(block_k=48)
 
