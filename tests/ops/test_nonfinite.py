@@ -126,7 +126,7 @@ def test_positive_log_decay_under_jit_is_nan_not_silent():
 # gradients: differentiated, the kernels run unguarded, docs/reliability.md). Each case
 # plants an Inf in a key of the first run and a NaN in a value of the second, both at
 # masked positions of tiles that also hold visible pairs.
-SOFTMAX_KERNELS = [("pallas_triton", jnp.float32, 16, 29),
+SOFTMAX_KERNELS = [("pallas_triton", jnp.float32, 16, 29), ("triton", jnp.float32, 16, 29),
                    ("pallas_mosaic_gpu", jnp.bfloat16, 64, 61)]
 LINEAR_KERNELS = [("pallas_triton", jnp.float32, 16, 29), ("triton", jnp.float32, 16, 29),
                   ("pallas_mosaic_gpu", jnp.bfloat16, 64, 61)]
