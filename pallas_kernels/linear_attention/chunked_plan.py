@@ -89,7 +89,8 @@ class BlockSizes:
       decay-gradient parts, linear in the value columns, are then summed over the blocks.
       (The Triton-language scalar-gate kernel instead loops over blocks of this many
       columns in one program, summing in registers.)
-    gradient_num_warps: the gradient kernel's num_warps; None for `num_warps`.
+    gradient_num_warps, gradient_num_stages: the gradient kernel's launch settings;
+      None for `num_warps`, `num_stages`.
   """
   block_k: int
   block_v: int
@@ -98,6 +99,7 @@ class BlockSizes:
   pieces: int | None = None
   gradient_block_v: int | None = None
   gradient_num_warps: int | None = None
+  gradient_num_stages: int | None = None
 
   @classmethod
   def get_default(cls, key_dim: int, value_dim: int, dtype,
@@ -125,6 +127,7 @@ class Plan:
   num_stages: int
   gradient_block_v: int
   gradient_num_warps: int
+  gradient_num_stages: int
   interpret: bool
 
   @property
@@ -160,15 +163,16 @@ def storage_dtype(dtype):
 
 
 def make_plan(batch, seq, heads, key_dim, value_dim, dtype, vector, scale, chunk_size,
-              block_sizes, interpret) -> Plan:
-  """The `Plan` of a call: block sizes (None for `BlockSizes.get_default`) checked against
-  what Triton tiles take, and the sequence cut into pieces.
+              block_sizes, interpret, default_blocks=BlockSizes.get_default) -> Plan:
+  """The `Plan` of a call: block sizes (None for `default_blocks(key_dim, value_dim,
+  dtype, vector)`) checked against what Triton tiles take, and the sequence cut into
+  pieces.
 
   Raises:
     NotImplementedError: a size that is not a power of two, or below `MIN_DOT` when
       compiled; an empty sequence.
   """
-  blocks = block_sizes or BlockSizes.get_default(key_dim, value_dim, dtype, vector)
+  blocks = block_sizes or default_blocks(key_dim, value_dim, dtype, vector)
   block_k, block_v = min(blocks.block_k, key_dim), min(blocks.block_v, value_dim)
   gradient_block_v = min(blocks.gradient_block_v or value_dim, value_dim)
   sizes = {"key_dim (padded)": key_dim, "value_dim (padded)": value_dim,
@@ -197,6 +201,7 @@ def make_plan(batch, seq, heads, key_dim, value_dim, dtype, vector, scale, chunk
               block_v=block_v, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
               gradient_block_v=gradient_block_v,
               gradient_num_warps=blocks.gradient_num_warps or blocks.num_warps,
+              gradient_num_stages=blocks.gradient_num_stages or blocks.num_stages,
               interpret=bool(interpret))
 
 
@@ -211,13 +216,15 @@ def token_gate(log_decay, key, value):
 
 
 def call_with_plan(kernel, query, key, value, log_decay, initial_state, resets, scale,
-                   chunk_size, interpret, block_sizes, vector_chunk_cap=lambda key_dim: None):
+                   chunk_size, interpret, block_sizes, vector_chunk_cap=lambda key_dim: None,
+                   default_blocks=BlockSizes.get_default):
   """kernel(q, k, v, g, h0, resets, plan), a VJP function over `forward` and `backward`
   (`pallas_triton`'s, `triton`'s): the public entry's work around it — per-token gate,
   head dims padded to what Triton tiles take (`padded_dim`), plan, dtypes. Arguments and
   results as `pallas_triton.linear_attention`. `vector_chunk_cap(padded key dim)`: the
   largest chunk a compiled vector gate with 16-bit inputs runs at (None: any), where
-  larger chunks give wrong outputs (`WRONG_16BIT_VECTOR_CHUNKS`)."""
+  larger chunks give wrong outputs (`WRONG_16BIT_VECTOR_CHUNKS`). `default_blocks`: the
+  backend's `BlockSizes.get_default`."""
   batch, seq, _, key_dim = key.shape
   heads, value_dim = value.shape[2:]
   g = token_gate(log_decay, key, value)
@@ -234,7 +241,7 @@ def call_with_plan(kernel, query, key, value, log_decay, initial_state, resets, 
   if cap and jnp.dtype(query.dtype).itemsize == 2:
     chunk_size = min(chunk_size, cap)
   plan = make_plan(batch, seq, heads, key_to, value_to, query.dtype, vector, scale,
-                   chunk_size, block_sizes, interpret)
+                   chunk_size, block_sizes, interpret, default_blocks)
   out, final = kernel(query, key, value, g, h0, resets.astype(bool), plan)
   return out[..., :value_dim], final[..., :key_dim, :value_dim]
 

@@ -254,7 +254,8 @@ def gradient_call(q, k, v, do, b, rel, states, d_states, plan):
       plan, functools.partial(_gradient_kernel, scale=plan.scale, sub=plan.sub,
                               stage=stage),
       "linear_attention_gradients_" + stage,
-      num_warps=plan.gradient_num_warps, grid=(batch, heads, plan.chunks, splits),
+      num_warps=plan.gradient_num_warps, num_stages=plan.gradient_num_stages,
+      grid=(batch, heads, plan.chunks, splits),
       **kwargs)
   inputs = (q, k, v, do, b, rel, states, d_states)
   through_shape = partial((batch, heads, plan.chunks, key_dim), jnp.float32)

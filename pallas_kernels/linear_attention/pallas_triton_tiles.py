@@ -105,10 +105,10 @@ def chunk_rows_spec(x, chunk):
   return pl.BlockSpec((None, chunk, None, x.shape[3]), lambda n, t, h: (n, t, h, 0))
 
 
-def pallas_call(plan, kernel, name, num_warps=None, **kwargs):
+def pallas_call(plan, kernel, name, num_warps=None, num_stages=None, **kwargs):
   """`pl.pallas_call` of a Triton kernel with the plan's launch settings and interpret
-  mode; num_warps: None for the plan's."""
+  mode; num_warps, num_stages: None for the plan's."""
   params = plgpu.CompilerParams(num_warps=num_warps or plan.num_warps,
-                                num_stages=plan.num_stages)
+                                num_stages=num_stages or plan.num_stages)
   return pl.pallas_call(kernel, name=name, interpret=plan.interpret,
                         compiler_params=params, **kwargs)

@@ -398,4 +398,24 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
   return chunked_plan.call_with_plan(
       _linear_attention, query, key, value, log_decay, initial_state, resets, scale,
       chunk_size, interpret, block_sizes,
-      vector_chunk_cap=lambda key_dim: chunked_plan.VECTOR_16BIT_CHUNK)
+      vector_chunk_cap=lambda key_dim: chunked_plan.VECTOR_16BIT_CHUNK,
+      default_blocks=default_block_sizes)
+
+
+# The scalar-gate gradient kernel, which loops over value blocks, at key and value dims
+# 128 in 16-bit (H100, B 64, T 1k, H 16; docs/perf/runs/2026-12-07f-triton_backward.md):
+# 1.77 ms at 32 columns per step, 8 warps, 3 stages; 1.97-2.21 at 64 columns and 8 warps;
+# 4.0-5.0 at 128 columns (the shared default, a whole [K, V] state per step: spills).
+_LOOPED_GRADIENT = {(128, 2): dict(gradient_block_v=32, gradient_num_warps=8,
+                                   gradient_num_stages=3)}
+
+
+def default_block_sizes(key_dim, value_dim, dtype, vector=False) -> BlockSizes:
+  """`BlockSizes.get_default`, with the looped scalar-gate gradient kernel's own settings
+  where measured (`_LOOPED_GRADIENT`)."""
+  blocks = BlockSizes.get_default(key_dim, value_dim, dtype, vector)
+  width = 64 if max(key_dim, value_dim) <= 64 else 128
+  looped = _LOOPED_GRADIENT.get((width, jnp.dtype(dtype).itemsize))
+  if vector or not looped:
+    return blocks
+  return dataclasses.replace(blocks, **looped)

@@ -148,11 +148,12 @@ def kernel_name(stage: str, vector: bool) -> str:
   return f"linear_attention_{'vector_' if vector else ''}{stage}"
 
 
-def launch(plan, kernel, *args, num_warps=None, **kwargs):
-  """`triton_call` with the plan's launch settings and interpret mode; num_warps: None
-  for the plan's."""
+def launch(plan, kernel, *args, num_warps=None, num_stages=None, **kwargs):
+  """`triton_call` with the plan's launch settings and interpret mode; num_warps,
+  num_stages: None for the plan's."""
   return triton_call(kernel, *args, interpret=plan.interpret,
-                     num_warps=num_warps or plan.num_warps, num_stages=plan.num_stages,
+                     num_warps=num_warps or plan.num_warps,
+                     num_stages=num_stages or plan.num_stages,
                      **kwargs)
 
 
@@ -183,7 +184,8 @@ def launch_gradients(plan, kernel, stage, q, k, v, do, b, rel, states, d_states,
       plan, kernel, q, k, v, do, b, rel, states, d_states, *more, batch, seq,
       np.float32(plan.scale),
       grid=(plan.chunks, value_dim // plan.gradient_block_v, batch * heads),
-      num_warps=plan.gradient_num_warps, name=kernel_name(stage, b.ndim == 4),
+      num_warps=plan.gradient_num_warps, num_stages=plan.gradient_num_stages,
+      name=kernel_name(stage, b.ndim == 4),
       HEADS=heads, KEY_HEADS=key_heads, N=plan.chunks, K=key_dim, V=value_dim,
       BV=plan.gradient_block_v, C=plan.chunk, PRECISION=dot_precision(q.dtype), **kwargs)
 

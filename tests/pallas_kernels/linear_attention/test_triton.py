@@ -127,6 +127,35 @@ def test_compiled_16bit_vector_gate_runs_at_chunk_32(module, monkeypatch):
     assert chunk(jnp.bfloat16, "vector", 64) == 64  # right at chunk 64 on the H100
 
 
+def test_default_plan_gives_the_looped_gradient_kernel_its_measured_settings(monkeypatch):
+  """The scalar-gate gradient kernel at head dims 128 in 16-bit takes 32 value columns
+  per step, 8 warps, 3 stages (the H100 sweep); every other launch keeps the shared
+  defaults, and explicit block sizes are kept as given."""
+  plans = []
+  monkeypatch.setattr(lt, "_linear_attention", lambda q, k, v, g, h0, resets, plan: (
+      plans.append(plan) or (v, h0)))
+
+  def plan(dtype, gate, dim, block_sizes=None):
+    q = jnp.zeros((1, 128, 1, dim), dtype)
+    g = jnp.zeros({"vector": (1, 128, 1, dim), "scalar": (1, 128, 1)}[gate])
+    lt.linear_attention(q, q, q, g, jnp.zeros((1, 1, dim, dim)), jnp.zeros((1, 128), bool),
+                        scale=1.0, chunk_size=64, interpret=False, block_sizes=block_sizes)
+    return plans[-1]
+
+  shared = BlockSizes.get_default(128, 128, jnp.bfloat16)
+  looped = plan(jnp.bfloat16, "scalar", 128)
+  assert (looped.gradient_block_v, looped.gradient_num_warps,
+          looped.gradient_num_stages) == (32, 8, 3)
+  assert (looped.block_v, looped.num_warps, looped.num_stages) == (
+      shared.block_v, shared.num_warps, shared.num_stages)
+  for dtype, gate, dim in ((jnp.float32, "scalar", 128), (jnp.bfloat16, "vector", 128),
+                           (jnp.bfloat16, "scalar", 64)):
+    p = plan(dtype, gate, dim)
+    assert p.gradient_num_stages == p.num_stages and p.gradient_block_v == dim
+  given = plan(jnp.bfloat16, "scalar", 128, BlockSizes(64, 64))
+  assert given.gradient_block_v == 128 and given.gradient_num_stages == 2
+
+
 def test_vector_gate_runs_no_pallas_kernel():
   """The vector gate's forward and backward are Triton-language kernels only: no
   `pallas_call` (`pallas_triton`'s chunk cumsum is one) in the gradient's jaxpr."""
