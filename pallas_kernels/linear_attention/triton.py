@@ -327,29 +327,34 @@ def _decay_gradient_kernel(db_ptr, dkeys_ptr, through_ptr, b_ptr, rel_ptr, reset
                            C: tl.constexpr):
   """dL/dg_t over one chunk of a scalar gate from `_gradient_kernel`'s parts:
 
-    dg_t = Σ_{u ≥ t in t's run} db_u                          (0 at a reset token)
-         + Σ_{u < t in t's run} dkeys_u + e^{b_C} Σ_k through  (t in the chunk's last
-           run, not a reset token; the last term only if the chunk holds no reset)
+    inner_t = Σ_{u ≥ t in t's run} db_u                        (0 at a reset token)
+    outer_t = Σ_{u < t in t's run} dkeys_u + e^{b_C} Σ_k through  (t in the chunk's last
+              run, not a reset token; the last term only if the chunk holds no reset)
 
-  Each sum is a masked `[C, C]` row sum: no sum runs past the chunk.
+  With prefix sums S = cumsum(db): inner_t = E_t − S_t + db_t, E_t the sum up to the end
+  of t's run (the chunk's total when it holds no reset, else a masked `[C, C]` row sum);
+  outer's sum is an exclusive cumsum. No sum runs past the chunk.
   """
   chunk, h, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
   i = tl.arange(0, C)
   row0 = n.to(tl.int64) * seq + chunk * C
   rows = row0 + i
   db = tl.load(db_ptr + rows * HEADS + h)
-  dkeys = tl.load(dkeys_ptr + rows * HEADS + h)
   rel = tl.load(rel_ptr + rows)
   kept = tl.load(reset_ptr + rows) == 0  # not a reset token
   rel_last = tl.load(rel_ptr + row0 + C - 1)
+  last_run = rel == rel_last
+  keys = tl.where(last_run, tl.load(dkeys_ptr + rows * HEADS + h), 0.0)
   b_last = tl.load(b_ptr + (row0 + C - 1) * HEADS + h)
   through = tl.load(through_ptr + through_offsets(n, h, chunk, tl.arange(0, K), HEADS, N, K))
   through = tl.where(rel_last == 0, tl.exp(b_last) * tl.sum(through, axis=0), 0.0)
-  same_run = rel[:, None] == rel[None, :]  # [t, u]
-  inner = tl.sum(tl.where(same_run & (i[None, :] >= i[:, None]), db[None, :], 0.0), axis=1)
-  outer = tl.sum(tl.where(same_run & (i[None, :] < i[:, None]), dkeys[None, :], 0.0),
-                 axis=1) + through
-  dg = tl.where(kept, inner, 0.0) + tl.where(kept & (rel == rel_last), outer, 0.0)
+  if rel_last == 0:
+    run_end = tl.zeros((C,), tl.float32) + tl.sum(db, axis=0)
+  else:
+    run_end = tl.sum(tl.where(rel[None, :] <= rel[:, None], db[None, :], 0.0), axis=1)
+  inner = run_end - tl.cumsum(db, axis=0) + db
+  outer = tl.cumsum(keys, axis=0) - keys + through
+  dg = tl.where(kept, inner, 0.0) + tl.where(kept & last_run, outer, 0.0)
   tl.store(dg_ptr + rows * HEADS + h, dg)
 
 
