@@ -11,9 +11,9 @@
 # gate), linear (the linear-attention sweep: auto, pallas_mosaic_gpu, jla), flash (the
 # softmax sweep: auto, pallas_mosaic_gpu, cuDNN, FlashAttention-3), training (issue 21
 # item 5: Lightning vs softmax LM, medium with 8 heads of 128, 32k tokens per step, at
-# seq 1k, 4k, 16k, 32k), triton_vector (issues 17, 20: the bf16 vector gate at the
-# default chunk through both Triton kernels against XLA, then their vector tests; not in
-# the default list), triton_flash (issue 20: the Triton-language flash attention's tests
+# seq 1k, 4k, 16k, 32k), triton_linear (issue 20: the Triton-language linear attention
+# timed beside pallas_triton, three decay forms at 1k and 64k; not in the default list),
+# triton_flash (issue 20: the Triton-language flash attention's tests
 # and timings beside pallas_triton and cuDNN; not in the default list), zoology (issue
 # 18: attention at width 64 on Zoology's Figure 2 cells at the paper's budget; not in
 # the default list). Logs and JSON go under OUT; a compact
@@ -65,15 +65,13 @@ for step in ${steps[*]}; do
         done
       done
       ;;
-    triton_vector)
-      # Issue 17/20: the 16-bit vector gate at the default chunk (64, run at 32 since the
-      # cap), ops level against XLA f32, then the Triton-language and Pallas-Triton tests.
-      timeout 200 python3 docs/perf/runs/scripts/2026-12-07d-triton_vector_grid.py 2>&1 \
-        | grep "^|" | tee "$out/triton_vector.md"
-      JAX_PLATFORMS=cuda,cpu timeout 200 python3 -m pytest -q -p no:cacheprovider \
-        tests/pallas_kernels/linear_attention/test_triton.py \
-        tests/pallas_kernels/linear_attention/test_pallas_triton.py -k "vector or C64" 2>&1 \
-        | tail -3 | tee "$out/tests_vector.log"
+    triton_linear)
+      # Issue 20: the Triton-language linear attention beside pallas_triton (what it is to
+      # replace), the three decay forms, 1k and 64k, forward and forward + backward.
+      timeout 400 python3 -m experiments.bench_linear_attention \
+        --implementations=pallas_triton,triton --softmax_implementation= \
+        --forms=fixed,scalar,vector --seq_lens=1024,65536 --trials=5 \
+        --output_dir="$out/triton_linear" 2>&1 | quiet | grep "^|" | tee "$out/triton_linear.md"
       ;;
     triton_flash)
       # Issue 20: the Triton-language flash attention compiled: its tests, then timed
@@ -100,6 +98,6 @@ for step in ${steps[*]}; do
       mkdir -p "$out/zoology" && cp -r /tmp/zoo/results.jsonl /tmp/zoo/summary.md /tmp/zoo/*.png \
         /tmp/zoo/logs "$out/zoology/" 2>/dev/null
       ;;
-    *) echo "gpu_session.sh: unknown step '$step' (tests, linear, flash, training, triton_vector, triton_flash, zoology)" >&2 ;;
+    *) echo "gpu_session.sh: unknown step '$step' (tests, linear, flash, training, triton_linear, triton_flash, zoology)" >&2 ;;
   esac
 done

@@ -84,7 +84,8 @@ def test_softmax_xla(case):
                            left=None if window is None else window[0],
                            right=None if window is None else window[1], q_seg=ids,
                            kv_seg=ids, cap=None, sinks=None)
-  run = lambda q, k, v: ops.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+  run = jax.jit(lambda q, k, v: ops.dot_product_attention(q, k, v, implementation="xla",
+                                                          **kwargs))
   assert rel_err(run(q, k, v), ref) < 1e-5
   inputs = dict(key=k.copy(), value=v.copy())
   inputs[which][:, token, :, 0] = bad
@@ -125,8 +126,8 @@ def test_linear_xla(case):
   q, k, v, decay, ids, chunk, (which, token, bad) = case
   batch, seq, heads, key_dim = k.shape
   value_heads = v.shape[2]
-  run = lambda q, k, v: ops.linear_attention(q, k, v, log_decay=decay, segment_ids=ids,
-                                             chunk_size=chunk, implementation="xla")
+  run = jax.jit(lambda q, k, v: ops.linear_attention(
+      q, k, v, log_decay=decay, segment_ids=ids, chunk_size=chunk, implementation="xla"))
   ratio = value_heads // heads
   resets = np.zeros((batch, seq), bool)
   if ids is not None:
