@@ -261,16 +261,19 @@ def _pallas_tpu():
   return _kernel(pallas_tpu.linear_attention)
 
 
-# On Hopper the Mosaic GPU kernels serve fixed and scalar decays (measured faster than
-# pallas_triton: docs/perf/linear_attention.md); they refuse other GPUs and vector
-# gates, which fall through to pallas_triton. "triton" (jax-triton) comes after it until
-# its backward is tuned (0.44x pallas_triton forward + backward on the H100, 2026-12-06):
-# it serves automatically where pallas_triton refuses, e.g. once JAX drops the Pallas
-# Triton lowering. Swap the two rows when triton measures faster (issue 20).
+# On Hopper the Mosaic GPU kernels serve fixed and scalar decays in 16-bit (measured
+# faster than the Triton ones: docs/perf/linear_attention.md); they refuse other GPUs,
+# f32 and vector gates, which fall through to "triton" (jax-triton), ahead of
+# "pallas_triton" (the Pallas Triton lowering JAX 0.11 deprecates) since it measured
+# faster on the H100 (issue 20): vector gate forward 0.98-1.02x, forward + backward 1.15x
+# (docs/perf/runs/2026-12-07d-h100-triton-vs-pallas-triton.md); scalar gate at 1k every
+# launch (docs/perf/runs/2026-12-07f-h100-triton-backward-profile.md), summing to about
+# 0.75x Pallas-Triton's forward + backward time. pallas_triton serves where jax-triton
+# does not import.
 BACKENDS = (
     dispatch.Backend("xla", "any", _xla),
     dispatch.Backend("pallas_mosaic_gpu", "gpu", _pallas_mosaic_gpu),
-    dispatch.Backend("pallas_triton", "gpu", _pallas_triton),
     dispatch.Backend("triton", "gpu", _triton),
+    dispatch.Backend("pallas_triton", "gpu", _pallas_triton),
     dispatch.Backend("pallas_tpu", "tpu", _pallas_tpu),
 )

@@ -108,7 +108,7 @@ def test_identical_kernel_calls_share_one_trace(monkeypatch, op):
 
 @pytest.mark.parametrize("platform, attention, linear", [
     ("gpu", ("cudnn", "pallas_mosaic_gpu", "pallas_triton", "triton", "xla"),
-     ("pallas_mosaic_gpu", "pallas_triton", "triton", "xla")),
+     ("pallas_mosaic_gpu", "triton", "pallas_triton", "xla")),
     ("tpu", ("pallas_tpu", "xla"), ("pallas_tpu", "xla")),
     ("cpu", ("xla",), ("xla",)),
 ])
@@ -120,12 +120,12 @@ def test_automatic_order_per_platform(monkeypatch, platform, attention, linear):
 
 
 @pytest.mark.parametrize("jax_triton_imports", [True, False])
-def test_linear_attention_falls_back_to_triton_where_pallas_triton_refuses(
-    monkeypatch, jax_triton_imports):
-  """On a GPU where neither Mosaic GPU nor Pallas Triton serves (e.g. once JAX drops the
-  Pallas Triton lowering), None takes "triton"; where jax_triton does not import, triton
-  refuses too and the reasons of all three name what is missing. The triton loader runs
-  (its import checks); stubs stand in for the kernels."""
+def test_linear_attention_takes_triton_before_pallas_triton(monkeypatch,
+                                                            jax_triton_imports):
+  """On a GPU where Mosaic GPU does not serve (not Hopper, f32, a vector gate), None takes
+  "triton"; where jax_triton does not import, triton refuses and "pallas_triton" serves;
+  where that refuses too, the reasons of all three name what is missing. The triton
+  loader runs (its import checks); stubs stand in for the kernels."""
   pytest.importorskip("triton")
   la = importlib.import_module("attn_jax.ops.linear_attention")
   monkeypatch.delenv("ATTN_JAX_INTERPRET", raising=False)
@@ -138,23 +138,27 @@ def test_linear_attention_falls_back_to_triton_where_pallas_triton_refuses(
       raise NotImplementedError(reason)
     return load
 
-  def stub(backend):
+  def stub(backend, pallas_triton_serves):
     if backend.name == "pallas_mosaic_gpu":
       return dataclasses.replace(backend, load=refuse("needs a Hopper GPU"))
     if backend.name == "pallas_triton":
-      return dataclasses.replace(backend, load=refuse("the Pallas Triton lowering is gone"))
+      return dataclasses.replace(backend, load=(
+          (lambda: lambda **kw: "pallas_triton") if pallas_triton_serves
+          else refuse("the Pallas Triton lowering is gone")))
     if backend.name == "triton":
       return dataclasses.replace(backend, load=lambda: (backend.load(),
                                                         lambda **kw: "triton")[1])
     return dataclasses.replace(backend, automatic=False)  # xla: not a fallback here
 
-  backends = [stub(b) for b in la.BACKENDS]
+  chosen = lambda serves: dispatch.dispatch(
+      "linear_attention", [stub(b, serves) for b in la.BACKENDS], None)
   if jax_triton_imports:
-    assert dispatch.dispatch("linear_attention", backends, None) == "triton"
+    assert chosen(True) == "triton" and chosen(False) == "triton"
   else:
+    assert chosen(True) == "pallas_triton"
     with pytest.raises(NotImplementedError,
-                       match=r"(?s)Hopper.*Pallas Triton lowering.*triton: .*jax_triton"):
-      dispatch.dispatch("linear_attention", backends, None)
+                       match=r"(?s)Hopper.*triton: .*jax_triton.*Pallas Triton lowering"):
+      chosen(False)
 
 
 def test_implementations_are_the_names_of_the_tables():
@@ -176,8 +180,10 @@ def test_importing_the_ops_imports_no_kernel():
 
 
 def test_linear_attention_auto_order_on_a_gpu(monkeypatch):
-  """On a GPU, None tries the Mosaic GPU kernels first and falls through to Triton for a
-  call they cannot serve (here float32 inputs); both run interpreted on this CPU."""
+  """On a GPU, None tries the Mosaic GPU kernels first and falls through to the
+  Triton-language ones for a call they cannot serve (here float32 inputs); both run
+  interpreted on this CPU."""
+  pytest.importorskip("triton")
   la = importlib.import_module("attn_jax.ops.linear_attention")
   monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
   monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
@@ -193,6 +199,6 @@ def test_linear_attention_auto_order_on_a_gpu(monkeypatch):
   got = dispatch.dispatch("linear_attention", backends, None, q, k, v, None,
                           jnp.zeros((1, 2, 16, 16)), jnp.zeros((1, 20), bool), scale=0.25,
                           chunk_size=16)[0]
-  assert tried == ["pallas_mosaic_gpu", "pallas_triton"]
+  assert tried == ["pallas_mosaic_gpu", "triton"]
   want = ops.linear_attention(q, k, v, scale=0.25, chunk_size=16, implementation="xla")
   assert rel_err(got, want) < 1e-5
