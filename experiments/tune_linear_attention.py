@@ -7,10 +7,15 @@ experiments.tune_linear_attention`.
     # the gradient kernel's
     python -m experiments.tune_linear_attention --passes=fwd_bwd \
         --gradient_block_v=0,64 --gradient_num_warps=4,8
+    # the Triton-language gradient kernel's value-block loop
+    python -m experiments.tune_linear_attention --kernels=triton --passes=fwd_bwd \
+        --gradient_block_v=32,64 --gradient_num_warps=8 --gradient_num_stages=2,3
 
-Times `pallas_kernels.linear_attention.pallas_triton.linear_attention` for every
-combination of the listed settings (a flag left at its default keeps the table's choice,
-`BlockSizes.get_default`), device-timed medians after warm-up, on the benchmark's shapes
+Times the Triton kernels of `--kernels` (`pallas_triton`, the Pallas Triton lowering;
+`triton`, the Triton-language kernels through jax-triton) for every combination of the
+listed settings (a flag left at its default keeps that backend's defaults:
+`BlockSizes.get_default`, or `triton.default_block_sizes`, which gives its looped
+gradient kernel its own), device-timed medians after warm-up, on the benchmark's shapes
 and decay forms (`bench_linear_attention`). Decays and inputs are arguments of the
 jit'd function, so nothing is constant-folded. Writes JSON and a markdown table under
 `--output_dir`. Off GPU the kernels run in interpret mode (slow; tiny shapes only).
@@ -26,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import benchmarking, cli
-from pallas_kernels.linear_attention import pallas_triton
+from pallas_kernels.linear_attention.chunked_plan import BlockSizes
 
 _SEQ = flags.DEFINE_list("seq_lens", ["1024", "65536"], "Sequence lengths.")
 _TOKENS = flags.DEFINE_integer("tokens_per_batch", 65536, "batch = tokens_per_batch // seq.")
@@ -37,20 +42,32 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32
 _FORM = flags.DEFINE_enum("form", "fixed", ["fixed", "scalar", "vector"], "Decay form.")
 _PASSES = flags.DEFINE_list("passes", ["fwd"], "fwd and/or fwd_bwd.")
 _CHUNKS = flags.DEFINE_list("chunk_sizes", ["64"], "chunk_size values.")
+_KERNELS = flags.DEFINE_enum("kernels", "pallas_triton", ["pallas_triton", "triton"],
+                             "Which Triton kernels: the Pallas Triton lowering's or the "
+                             "Triton-language ones (jax-triton on a GPU).")
 _SETTINGS = {  # BlockSizes field → flag; an empty list keeps the default
     name: flags.DEFINE_list(name, [], f"BlockSizes.{name} values (0 for None).")
     for name in ("block_k", "block_v", "num_warps", "num_stages", "pieces",
-                 "gradient_block_v", "gradient_num_warps")
+                 "gradient_block_v", "gradient_num_warps", "gradient_num_stages")
 }
 _OUT = flags.DEFINE_string("output_dir", "/tmp/tune_linear_attention", "Output folder.")
 _TRIALS = flags.DEFINE_integer("trials", 10, "Timed trials per row (median reported).")
 
 
+def _kernels():
+  """The module of `--kernels` (imported on use: `triton` needs the triton package)."""
+  if _KERNELS.value == "triton":
+    from pallas_kernels.linear_attention import triton  # pylint: disable=g-import-not-at-top
+    return triton
+  from pallas_kernels.linear_attention import pallas_triton  # pylint: disable=g-import-not-at-top
+  return pallas_triton
+
+
 def _block_sizes():
-  """Every combination of the listed settings, as BlockSizes over the default."""
-  default = pallas_triton.BlockSizes.get_default(_KEY_DIM.value, _VALUE_DIM.value,
-                                                 jnp.dtype(_DTYPE.value),
-                                                 vector=_FORM.value == "vector")
+  """Every combination of the listed settings, as BlockSizes over the backend's default."""
+  get_default = getattr(_kernels(), "default_block_sizes", BlockSizes.get_default)
+  default = get_default(_KEY_DIM.value, _VALUE_DIM.value, jnp.dtype(_DTYPE.value),
+                        vector=_FORM.value == "vector")
   swept = {name: [int(v) or None for v in flag.value]
            for name, flag in _SETTINGS.items() if flag.value}
   for values in itertools.product(*swept.values()):
@@ -66,9 +83,9 @@ def _row(seq, pass_, chunk, blocks, interpret):
   resets = jnp.zeros((batch, seq), bool)
 
   def out(q, k, v, g, h0, resets):
-    return pallas_triton.linear_attention(q, k, v, g, h0, resets, scale=key_dim ** -0.5,
-                                          chunk_size=chunk, interpret=interpret,
-                                          block_sizes=blocks)[0]
+    return _kernels().linear_attention(q, k, v, g, h0, resets, scale=key_dim ** -0.5,
+                                       chunk_size=chunk, interpret=interpret,
+                                       block_sizes=blocks)[0]
   if pass_ == "fwd":
     fn = jax.jit(out)
   else:
@@ -91,7 +108,8 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}"
         + (" (interpret mode)" if interpret else ""))
   columns = ["seq", "batch", "pass_", "chunk", *_SETTINGS, "ms", "mtok_s", "error"]
-  header = (f"linear attention launch settings, {_FORM.value} decay, {_DTYPE.value}, heads "
+  header = (f"linear attention launch settings ({_KERNELS.value} kernels), {_FORM.value} "
+            f"decay, {_DTYPE.value}, heads "
             f"{_HEADS.value}, key/value dim {_KEY_DIM.value}/{_VALUE_DIM.value}, "
             f"{_TOKENS.value} tokens/batch, {jax.devices()[0].device_kind}")
   rows = []
