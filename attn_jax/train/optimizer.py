@@ -7,8 +7,10 @@
       warmup_steps: steps of warm-up
       end_learning_rate_fraction: the final rate as a fraction of the peak (cosine/linear)
       b1, b2, eps: Adam/Lion moments (b1 is SGD's momentum)
-      weight_decay: decoupled weight decay, applied to parameters of rank ≥ 2 only
-        (matrices and embeddings; not norms' scales or biases)
+      weight_decay: decoupled weight decay
+      weight_decay_on: "matrices" (default: parameters of rank ≥ 2, i.e. matrices and
+        embeddings, not norms' scales or biases) | "all" (every parameter, as
+        torch.optim.AdamW applied to a whole model)
       grad_clip_norm: clip the global gradient norm to this (0 disables)
 
 Optimizer state follows the parameters' sharding (see `state.py`) and stays in float32.
@@ -21,6 +23,7 @@ import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
+DECAYED = ("matrices", "all")
 
 
 def make_schedule(config, num_steps):
@@ -50,7 +53,12 @@ def make_optimizer(config, num_steps):
   """`(optax.GradientTransformation, schedule)` for `config.optimizer`."""
   schedule = make_schedule(config, num_steps)
   name = config.get("name", "adamw")
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  decayed = config.get("weight_decay_on", "matrices")
+  if decayed not in DECAYED:
+    raise ValueError(f"config.optimizer.weight_decay_on must be one of {DECAYED}; got "
+                     f"{decayed!r}.")
+  decay_mask = None if decayed == "all" else (
+      lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
   b1, b2 = float(config.get("b1", 0.9)), float(config.get("b2", 0.95))
   weight_decay = float(config.get("weight_decay", 0.0))
   if name == "adamw":

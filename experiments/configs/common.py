@@ -75,7 +75,7 @@ def base_config():
   config.optimizer = ml_collections.ConfigDict({
       "name": "adamw", "learning_rate": 3e-4, "schedule": "cosine", "warmup_steps": 1000,
       "end_learning_rate_fraction": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
-      "weight_decay": 0.1, "grad_clip_norm": 1.0})
+      "weight_decay": 0.1, "weight_decay_on": "matrices", "grad_clip_norm": 1.0})
   config.train = ml_collections.ConfigDict({
       "num_steps": 10_000, "global_batch_size": 64, "log_every": 100, "eval_every": 1000,
       # > 0: logits only at that many loss positions per row (MQAR: its pairs), the same

@@ -113,6 +113,15 @@ def test_run_config_is_zoologys_setup():
   assert (model.num_layers, model.num_heads, model.mlp_dim, model.norm) == (2, 1, 0, "layer")
   assert (model.positions, model.max_len) == ("learned", 256)
   assert model.mixer_options.softmax.rope is False
+  # Zoology's optimizer: decay on every parameter, no clipping, no warm-up, cosine to 0.
+  opt = config.optimizer
+  assert (opt.weight_decay, opt.weight_decay_on, opt.b2, opt.grad_clip_norm) == (
+      0.1, "all", 0.999, 0.0)
+  assert (opt.warmup_steps, opt.end_learning_rate_fraction) == (0, 0.0)
+  cpu = mqar_grids.parts("zoology_figure2_cpu")[0]  # as its committed results trained
+  cpu_opt = mqar_grids.run_config(cpu, "softmax", 64, 4, 64, 3e-3, data_dir="/d").optimizer
+  assert (cpu_opt.weight_decay_on, cpu_opt.grad_clip_norm, cpu_opt.warmup_steps) == (
+      "matrices", 1.0, 1250 // 10)
   hyena = mqar_grids.run_config(grid, "hyena", 256, 16, 128, 1e-3, data_dir="/d")
   assert hyena.model.positions == "none" and hyena.model.mixer_options.all.max_len == 256
   # Zoology's "based": a short-convolution BaseConv layer, then Based (feature_dim 8).
