@@ -26,7 +26,9 @@ import contextvars
 import dataclasses
 import functools
 import importlib
+from importlib import metadata
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -108,7 +110,28 @@ def import_triton_kernels(module: str):
       raise NotImplementedError(
           f"implementation='triton' compiles through jax_triton, which does not import "
           f"here ({e}): {install}.") from e
+    _check_jax_triton_matches_triton(install)
   return kernels_module
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+  numbers = [int(n) for n in re.findall(r"\d+", version)[:2]]
+  return tuple(numbers + [0] * (2 - len(numbers)))
+
+
+def _check_jax_triton_matches_triton(install: str):
+  """jax-triton ≥ 0.4 needs Triton ≥ 3.7: with Triton 3.6 it imports and then fails in
+  every call (`'_Stub' object has no attribute 'backend'` in `triton.compiler`), which
+  would break the automatic choice instead of passing the call on."""
+  try:
+    jax_triton_version, triton_version = (metadata.version(name)
+                                          for name in ("jax-triton", "triton"))
+  except metadata.PackageNotFoundError:  # not installed as distributions: nothing to check
+    return
+  if _major_minor(jax_triton_version) >= (0, 4) and _major_minor(triton_version) < (3, 7):
+    raise NotImplementedError(
+        f"implementation='triton': jax-triton {jax_triton_version} needs Triton >= 3.7, "
+        f"and Triton {triton_version} is installed: {install}.")
 
 
 def require_platform(backend: Backend) -> bool:

@@ -179,6 +179,27 @@ def test_importing_the_ops_imports_no_kernel():
                                     "pallas_kernels.nonfinite"])
 
 
+@pytest.mark.parametrize("versions, refused", [
+    ({"jax-triton": "0.3.1", "triton": "3.6.0"}, False),
+    ({"jax-triton": "0.4.1", "triton": "3.6.0"}, True),
+    ({"jax-triton": "0.4.1", "triton": "3.7.0"}, False),
+])
+def test_triton_refuses_a_jax_triton_too_new_for_its_triton(monkeypatch, versions, refused):
+  """jax-triton 0.4 with Triton 3.6 imports and then fails in every call: refused up
+  front, so that the automatic choice passes the call on."""
+  pytest.importorskip("triton")
+  monkeypatch.delenv("ATTN_JAX_INTERPRET", raising=False)
+  monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
+  monkeypatch.setitem(sys.modules, "jax_triton", types.ModuleType("jax_triton"))
+  monkeypatch.setattr(dispatch.metadata, "version", lambda name: versions[name])
+  load = lambda: dispatch.import_triton_kernels("pallas_kernels.linear_attention.triton")
+  if refused:
+    with pytest.raises(NotImplementedError, match=r"jax-triton 0\.4\.1 needs Triton >= 3\.7"):
+      load()
+  else:
+    assert load().__name__ == "pallas_kernels.linear_attention.triton"
+
+
 def test_linear_attention_auto_order_on_a_gpu(monkeypatch):
   """On a GPU, None tries the Mosaic GPU kernels first and falls through to the
   Triton-language ones for a call they cannot serve (here float32 inputs); both run

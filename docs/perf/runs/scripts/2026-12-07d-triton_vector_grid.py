@@ -17,7 +17,7 @@ for B, T, H, K, dt in rows:
   errs = []
   with ops.nonfinite_guard(False):
     f32 = lambda *a: (x.astype(jnp.float32) for x in a)
-    ref, ref_state = ops.linear_attention(*f32(q, k, v), log_decay=g, implementation="xla", return_final_state=True)
+    ref, ref_state = jax.jit(lambda *a: ops.linear_attention(*a, log_decay=g, implementation="xla", return_final_state=True))(*f32(q, k, v))  # jitted: op by op, XLA autotunes each einsum (~35 s a row)
     for impl in ("triton", "pallas_triton"):
       try:
         out, state = ops.linear_attention(q, k, v, log_decay=g, implementation=impl, return_final_state=True)
@@ -32,7 +32,7 @@ for B, T, H, K, dt in rows:
     try:
       loss = lambda impl: lambda q: jnp.sum(ops.linear_attention(q, k, v, log_decay=g, implementation=impl).astype(jnp.float32) * v.astype(jnp.float32))
       dq = jax.grad(loss("triton"))(q).astype(jnp.float32)
-      dq_ref = jax.grad(lambda q: jnp.sum(ops.linear_attention(q.astype(jnp.float32), *f32(k, v), log_decay=g, implementation="xla") * v.astype(jnp.float32)))(q.astype(jnp.float32))
+      dq_ref = jax.jit(jax.grad(lambda q: jnp.sum(ops.linear_attention(q.astype(jnp.float32), *f32(k, v), log_decay=g, implementation="xla") * v.astype(jnp.float32))))(q.astype(jnp.float32))
       edq = f"{float(jnp.abs(dq - dq_ref).max() / jnp.abs(dq_ref).max()):.2e}"
     except Exception as ex:
       edq = type(ex).__name__
