@@ -12,7 +12,8 @@
 # softmax sweep: auto, pallas_mosaic_gpu, cuDNN, FlashAttention-3), training (issue 21
 # item 5: Lightning vs softmax LM, medium with 8 heads of 128, 32k tokens per step, at
 # seq 1k, 4k, 16k, 32k), triton_linear (issue 20: the Triton-language linear attention
-# timed beside pallas_triton, three decay forms at 1k and 64k; not in the default list),
+# timed beside pallas_triton, three decay forms at 1k and 64k, then its vector-gate
+# gradient launch settings swept; not in the default list),
 # triton_flash (issue 20: the Triton-language flash attention's tests
 # and timings beside pallas_triton and cuDNN; not in the default list), zoology (issue
 # 18: attention at width 64 on Zoology's Figure 2 cells at the paper's budget; not in
@@ -72,6 +73,12 @@ for step in ${steps[*]}; do
         --implementations=pallas_triton,triton --softmax_implementation= \
         --forms=fixed,scalar,vector --seq_lens=1024,65536 --trials=5 \
         --output_dir="$out/triton_linear" 2>&1 | quiet | grep "^|" | tee "$out/triton_linear.md"
+      # The vector gate's gradient launches over their value-block width and warps (the
+      # scalar gate's gradient kernel spilled at 128 columns: 2.8x slower than at 32).
+      timeout 200 python3 -m experiments.tune_linear_attention --kernels=triton \
+        --form=vector --passes=fwd_bwd --seq_lens=1024 --gradient_block_v=32,64,128 \
+        --gradient_num_warps=4,8 --trials=5 --output_dir="$out/triton_vector_tune" 2>&1 \
+        | quiet | grep "^|" | tee "$out/triton_vector_tune.md"
       ;;
     triton_flash)
       # Issue 20: the Triton-language flash attention compiled: its tests, then timed

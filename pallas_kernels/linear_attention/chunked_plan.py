@@ -29,9 +29,11 @@ take the plan's pieces, chunk and scale and keep their own tiles.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.linear_attention import common
@@ -341,3 +343,18 @@ def backward(plan, residuals, cotangents, launches: Launches):
   group = lambda x: x[:, :seq].reshape(batch, seq, key_heads, ratio, key_dim).sum(3)
   return (group(dq).astype(q.dtype), group(dk).astype(k.dtype), dv[:, :seq], d_g, d_h0,
           None)
+
+
+def with_vjp(launches: Launches):
+  """`(q, k, v, g, h0, resets, plan) → (out, final)` with its VJP: `forward` and
+  `backward` over `launches`, the plan non-differentiable (`pallas_triton`'s and
+  `triton`'s kernel; `call_with_plan` calls it)."""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+  def run(q, k, v, g, h0, resets, plan):
+    return forward(q, k, v, g, h0, resets, plan, launches)[0]
+
+  run.defvjp(lambda *args: forward(*args, launches),
+             lambda plan, residuals, cotangents: backward(plan, residuals, cotangents,
+                                                          launches))
+  return run

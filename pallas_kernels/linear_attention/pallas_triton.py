@@ -272,20 +272,7 @@ LAUNCHES = chunked_plan.Launches(output=_fused_output_call, state=_state_call,
                                  chunk_cumsum=_chunk_cumsum)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _linear_attention(q, k, v, g, h0, resets, plan):
-  return _forward(q, k, v, g, h0, resets, plan)[0]
-
-
-def _forward(q, k, v, g, h0, resets, plan):
-  return chunked_plan.forward(q, k, v, g, h0, resets, plan, LAUNCHES)
-
-
-def _backward(plan, residuals, cotangents):
-  return chunked_plan.backward(plan, residuals, cotangents, LAUNCHES)
-
-
-_linear_attention.defvjp(_forward, _backward)
+_linear_attention = chunked_plan.with_vjp(LAUNCHES)
 
 
 def linear_attention(query, key, value, log_decay, initial_state, resets, *, scale: float,

@@ -47,7 +47,6 @@ backward in the inputs' dtype when it is 16-bit.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -378,20 +377,7 @@ LAUNCHES = chunked_plan.Launches(output=_fused_output_call, state=_state_call,
                                  chunk_cumsum=triton_vector.chunk_cumsum_call)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _linear_attention(q, k, v, g, h0, resets, plan):
-  return _forward(q, k, v, g, h0, resets, plan)[0]
-
-
-def _forward(q, k, v, g, h0, resets, plan):
-  return chunked_plan.forward(q, k, v, g, h0, resets, plan, LAUNCHES)
-
-
-def _backward(plan, residuals, cotangents):
-  return chunked_plan.backward(plan, residuals, cotangents, LAUNCHES)
-
-
-_linear_attention.defvjp(_forward, _backward)
+_linear_attention = chunked_plan.with_vjp(LAUNCHES)
 
 
 def linear_attention(query, key, value, log_decay, initial_state, resets, *, scale: float,
@@ -408,7 +394,7 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
 
 
 # The scalar-gate gradient kernel, which loops over value blocks, at key and value dims
-# 128 in 16-bit (H100, B 64, T 1k, H 16; docs/perf/runs/2026-12-07f-triton_backward.md):
+# 128 in 16-bit (H100, B 64, T 1k, H 16; docs/perf/runs/2026-12-07f-h100-triton-backward-profile.md):
 # 1.77 ms at 32 columns per step, 8 warps, 3 stages; 1.97-2.21 at 64 columns and 8 warps;
 # 4.0-5.0 at 128 columns (the shared default, a whole [K, V] state per step: spills).
 _LOOPED_GRADIENT = {(128, 2): dict(gradient_block_v=32, gradient_num_warps=8,
