@@ -75,6 +75,13 @@ _VECTOR_TUNING = {
 }
 
 
+def tuning_key(key_dim: int, value_dim: int, dtype) -> tuple[int, int]:
+  """The key of the tuning tables: (64 or 128: the wider head dim, up to; bytes per input
+  element, 2 or 4)."""
+  width = 64 if max(key_dim, value_dim) <= 64 else 128
+  return width, 4 if jnp.dtype(dtype).itemsize >= 4 else 2
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tiles and launch settings of the Triton kernels (`pallas_triton`, `triton`).
@@ -107,10 +114,9 @@ class BlockSizes:
   def get_default(cls, key_dim: int, value_dim: int, dtype,
                   vector: bool = False) -> BlockSizes:
     """The tuned settings for these head dims and dtype; `vector`: for a vector gate."""
-    width = 64 if max(key_dim, value_dim) <= 64 else 128
-    nbytes = 4 if jnp.dtype(dtype).itemsize >= 4 else 2
-    table = _VECTOR_TUNING if vector and (width, nbytes) in _VECTOR_TUNING else _TUNING
-    block_k, block_v, warps, stages, gradient_warps = table[(width, nbytes)]
+    key = tuning_key(key_dim, value_dim, dtype)
+    table = _VECTOR_TUNING if vector and key in _VECTOR_TUNING else _TUNING
+    block_k, block_v, warps, stages, gradient_warps = table[key]
     return cls(min(block_k, key_dim), min(block_v, value_dim), warps, stages,
                gradient_block_v=min(value_dim, 128), gradient_num_warps=gradient_warps)
 

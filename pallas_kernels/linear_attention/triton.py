@@ -405,8 +405,7 @@ def default_block_sizes(key_dim, value_dim, dtype, vector=False) -> BlockSizes:
   """`BlockSizes.get_default`, with the looped scalar-gate gradient kernel's own settings
   where measured (`_LOOPED_GRADIENT`)."""
   blocks = BlockSizes.get_default(key_dim, value_dim, dtype, vector)
-  width = 64 if max(key_dim, value_dim) <= 64 else 128
-  looped = _LOOPED_GRADIENT.get((width, jnp.dtype(dtype).itemsize))
+  looped = _LOOPED_GRADIENT.get(chunked_plan.tuning_key(key_dim, value_dim, dtype))
   if vector or not looped:
     return blocks
   return dataclasses.replace(blocks, **looped)
