@@ -88,10 +88,11 @@ def automatic_order(backends: Sequence[Backend]) -> tuple[str, ...]:
   return tuple(here + [b.name for b in backends if b.automatic and b.platform == "any"])
 
 
-def import_triton_kernels(module: str):
+def import_triton_kernels(module: str, user: str = "implementation='triton'"):
   """Imports `module`, Triton-language kernels through jax_triton (optional dependencies):
   a missing triton, or (compiled, not interpreted) a jax_triton that does not import,
-  refuses the call, so that `implementation=None` goes on to the next backend.
+  refuses the call, so that `implementation=None` goes on to the next backend. `user`:
+  what needs them, for the message.
 
   Raises:
     NotImplementedError: naming the missing package and how to install it.
@@ -101,16 +102,15 @@ def import_triton_kernels(module: str):
     kernels_module = importlib.import_module(module)
   except ImportError as e:
     raise NotImplementedError(
-        f"implementation='triton' needs the package {e.name or 'triton'!r} ({e}): "
-        f"{install}.") from e
+        f"{user} needs the package {e.name or 'triton'!r} ({e}): {install}.") from e
   if not interpret_mode():
     try:
       import jax_triton  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
     except ImportError as e:
       raise NotImplementedError(
-          f"implementation='triton' compiles through jax_triton, which does not import "
-          f"here ({e}): {install}.") from e
-    _check_jax_triton_matches_triton(install)
+          f"{user} compiles through jax_triton, which does not import here ({e}): "
+          f"{install}.") from e
+    _check_jax_triton_matches_triton(install, user)
   return kernels_module
 
 
@@ -119,7 +119,7 @@ def _major_minor(version: str) -> tuple[int, int]:
   return tuple(numbers + [0] * (2 - len(numbers)))
 
 
-def _check_jax_triton_matches_triton(install: str):
+def _check_jax_triton_matches_triton(install: str, user: str):
   """jax-triton ≥ 0.4 needs Triton ≥ 3.7: with Triton 3.6 it imports and then fails in
   every call (`'_Stub' object has no attribute 'backend'` in `triton.compiler`), which
   would break the automatic choice instead of passing the call on."""
@@ -130,7 +130,7 @@ def _check_jax_triton_matches_triton(install: str):
     return
   if _major_minor(jax_triton_version) >= (0, 4) and _major_minor(triton_version) < (3, 7):
     raise NotImplementedError(
-        f"implementation='triton': jax-triton {jax_triton_version} needs Triton >= 3.7, "
+        f"{user}: jax-triton {jax_triton_version} needs Triton >= 3.7, "
         f"and Triton {triton_version} is installed: {install}.")
 
 

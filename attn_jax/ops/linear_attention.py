@@ -242,8 +242,23 @@ def _xla():
 
 
 def _pallas_mosaic_gpu():
+  return _kernel(_mosaic_gpu_linear_attention)
+
+
+def _mosaic_gpu_linear_attention(query, key, value, log_decay, initial_state, resets, *,
+                                 scale, chunk_size, interpret=False, block_sizes=None):
+  """`pallas_mosaic_gpu.linear_attention`; a vector gate there also runs Triton-language
+  kernels (its backward, and its forward where a chunk's decay is too steep to factor),
+  which refuse the call as `triton` does where they cannot run."""
   from pallas_kernels.linear_attention import pallas_mosaic_gpu
-  return _kernel(pallas_mosaic_gpu.linear_attention)
+  if log_decay is not None and log_decay.ndim == 4:
+    dispatch.import_triton_kernels(
+        "pallas_kernels.linear_attention.pallas_mosaic_gpu_vector",
+        user="implementation='pallas_mosaic_gpu' with a vector gate (its backward is the "
+        "Triton-language kernels')")
+  return pallas_mosaic_gpu.linear_attention(
+      query, key, value, log_decay, initial_state, resets, scale=scale,
+      chunk_size=chunk_size, interpret=interpret, block_sizes=block_sizes)
 
 
 def _pallas_triton():
@@ -261,15 +276,16 @@ def _pallas_tpu():
   return _kernel(pallas_tpu.linear_attention)
 
 
-# On Hopper the Mosaic GPU kernels serve fixed and scalar decays in 16-bit (measured
-# faster than the Triton ones: docs/perf/linear_attention.md); they refuse other GPUs,
-# f32 and vector gates, which fall through to "triton" (jax-triton), ahead of
-# "pallas_triton" (the Pallas Triton lowering JAX 0.11 deprecates) since it measured
-# faster on the H100 (issue 20): vector gate forward 0.98-1.02x, forward + backward 1.15x
-# (docs/perf/runs/2026-12-07d-h100-triton-vs-pallas-triton.md); scalar gate at 1k every
-# launch (docs/perf/runs/2026-12-07f-h100-triton-backward-profile.md), summing to about
-# 0.75x Pallas-Triton's forward + backward time. pallas_triton serves where jax-triton
-# does not import.
+# On Hopper the Mosaic GPU kernels serve fixed and scalar decays in 16-bit and vector
+# gates in bf16 (measured faster than the Triton ones: docs/perf/linear_attention.md;
+# vector gate 1.24-1.27x `triton` forward, 1.16-1.18x forward + backward,
+# docs/perf/runs/2026-12-08-h100-mosaic-vector.md); they refuse other GPUs, f32 and f16
+# vector gates, which fall through to "triton" (jax-triton), ahead of "pallas_triton" (the
+# Pallas Triton lowering JAX 0.11 deprecates): on the H100 (issue 20,
+# docs/perf/runs/2026-12-08-h100-triton-vs-pallas-triton-whole-calls.md) fixed and scalar
+# decay forward + backward 1.19-1.42x Pallas-Triton's speed (forward 1.12x at 1k, 0.88x
+# at 64k); the vector gate 0.91-0.95x. Training is what researchers run, so triton leads;
+# pallas_triton serves where jax-triton does not import.
 BACKENDS = (
     dispatch.Backend("xla", "any", _xla),
     dispatch.Backend("pallas_mosaic_gpu", "gpu", _pallas_mosaic_gpu),

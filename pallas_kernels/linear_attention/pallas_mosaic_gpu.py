@@ -31,8 +31,9 @@ walks its chunks in order with the state on chip and writes
   entering each piece comes from a state pass (`pallas_mosaic_gpu_states`) and a scan.
 
 Scope: bfloat16/float16, scalar gates (and fixed/no decay), key and value head dims 64
-and 128, chunk_size 64 (one wgmma tile of scores). Everything else raises
-NotImplementedError naming the argument; `pallas_triton` serves it.
+and 128, chunk_size 64 (one wgmma tile of scores); a vector gate (GLA) in bfloat16 through
+`pallas_mosaic_gpu_vector` (this kernel over operands that carry the decay). Everything
+else raises NotImplementedError naming the argument; `triton` serves it.
 
 Interpret mode (CPU): as `mosaic_gpu_parts`, the matmuls are plain dots of the same tiles.
 """
@@ -91,17 +92,24 @@ class _Static:
   warpgroups: int  # compute warpgroups per CTA: value_dim // 64 // value_blocks
   value_blocks: int
   slots: int
+  vector: bool  # the vector gate's factored operands (`pallas_mosaic_gpu_vector`)
   interpret: bool
 
 
-def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, out_ref, end_ref, smem,
-            barriers, *, st: _Static):
+def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, kt_ref, d_ref, out_ref, end_ref,
+            smem, barriers, *, st: _Static):
   """One CTA: one (batch, value head, piece). q_ref, k_ref [B, T, Hk, K]; v_ref, out_ref
   [B, T, H, V]; b_ref [B, H, T] f32; rel_ref [B, T] int32; start_ref, end_ref
   [B, H, P, K, V] f32. wq, wk and d come from b and rel here, as the docstring defines
-  them (b_C and rel_C read as scalars)."""
+  them (b_C and rel_C read as scalars).
+
+  With st.vector (a vector gate, `pallas_mosaic_gpu_vector`): b_ref is None and the decays
+  sit in the operands: q_ref, k_ref hold q ⊙ e^{b} and k ⊙ e^{−b} per value head (Hk = H),
+  kt_ref `[B, T, H, K]` the state update's keys k ⊙ e^{b_C − b} [rel = rel_C], d_ref
+  `[B, H, N, K]` f32 the state's decay over each chunk per key channel (0 after a reset);
+  the masks (runs, causality) stay here."""
   q_smem, k_smem, v_smem, vectors, own = smem
-  b_smem, b_cols_smem, rel_smem, rel_cols_smem = vectors
+  b_smem, b_cols_smem, rel_smem, rel_cols_smem, kt_smem, d_smem = vectors
   h_smem2, vw_smem2, o_smem2 = own
   ready, free = barriers
   batch, piece = lax.axis_index("batch"), lax.axis_index("pieces")
@@ -115,10 +123,14 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, out_ref, end_ref, sm
     rows = pl.ds((first + t) * CHUNK, CHUNK)
     copies = [(q_ref.at[batch, rows, key_head], q_smem.at[slot]),
               (k_ref.at[batch, rows, key_head], k_smem.at[slot]),
-              (b_ref.at[batch, head, rows], b_smem.at[slot]),
-              (b_ref.at[batch, head, rows], b_cols_smem.at[slot]),
               (rel_ref.at[batch, rows], rel_smem.at[slot]),
               (rel_ref.at[batch, rows], rel_cols_smem.at[slot])]
+    if st.vector:
+      copies += [(kt_ref.at[batch, rows, head], kt_smem.at[slot]),
+                 (d_ref.at[batch, head, first + t], d_smem.at[slot])]
+    else:
+      copies += [(b_ref.at[batch, head, rows], b_smem.at[slot]),
+                 (b_ref.at[batch, head, rows], b_cols_smem.at[slot])]
     copies += column_tiles(v_ref, v_smem, batch, rows, head, column_block, slot,
                            st.warpgroups, width)
     for src, dst in copies:
@@ -144,26 +156,37 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, out_ref, end_ref, sm
       plgpu.barrier_wait(ready.at[slot])
       scores, qh = matmuls([(zeros((CHUNK, CHUNK)), q, k, "nt"),
                             (zeros((CHUNK, width)), q, h_smem, "nn")], st.interpret)
-      b_i = plgpu.load(b_smem.at[slot], layout=parts.ROWS)
-      b_j = plgpu.load(b_cols_smem.at[slot], layout=parts.COLUMNS)
       rel_i = plgpu.load(rel_smem.at[slot], layout=parts.ROWS)
       rel_j = plgpu.load(rel_cols_smem.at[slot], layout=parts.COLUMNS)
-      b_last, rel_last = b_smem[slot, CHUNK - 1], rel_smem[slot, CHUNK - 1]
+      rel_last = rel_smem[slot, CHUNK - 1]
       visible = causal & (along(rel_i, shape, 0) == along(rel_j, shape, 1))
-      decay = jnp.exp(jnp.where(visible, along(b_i, shape, 0) - along(b_j, shape, 1),
-                                -jnp.inf))
-      wq = jnp.where(rel_i == 0, jnp.exp(b_i), 0.0)
+      if st.vector:  # decays in the operands: only the masks are left
+        scores = jnp.where(visible, scores, 0.0)
+        wq = jnp.where(rel_i == 0, 1.0, 0.0)
+      else:
+        b_i = plgpu.load(b_smem.at[slot], layout=parts.ROWS)
+        b_j = plgpu.load(b_cols_smem.at[slot], layout=parts.COLUMNS)
+        b_last = b_smem[slot, CHUNK - 1]
+        scores = scores * jnp.exp(jnp.where(
+            visible, along(b_i, shape, 0) - along(b_j, shape, 1), -jnp.inf))
+        wq = jnp.where(rel_i == 0, jnp.exp(b_i), 0.0)
       o = qh * along(wq, qh.shape, 0)
-      o, = matmuls([(o, (scores * decay).astype(dtype), v, "nn")], st.interpret)
+      o, = matmuls([(o, scores.astype(dtype), v, "nn")], st.interpret)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's O has left
       o_smem[...] = (o * st.scale).astype(dtype)
-      wk = jnp.where(rel_i == rel_last, jnp.exp(b_last - b_i), 0.0)
-      v_rows = plgpu.load(v, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-      vw_smem[...] = (v_rows * along(wk, v_rows.shape, 0)).astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, rows, head, cols])
-      d = jnp.where(rel_last == 0, jnp.exp(b_last), 0.0)
-      h, = matmuls([(h * d, k, vw_smem, "tn")], st.interpret)
+      if st.vector:  # h ← e^{b_C} ⊙ h + K_tailᵀ V, the run mask in K_tail
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, rows, head, cols])
+        d = plgpu.load(d_smem.at[slot], layout=parts.ROWS)
+        h, = matmuls([(h * along(d, h.shape, 0), kt_smem.at[slot], v, "tn")], st.interpret)
+      else:
+        wk = jnp.where(rel_i == rel_last, jnp.exp(b_last - b_i), 0.0)
+        v_rows = plgpu.load(v, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+        vw_smem[...] = (v_rows * along(wk, v_rows.shape, 0)).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, rows, head, cols])
+        d = jnp.where(rel_last == 0, jnp.exp(b_last), 0.0)
+        h, = matmuls([(h * d, k, vw_smem, "tn")], st.interpret)
       plgpu.barrier_arrive(free.at[slot])
       h_smem[...] = h.astype(dtype)
       plgpu.commit_smem()
@@ -178,18 +201,24 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, out_ref, end_ref, sm
     parts.stream(jnp.int32(st.chunks), [(issue, ready, free)], st.slots, st.chunks)
 
 
-def _output_call(q, k, v, b, rel, starts, plan, blocks: BlockSizes):
+def output_call(q, k, v, b, rel, starts, plan, blocks: BlockSizes, vector_operands=None):
   """Launches `_kernel` over (value head and value block, piece, batch) on whole pieces
   (`plan`, a `chunked_plan.Plan`); starts `[B, H, P, K, V]`. Returns o `[B, T, H, V]`
-  and the state leaving each piece."""
+  and the state leaving each piece.
+
+  vector_operands: None for a scalar gate b `[B, T, H]`; for a vector gate (b None, q and
+  k the factored operands per value head) the state update's keys `[B, T, H, K]` and
+  chunk decays `[B, H, N, K]` f32 (`_kernel`'s docstring)."""
   batch, _, key_heads, key_dim = q.shape
   heads, value_dim = v.shape[2:]
   pieces = starts.shape[2]
   slots, wgs = blocks.slots, value_dim // COLUMNS_PER_WARPGROUP // blocks.value_blocks
+  is_vector = vector_operands is not None
   st = _Static(scale=plan.scale, chunks=plan.chunks_per_piece, ratio=heads // key_heads,
                warpgroups=wgs, value_blocks=blocks.value_blocks, slots=slots,
-               interpret=plan.interpret)
-  b = jnp.moveaxis(b, 2, 1)  # [B, H, T]: tokens contiguous, for TMA
+               vector=is_vector, interpret=plan.interpret)
+  k_tail, chunk_decay = vector_operands if is_vector else (None, None)
+  b = None if is_vector else jnp.moveaxis(b, 2, 1)  # [B, H, T]: tokens contiguous, for TMA
   dtype = q.dtype
   tiled = lambda *shape: plgpu.SMEM(shape, dtype, transforms=parts.TILED)
   vector = lambda length, vdtype=jnp.float32: plgpu.SMEM((slots, length), vdtype)
@@ -197,8 +226,12 @@ def _output_call(q, k, v, b, rel, starts, plan, blocks: BlockSizes):
       tiled(slots, CHUNK, key_dim),  # Q
       tiled(slots, CHUNK, key_dim),  # K
       tiled(slots, wgs, CHUNK, COLUMNS_PER_WARPGROUP),  # V, by compute warpgroup
-      # b and rel twice: loaded as rows and as columns of the score tile, one layout per ref
-      (vector(CHUNK), vector(CHUNK), vector(CHUNK, jnp.int32), vector(CHUNK, jnp.int32)),
+      # b and rel twice: loaded as rows and as columns of the score tile, one layout per
+      # ref; for a vector gate no b, but K_tail and the chunk decay
+      (None if is_vector else vector(CHUNK), None if is_vector else vector(CHUNK),
+       vector(CHUNK, jnp.int32), vector(CHUNK, jnp.int32),
+       tiled(slots, CHUNK, key_dim) if is_vector else None,
+       vector(key_dim) if is_vector else None),
       (tiled(wgs, key_dim, COLUMNS_PER_WARPGROUP),  # h, read by the tensor cores
        tiled(wgs, CHUNK, COLUMNS_PER_WARPGROUP),  # wk ⊙ V
        tiled(wgs, CHUNK, COLUMNS_PER_WARPGROUP)),  # O on its way out
@@ -206,7 +239,8 @@ def _output_call(q, k, v, b, rel, starts, plan, blocks: BlockSizes):
   barriers = (plgpu.Barrier(num_arrivals=6 + wgs, num_barriers=slots),  # chunk ready
               plgpu.Barrier(num_arrivals=wgs, num_barriers=slots))  # slot free
   return parts.launch(
-      functools.partial(_kernel, st=st), (q, k, v, b, rel, starts),
+      functools.partial(_kernel, st=st),
+      (q, k, v, b, rel, starts, k_tail, chunk_decay),
       (jax.ShapeDtypeStruct(v.shape, dtype), jax.ShapeDtypeStruct(starts.shape, jnp.float32)),
       smem, barriers, grid=(heads * blocks.value_blocks, pieces, batch),
       grid_names=("heads", "pieces", "batch"), interpret=st.interpret,
@@ -220,7 +254,7 @@ def _linear_attention(q, k, v, g, h0, resets, plan, blocks):
 
 def _launches(blocks):
   state = functools.partial(state_call, slots=blocks.slots, value_blocks=blocks.value_blocks)
-  return chunked_plan.Launches(output=functools.partial(_output_call, blocks=blocks),
+  return chunked_plan.Launches(output=functools.partial(output_call, blocks=blocks),
                                state=state, gradients=gradients,
                                decay_gradient=decay_gradient)
 
@@ -243,8 +277,9 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
   kernel, with the decay gradient's in-chunk sums in XLA (`pallas_mosaic_gpu_gradients`).
 
   Arguments and results as `pallas_triton.linear_attention`, except: query/key/value are
-  bfloat16 or float16; log_decay is None, fixed `[value_heads]` or a scalar gate
-  `[batch, seq, value_heads]`; key_dim and value_dim in (64, 128); chunk_size 64.
+  bfloat16 or float16; log_decay is None, fixed `[value_heads]`, a scalar gate
+  `[batch, seq, value_heads]` or, in bfloat16, a vector gate `[batch, seq, value_heads,
+  key_dim]` (`pallas_mosaic_gpu_vector`); key_dim and value_dim in (64, 128); chunk_size 64.
 
   Raises:
     NotImplementedError: naming the argument this kernel cannot serve.
@@ -255,18 +290,20 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
   if dtype.name not in _DTYPES or key.dtype != dtype or value.dtype != dtype:
     raise NotImplementedError(
         f"pallas_mosaic_gpu supports query/key/value dtype in {_DTYPES} (all equal); got "
-        f"{query.dtype}, {key.dtype}, {value.dtype}. Use 'pallas_triton'.")
+        f"{query.dtype}, {key.dtype}, {value.dtype}. Use 'triton'.")
   if key_dim not in _HEAD_DIMS or value_dim not in _HEAD_DIMS:
     raise NotImplementedError(
         f"pallas_mosaic_gpu supports key_dim and value_dim in {_HEAD_DIMS}; got {key_dim} "
-        f"and {value_dim}. Use 'pallas_triton'.")
+        f"and {value_dim}. Use 'triton'.")
   if chunk_size != CHUNK:
     raise NotImplementedError(f"pallas_mosaic_gpu supports chunk_size={CHUNK} only (one "
                               f"wgmma tile of scores); got {chunk_size}.")
-  if log_decay is not None and log_decay.ndim == 4:
-    raise NotImplementedError("pallas_mosaic_gpu supports no decay, fixed decay and scalar "
-                              "gates; got a vector gate (log_decay [batch, seq, heads, "
-                              "key_dim]). Use 'pallas_triton'.")
+  vector = log_decay is not None and log_decay.ndim == 4
+  if vector and dtype != jnp.bfloat16:
+    raise NotImplementedError(
+        f"pallas_mosaic_gpu takes a vector gate (log_decay [batch, seq, heads, key_dim]) "
+        f"in bfloat16 only (its factored operands reach e^60, past float16's range); got "
+        f"{dtype}. Use 'triton'.")
   if seq < 1:
     raise NotImplementedError(f"seq={seq}: an empty sequence has nothing to run.")
   blocks = block_sizes or BlockSizes()
@@ -282,9 +319,15 @@ def linear_attention(query, key, value, log_decay, initial_state, resets, *, sca
     chunks = -(-seq // CHUNK)
     pieces = max(1, min(TARGET_CTAS // (batch * heads * value_blocks),
                         chunks // chunked_plan.MIN_PIECE_CHUNKS))
+  g = chunked_plan.token_gate(log_decay, key, value)
+  if vector:
+    from pallas_kernels.linear_attention import pallas_mosaic_gpu_vector  # pylint: disable=g-import-not-at-top
+    return pallas_mosaic_gpu_vector.linear_attention(
+        query, key, value, g, initial_state.astype(jnp.float32), resets.astype(bool),
+        scale=scale, pieces=pieces,
+        blocks=dataclasses.replace(blocks, value_blocks=value_blocks), interpret=interpret)
   triton_blocks = dataclasses.replace(
       chunked_plan.BlockSizes.get_default(key_dim, value_dim, dtype), pieces=pieces)
-  g = chunked_plan.token_gate(log_decay, key, value)
   plan = chunked_plan.make_plan(batch, seq, heads, key_dim, value_dim, dtype, False, scale,
                                 chunk_size, triton_blocks, interpret)
   blocks = dataclasses.replace(blocks, pieces=plan.pieces, value_blocks=value_blocks)

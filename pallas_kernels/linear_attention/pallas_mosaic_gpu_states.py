@@ -114,10 +114,22 @@ def _kernel(x_ref, y_ref, w_ref, d_ref, start_ref, *refs, st: _Static):
 
 def state_call(x, y, b, rel, start, plan, *, reverse, write_states, slots=2,
                value_blocks=1):
-  """`chunked_plan.Launches.state` on Hopper: x `[B, T, Hk, K]` (k, or q in reverse), y
-  `[B, T, H, V]` (v, or dO), b `[B, T, H]`, rel `[B, T]` (T whole pieces), start
-  `[B, H, P, K, V]` f32. Returns ([states `[B, H, N, K, V]` in x's dtype,] ends like
-  start)."""
+  """`chunked_plan.Launches.state` on Hopper, scalar gate: x `[B, T, Hk, K]` (k, or q in
+  reverse), y `[B, T, H, V]` (v, or dO), b `[B, T, H]`, rel `[B, T]` (T whole pieces),
+  start `[B, H, P, K, V]` f32. Returns ([states `[B, H, N, K, V]` in x's dtype,] ends
+  like start)."""
+  _, wq, wk, d = chunk_vectors(b, rel, x.shape[-1])
+  w = plan.scale * wq if reverse else wk
+  return weighted_state_call(x, y, w, d, start, plan, reverse=reverse,
+                             write_states=write_states, slots=slots,
+                             value_blocks=value_blocks)
+
+
+def weighted_state_call(x, y, w, d, start, plan, *, reverse, write_states, slots=2,
+                        value_blocks=1):
+  """The state pass over given weights: s ← d ⊙ s + Xᵀ (w ⊙ Y) per chunk, w `[B, H, T]`
+  f32 per token, d `[B, H, N, K]` f32 per chunk and key channel (the module docstring);
+  x `[B, T, Hk, K]` with Hk dividing H. Results as `state_call`'s."""
   batch, _, key_heads, key_dim = x.shape
   heads, value_dim = y.shape[2:]
   pieces = start.shape[2]
@@ -125,8 +137,6 @@ def state_call(x, y, b, rel, start, plan, *, reverse, write_states, slots=2,
   st = _Static(chunks=plan.chunks_per_piece, ratio=heads // key_heads, warpgroups=wgs,
                value_blocks=value_blocks, slots=slots, reverse=reverse,
                interpret=plan.interpret)
-  _, wq, wk, d = chunk_vectors(b, rel, key_dim)
-  w = plan.scale * wq if reverse else wk
   dtype = x.dtype
   tiled = lambda *shape: plgpu.SMEM(shape, dtype, transforms=parts.TILED)
   smem = (tiled(slots, CHUNK, key_dim),  # X

@@ -122,7 +122,7 @@ def test_automatic_order_per_platform(monkeypatch, platform, attention, linear):
 @pytest.mark.parametrize("jax_triton_imports", [True, False])
 def test_linear_attention_takes_triton_before_pallas_triton(monkeypatch,
                                                             jax_triton_imports):
-  """On a GPU where Mosaic GPU does not serve (not Hopper, f32, a vector gate), None takes
+  """On a GPU where Mosaic GPU does not serve (not Hopper, f32, an f16 vector gate), None takes
   "triton"; where jax_triton does not import, triton refuses and "pallas_triton" serves;
   where that refuses too, the reasons of all three name what is missing. The triton
   loader runs (its import checks); stubs stand in for the kernels."""

@@ -49,6 +49,16 @@ CASES = [
     # No decay; a sequence shorter than one chunk; three slots.
     MosaicCase(batch=1, seq=40, heads=1, value_heads=1, key_dim=64, value_dim=64,
                gate="none", dtype="bfloat16", blocks=pm.BlockSizes(slots=3)),
+    # Vector gate, factored (chunks fall by at most 32 nats): grouped value heads, two
+    # compute warpgroups, packed sequences, two pieces; the backward's per-chunk
+    # gradients are the Triton-language kernels' (Triton's interpreter here).
+    MosaicCase(batch=1, seq=150, heads=1, value_heads=2, key_dim=64, value_dim=128,
+               gate="vector", max_decay=0.5, resets=True, dtype="bfloat16",
+               blocks=pm.BlockSizes(pieces=2)),
+    # Vector gate too steep to factor (chunks fall by about 96 nats): the whole call runs
+    # the Triton-language kernels' exact form.
+    MosaicCase(batch=1, seq=100, heads=1, value_heads=1, key_dim=64, value_dim=64,
+               gate="vector", max_decay=3.0, resets=True, dtype="bfloat16"),
 ]
 
 
@@ -73,7 +83,7 @@ def test_compiled_matches_recurrence_on_hopper(case):
     (dict(dtype=jnp.float32), "dtype"),
     (dict(key_dim=32), "key_dim"),
     (dict(chunk_size=128), "chunk_size"),
-    (dict(vector=True), "vector gate"),
+    (dict(vector=True, dtype=jnp.float16), "vector gate.*bfloat16 only"),
     (dict(seq=0), "seq=0"),
 ])
 def test_unsupported_inputs_raise_not_implemented(kwargs, match):
@@ -85,6 +95,23 @@ def test_unsupported_inputs_raise_not_implemented(kwargs, match):
   with pytest.raises(NotImplementedError, match=match):
     pm.linear_attention(q, q, v, g, jnp.zeros((1, 2, key_dim, 64)), jnp.zeros((1, seq), bool),
                         scale=1.0, chunk_size=kwargs.get("chunk_size", 64), interpret=True)
+
+
+def test_vector_gate_is_factored_only_where_every_chunk_falls_at_most_60():
+  """The check that picks the factored kernels or the exact fallback: per 64-token chunk
+  and channel, the summed log decay against −60; chunk boundaries count."""
+  pmv = pytest.importorskip("pallas_kernels.linear_attention.pallas_mosaic_gpu_vector")
+  g = jnp.full((1, 128, 2, 4), -0.5)  # 32 nats per chunk
+  assert pmv.factored(g)
+  # One channel of the second chunk falls 31.5 + 40 nats.
+  assert not pmv.factored(g.at[0, 70, 1, 3].set(-40.0))
+  # A token each side of the chunk boundary: 31.5 + 28 = 59.5 nats per chunk fit, with
+  # 29 (60.5) they do not, though 58 nats over the two tokens would in one chunk.
+  assert pmv.factored(g.at[0, 63, 0, 0].set(-28.0).at[0, 64, 0, 0].set(-28.0))
+  assert not pmv.factored(g.at[0, 63, 0, 0].set(-29.0).at[0, 64, 0, 0].set(-29.0))
+  # A partial last chunk (seq 100: 36 tokens) is padded with no decay: 17.5 + 43 > 60.
+  assert not pmv.factored(jnp.full((1, 100, 1, 1), -0.5).at[0, 90, 0, 0].set(-43.0))
+  assert pmv.factored(jnp.full((1, 100, 1, 1), -0.5).at[0, 90, 0, 0].set(-42.0))
 
 
 def test_decay_gradient_sums_within_runs():
