@@ -17,6 +17,15 @@ REPO_ROOT=$(cd "$LAUNCH_DIR/.." && pwd)
 DRY_RUN=0
 
 die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
+
+# The project's interpreter: $ATTN_JAX_VENV/bin/python, the environment ./dev.sh creates
+# (default .venv; a relative path is the repository's, as dev.sh takes it, an absolute one
+# stays as it is).
+venv_python() {
+  local venv=${ATTN_JAX_VENV:-.venv}
+  [[ "$venv" == /* ]] || venv="$REPO_ROOT/$venv"
+  echo "$venv/bin/python"
+}
 log() { echo "[$(basename "$0")] $*" >&2; }
 
 # quote WORD...: the words as one line that a shell splits back into the same words.

@@ -55,7 +55,7 @@ port=""
 gpus_per_node=""
 mode=per_gpu
 binary=experiments.train
-python="$REPO_ROOT/${ATTN_JAX_VENV:-.venv}/bin/python"
+python=$(venv_python)
 log_dir=""
 binary_args=()
 

@@ -33,7 +33,7 @@ num_processes=2
 devices_per_process=1
 port=""
 binary=experiments.train
-python="$REPO_ROOT/${ATTN_JAX_VENV:-.venv}/bin/python"
+python=$(venv_python)
 log_dir=""
 binary_args=()
 

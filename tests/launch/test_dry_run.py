@@ -291,6 +291,20 @@ def test_local_processes_share_a_coordinator(stubs):
                     "--num_processes=3", f"--process_id={process_id}", *TRICKY_ARGS]
 
 
+@pytest.mark.parametrize("script", ["local.sh", "gpu_multinode.sh"])
+@pytest.mark.parametrize("venv, want", [(None, "REPO/.venv"), ("envs/a", "REPO/envs/a"),
+                                        ("/opt/venv", "/opt/venv")])
+def test_processes_run_the_python_of_attn_jax_venv(stubs, script, venv, want):
+  """$ATTN_JAX_VENV as ./dev.sh takes it: relative to the repository, or absolute (empty
+  or unset: .venv)."""
+  env = {"ATTN_JAX_VENV": venv or ""}
+  args = ["--coordinator=10.0.0.1:1234"] if script == "gpu_multinode.sh" else []
+  commands = plan(stubs, script, "--dry_run", *args, env=env)
+  pythons = {next(w for w in before_redirects(c) if w.endswith("python"))
+             for c in commands if c[0] == "env"}
+  assert pythons == {want.replace("REPO", str(REPO)) + "/bin/python"}
+
+
 @pytest.mark.parametrize("script", ["tpu_vm.sh", "gpu_multinode.sh", "local.sh",
                                     "slurm_gpu.sbatch"])
 def test_help(stubs, script):
