@@ -24,7 +24,8 @@
 #                            sees only GPU i (CUDA_VISIBLE_DEVICES); per_host: one
 #                            process per node that drives all its GPUs
 #   --binary=MODULE          the python module to run (default experiments.train)
-#   --python=PATH            the interpreter (default <repo>/.venv/bin/python)
+#   --python=PATH            the interpreter (default $ATTN_JAX_VENV/bin/python: .venv if
+#                            unset, relative to <repo> unless absolute)
 #   --log_dir=DIR            this node's per-process logs (default /tmp/attn_jax-gpu-<id>)
 #   --dry_run                print the commands instead of running them
 #   --help                   this text

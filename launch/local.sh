@@ -13,8 +13,9 @@
 #   --devices_per_process=D  virtual CPU devices per process (default 1), by XLA_FLAGS
 #   --port=P                 coordinator port on localhost (default: a free port)
 #   --binary=MODULE          the python module to run (default experiments.train)
-#   --python=PATH            the interpreter (default: <repo>/.venv/bin/python, or
-#                            <repo>/$ATTN_JAX_VENV/bin/python; ./dev.sh creates it)
+#   --python=PATH            the interpreter (default: $ATTN_JAX_VENV/bin/python, the
+#                            venv relative to <repo> unless absolute, .venv if unset;
+#                            ./dev.sh creates it)
 #   --log_dir=DIR            where the per-process logs go (default: a new directory
 #                            /tmp/attn_jax-local-<time>); logs are appended, never removed
 #   --dry_run                print the commands instead of running them
