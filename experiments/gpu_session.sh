@@ -11,7 +11,8 @@
 # gate), linear (the linear-attention sweep: auto, pallas_mosaic_gpu, jla), flash (the
 # softmax sweep: auto, pallas_mosaic_gpu, cuDNN, FlashAttention-3), training (issue 21
 # item 5: Lightning vs softmax LM, medium with 8 heads of 128, 32k tokens per step, at
-# seq 1k, 4k, 16k, 32k), triton_linear (issue 20: the Triton-language linear attention
+# seq 1k, 4k, 16k, 32k), vector_linear (issue 21: the vector gate on Mosaic GPU beside
+# the Triton-language kernels, 1k, 16k, 64k; not in the default list), triton_linear (issue 20: the Triton-language linear attention
 # timed beside pallas_triton, three decay forms at 1k and 64k, then its vector-gate
 # gradient launch settings swept; not in the default list),
 # triton_flash (issue 20: the Triton-language flash attention's tests
@@ -65,6 +66,13 @@ for step in ${steps[*]}; do
           echo "$line" | tee -a "$out/training.jsonl"
         done
       done
+      ;;
+    vector_linear)
+      # Issue 21: the vector gate (GLA) on Mosaic GPU beside the Triton-language kernels.
+      timeout 300 python3 -m experiments.bench_linear_attention \
+        --implementations=auto,pallas_mosaic_gpu,triton --softmax_implementation= \
+        --forms=vector --seq_lens=1024,16384,65536 --trials=5 \
+        --output_dir="$out/vector_linear" 2>&1 | quiet | grep "^|" | tee "$out/vector_linear.md"
       ;;
     triton_linear)
       # Issue 20: the Triton-language linear attention beside pallas_triton (what it is to
