@@ -130,8 +130,10 @@ def test_positive_log_decay_under_jit_is_nan_not_silent():
 # masked positions of tiles that also hold visible pairs.
 SOFTMAX_KERNELS = [("pallas_triton", jnp.float32, 16, 29), ("triton", jnp.float32, 16, 29),
                    ("pallas_mosaic_gpu", jnp.bfloat16, 64, 61)]
-LINEAR_KERNELS = [("pallas_triton", jnp.float32, 16, 29), ("triton", jnp.float32, 16, 29),
-                  ("pallas_mosaic_gpu", jnp.bfloat16, 64, 61)]
+LINEAR_KERNELS = [("pallas_triton", jnp.float32, 16, 29, "scalar"),
+                  ("triton", jnp.float32, 16, 29, "scalar"),
+                  ("pallas_mosaic_gpu", jnp.bfloat16, 64, 61, "scalar"),
+                  ("pallas_mosaic_gpu", jnp.bfloat16, 64, 61, "vector")]
 
 
 def _planted(dtype, dim, seq, heads=2):
@@ -206,12 +208,13 @@ def test_softmax_kernels_keep_nonfinite_to_the_queries_that_see_it(
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # unguarded
-@pytest.mark.parametrize("implementation, dtype, dim, seq", LINEAR_KERNELS)
+@pytest.mark.parametrize("implementation, dtype, dim, seq, gate", LINEAR_KERNELS)
 def test_linear_kernels_keep_nonfinite_to_its_run(monkeypatch, implementation, dtype, dim,
-                                                  seq):
+                                                  seq, gate):
   monkeypatch.setenv("ATTN_JAX_INTERPRET", "1")
   clean, planted, segments = _planted(dtype, dim, seq)
-  log_decay = -jax.random.uniform(fresh_keys(1)[0], (1, seq, 2))
+  shape = (1, seq, 2, dim) if gate == "vector" else (1, seq, 2)
+  log_decay = -jax.random.uniform(fresh_keys(1)[0], shape)
 
   def run(q, k, v, implementation):
     return ops.linear_attention(q, k, v, log_decay=log_decay, segment_ids=segments,
