@@ -140,7 +140,7 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, kt_ref, d_ref, out_r
   def _compute():
     plgpu.set_max_registers(232, action="increase")
     cols = pl.ds((column_block + wg) * width, width)
-    h_smem, vw_smem, o_smem = h_smem2.at[wg], vw_smem2.at[wg], o_smem2.at[wg]
+    h_smem, o_smem = h_smem2.at[wg], o_smem2.at[wg]
     dtype = q_smem.dtype
     h = plgpu.load(start_ref.at[batch, head, piece, :, cols], layout=plgpu.Layout.WGMMA,
                    optimized=False)
@@ -182,6 +182,7 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, rel_ref, start_ref, kt_ref, d_ref, out_r
       else:
         wk = jnp.where(rel_i == rel_last, jnp.exp(b_last - b_i), 0.0)
         v_rows = plgpu.load(v, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+        vw_smem = vw_smem2.at[wg]
         vw_smem[...] = (v_rows * along(wk, v_rows.shape, 0)).astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, rows, head, cols])
@@ -233,7 +234,7 @@ def output_call(q, k, v, b, rel, starts, plan, blocks: BlockSizes, vector_operan
        tiled(slots, CHUNK, key_dim) if is_vector else None,
        vector(key_dim) if is_vector else None),
       (tiled(wgs, key_dim, COLUMNS_PER_WARPGROUP),  # h, read by the tensor cores
-       tiled(wgs, CHUNK, COLUMNS_PER_WARPGROUP),  # wk ⊙ V
+       None if is_vector else tiled(wgs, CHUNK, COLUMNS_PER_WARPGROUP),  # wk ⊙ V
        tiled(wgs, CHUNK, COLUMNS_PER_WARPGROUP)),  # O on its way out
   )
   barriers = (plgpu.Barrier(num_arrivals=6 + wgs, num_barriers=slots),  # chunk ready
